@@ -1,0 +1,276 @@
+"""Convert official checkpoints to stylemask safetensors: the one place that knows foreign key names.
+
+    python weights/convert.py stylegan2-ffhq-config-f.pt weights/generator.safetensors
+    python weights/convert.py network-snapshot.pkl weights/generator.safetensors   # NVlabs G_ema
+    python weights/convert.py mask_net.pt weights/masknet.safetensors               # StyleMask
+
+Kinds (auto-detected; --kind forces one):
+  rosinality  rosinality-format generator, as StyleMask distributes it: a .pt dict with `g_ema`
+              (state dict) and `latent_avg`; any resolution and channel multiplier.
+  masknet     StyleMask's trained mask networks: a .pt dict with `mask_net` and `num_layers_control`.
+  nvlabs      NVlabs StyleGAN2-ADA / StyleGAN3-repo network pickle with `G_ema` ('skip' StyleGAN2
+              generator), read by a restricted unpickler that never runs the pickled source code.
+.pt files are read only with torch.load(..., weights_only=True). The output is written atomically
+and an existing file is never replaced unless --force is given.
+"""
+import argparse
+import io
+import math
+import pickle
+import sys
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import stylemask as sm  # noqa: E402
+from stylemask import StyleMaskError  # noqa: E402
+
+KINDS = ("auto", "rosinality", "masknet", "nvlabs")
+
+
+# --- .pt checkpoints (rosinality generator, StyleMask mask networks) -------------------------------
+
+def read_pt(path):
+    """torch.load with weights_only=True (argparse.Namespace allowed: rosinality stores `args`)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StyleMaskError(f"{path}: refused to load (it needs code execution to unpickle: {first})") from None
+    except Exception as e:
+        raise StyleMaskError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({type(e).__name__})") from None
+
+
+def from_rosinality(ckpt, say=print):
+    """rosinality checkpoint dict -> G: the g_ema state dict as is, plus latent_avg (w_dim,)."""
+    if not isinstance(ckpt, dict) or "g_ema" not in ckpt:
+        raise StyleMaskError("no 'g_ema' in the checkpoint: not a rosinality-format generator")
+    G = {k: v.float() for k, v in ckpt["g_ema"].items() if isinstance(v, torch.Tensor)}
+    want = sm.generator_shapes(sm.config(G))
+    extra = sorted(set(G) - set(want))
+    if extra:
+        raise StyleMaskError(f"unexpected tensor {extra[0]!r} in g_ema: not a StyleGAN2 config-f generator")
+    if "latent_avg" in ckpt:
+        G["latent_avg"] = ckpt["latent_avg"].float().reshape(-1)
+    else:
+        say("note: the checkpoint has no latent_avg; storing the mean of 4096 mapped z (seed 0)")
+        G["latent_avg"] = sm.mean_latent(G, n=4096, seed=0)
+    sm.check_generator(G)
+    return G
+
+
+def from_masknet(ckpt):
+    """StyleMask checkpoint {'mask_net': state dict, 'num_layers_control': n} -> M (same names)."""
+    if not isinstance(ckpt, dict) or "mask_net" not in ckpt:
+        raise StyleMaskError("no 'mask_net' in the checkpoint: not a StyleMask mask-network file")
+    M = {k: v.float() for k, v in ckpt["mask_net"].items()}
+    sm.check_mask(M)
+    n = ckpt.get("num_layers_control")
+    if n is not None and len(sm.mask_dims(M)) != int(n):
+        raise StyleMaskError(f"num_layers_control = {n} but the file holds {len(sm.mask_dims(M))} mask networks")
+    return M
+
+
+# --- NVlabs network pickles, without running pickled code ---------------------------------------------
+
+class _Persistent:
+    """An NVlabs persistent object kept as data: class name and state; its module source never runs."""
+
+    def __init__(self, meta):
+        self.class_name, self.state = meta.get("class_name"), meta.get("state") or {}
+
+
+class _Inert(dict):
+    """Stand-in for any other NVlabs-side class (EasyDict, augment settings, ...): stores, never runs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _storage_from_bytes(b):
+    """torch.storage._load_from_bytes, but through the weights-only loader."""
+    return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+
+
+class _NVlabsUnpickler(pickle.Unpickler):
+    """Resolves only tensor-rebuilding functions and inert stand-ins; anything else is refused."""
+
+    SAFE = {("collections", "OrderedDict"): OrderedDict,
+            ("builtins", "set"): set,
+            ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+            ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+            ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+            ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent}
+    INERT = ("dnnlib", "torch_utils", "training", "numpy")
+
+    def find_class(self, module, name):
+        if (module, name) in self.SAFE:
+            return self.SAFE[(module, name)]
+        if module.split(".")[0] in self.INERT:
+            return _Inert
+        raise StyleMaskError(f"refused to unpickle {module}.{name}: not part of an NVlabs network pickle")
+
+
+def _tensors(obj, prefix=""):
+    """Flatten a tree of _Persistent modules into state-dict names -> tensors (params and buffers)."""
+    out = {}
+    for group in ("_parameters", "_buffers"):
+        for k, v in (obj.state.get(group) or {}).items():
+            if isinstance(v, torch.Tensor):
+                out[prefix + k] = v.detach().float()
+    for k, child in (obj.state.get("_modules") or {}).items():
+        if isinstance(child, _Persistent):
+            out.update(_tensors(child, prefix + k + "."))
+    return out
+
+
+def _modules(obj):
+    """Every _Persistent module in the tree rooted at obj."""
+    yield obj
+    for child in (obj.state.get("_modules") or {}).values():
+        if isinstance(child, _Persistent):
+            yield from _modules(child)
+
+
+def read_nvlabs(path):
+    """The G_ema tree of an NVlabs pickle, via the restricted unpickler."""
+    try:
+        with open(path, "rb") as f:
+            data = _NVlabsUnpickler(f).load()
+    except StyleMaskError as e:
+        raise StyleMaskError(f"{path}: {e}") from None
+    except Exception as e:
+        raise StyleMaskError(f"{path}: not a readable network pickle, truncated or corrupt? ({type(e).__name__})") from None
+    G_ema = data.get("G_ema") if isinstance(data, dict) else None
+    if not isinstance(G_ema, _Persistent):
+        raise StyleMaskError(f"{path}: no G_ema network in the pickle (a TensorFlow-era pickle? convert it "
+                             f"with NVlabs' legacy.py first)")
+    return G_ema
+
+
+def from_nvlabs(G_ema):
+    """NVlabs Generator tree -> G in rosinality names (same math: see the key table below)."""
+    T = _tensors(G_ema)
+    for m in _modules(G_ema):
+        arch = m.state.get("architecture")
+        if arch not in (None, "skip"):
+            raise StyleMaskError(f"synthesis architecture {arch!r} is not supported (StyleGAN2 config-f is 'skip')")
+        if m.class_name == "MappingNetwork" and m.state.get("c_dim", 0):
+            raise StyleMaskError("conditional generators (c_dim > 0) are not supported")
+    clamps = {m.state.get("conv_clamp") for m in _modules(G_ema) if m.class_name in ("SynthesisLayer", "ToRGBLayer")}
+    if not any(k.startswith("synthesis.b4.") for k in T):
+        raise StyleMaskError("G_ema has no synthesis.b4 block: not a StyleGAN2 generator")
+    G = {}
+    # Mapping: fc{i} -> style.{i+1}. Fold NVlabs' lr_multiplier into the weights so that our fixed
+    # LR_MLP gives the same effective weight: W_eff = W·lr/sqrt(in) = (W·lr/LR_MLP)·LR_MLP/sqrt(in).
+    fcs = sorted({int(k.split(".")[1][2:]) for k in T if k.startswith("mapping.fc")})
+    mapping = next(m for m in _modules(G_ema) if m.class_name == "MappingNetwork")
+    fc_mods = mapping.state["_modules"]
+    for i in fcs:
+        lr = float(fc_mods[f"fc{i}"].state.get("bias_gain", sm.LR_MLP))
+        G[f"style.{i + 1}.weight"] = T[f"mapping.fc{i}.weight"] * (lr / sm.LR_MLP)
+        G[f"style.{i + 1}.bias"] = T[f"mapping.fc{i}.bias"] * (lr / sm.LR_MLP)
+    G["latent_avg"] = T["mapping.w_avg"]
+    G["input.input"] = T["synthesis.b4.const"][None]
+    res = sorted({int(k.split(".")[1][1:]) for k in T if k.startswith("synthesis.b")})
+
+    def layer(src, dst, noise_i):
+        G[f"{dst}.conv.weight"] = T[f"{src}.weight"][None]
+        G[f"{dst}.conv.modulation.weight"] = T[f"{src}.affine.weight"]
+        G[f"{dst}.conv.modulation.bias"] = T[f"{src}.affine.bias"]
+        G[f"{dst}.noise.weight"] = T[f"{src}.noise_strength"].reshape(1)
+        G[f"{dst}.activate.bias"] = T[f"{src}.bias"]
+        G[f"noises.noise_{noise_i}"] = T[f"{src}.noise_const"][None, None]
+
+    def torgb(src, dst):
+        G[f"{dst}.conv.weight"] = T[f"{src}.weight"][None]
+        G[f"{dst}.conv.modulation.weight"] = T[f"{src}.affine.weight"]
+        G[f"{dst}.conv.modulation.bias"] = T[f"{src}.affine.bias"]
+        G[f"{dst}.bias"] = T[f"{src}.bias"].reshape(1, 3, 1, 1)
+
+    try:
+        layer("synthesis.b4.conv1", "conv1", 0)
+        torgb("synthesis.b4.torgb", "to_rgb1")
+        for j, r in enumerate(res[1:]):
+            layer(f"synthesis.b{r}.conv0", f"convs.{2 * j}", 2 * j + 1)
+            layer(f"synthesis.b{r}.conv1", f"convs.{2 * j + 1}", 2 * j + 2)
+            torgb(f"synthesis.b{r}.torgb", f"to_rgbs.{j}")
+            # NVlabs stores the filter normalised to sum 1 and applies gain up² when resampling;
+            # rosinality stores it pre-multiplied by up² = 4.
+            G[f"convs.{2 * j}.conv.blur.kernel"] = T[f"synthesis.b{r}.conv0.resample_filter"] * 4
+            G[f"to_rgbs.{j}.upsample.kernel"] = T[f"synthesis.b{r}.resample_filter"] * 4
+    except KeyError as e:
+        raise StyleMaskError(f"G_ema lacks tensor {e.args[0]!r}: not a StyleGAN2 generator") from None
+    clamps.discard(None)
+    if len(clamps) > 1:
+        raise StyleMaskError(f"layers use different conv_clamp values {sorted(clamps)}: not supported")
+    if clamps:
+        G["conv_clamp"] = torch.tensor(float(clamps.pop()))
+    sm.check_generator(G)
+    return G
+
+
+# --- Detection and the command line -----------------------------------------------------------------
+
+def detect(path):
+    """'pt' for a torch zip checkpoint, 'pickle' for a plain pickle; StyleMaskError otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if zipfile.is_zipfile(path):
+        return "pt"
+    if len(head) == 2 and head[0] == 0x80:  # pickle protocol ≥ 2
+        return "pickle"
+    raise StyleMaskError(f"{path}: neither a PyTorch checkpoint nor a network pickle (unknown format)")
+
+
+def convert(src, kind="auto", say=print):
+    """Read src and return (params, kind) in stylemask's layout."""
+    src = Path(src)
+    if not src.is_file():
+        raise StyleMaskError(f"{src}: no such file")
+    fmt = detect(src)
+    if kind == "nvlabs" or (kind == "auto" and fmt == "pickle"):
+        return from_nvlabs(read_nvlabs(src)), "generator"
+    ckpt = read_pt(src)
+    if kind == "masknet" or (kind == "auto" and isinstance(ckpt, dict) and "mask_net" in ckpt):
+        return from_masknet(ckpt), "masknet"
+    if kind == "rosinality" or (kind == "auto" and isinstance(ckpt, dict) and "g_ema" in ckpt):
+        return from_rosinality(ckpt, say=say), "generator"
+    keys = ", ".join(list(ckpt)[:5]) if isinstance(ckpt, dict) else type(ckpt).__name__
+    raise StyleMaskError(f"{src}: unknown checkpoint (top-level keys: {keys}); expected g_ema or mask_net")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="official checkpoint (.pt or .pkl)")
+    p.add_argument("dst", help="output .safetensors file")
+    p.add_argument("--kind", choices=KINDS, default="auto", help="checkpoint kind (default: detect)")
+    p.add_argument("--force", action="store_true", help="replace dst if it exists")
+    a = p.parse_args(argv)
+    dst = Path(a.dst)
+    try:
+        if dst.exists() and not a.force:
+            raise StyleMaskError(f"{dst} exists; pass --force to replace it")
+        if dst.suffix != ".safetensors":
+            raise StyleMaskError(f"{dst}: the output must end in .safetensors")
+        params, kind = convert(a.src, a.kind)
+        sm.save(params, dst, kind=kind, source=Path(a.src).name)
+    except StyleMaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(v.numel() for v in params.values())
+    what = (f"generator {sm.config_name(sm.config(params))} {sm.config(params)['resolution']}px"
+            if kind == "generator" else f"mask networks over {len(sm.mask_dims(params))} layers")
+    print(f"wrote {dst}: {what}, {len(params)} tensors, {n / 1e6:.1f}M parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
