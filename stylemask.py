@@ -402,8 +402,8 @@ def check_generator(G):
             raise StyleMaskError(f"tensor {k!r} contains NaN or Inf: the file is damaged")
 
 
-def check_mask(M):
-    """Raise StyleMaskError unless M is a per-layer or global mask network with consistent shapes."""
+def check_mask(M, G=None):
+    """Raise StyleMaskError unless M is a consistent per-layer or global mask network (fitting G, if given)."""
     dims = mask_dims(M) if any(k.endswith(".masknet.2.bias") for k in M) else []
     if not dims:
         raise StyleMaskError("not a mask network: no network_*.masknet.* tensors")
@@ -417,6 +417,11 @@ def check_mask(M):
                     raise StyleMaskError(f"mask tensor {k!r} missing or not of shape {shape}")
                 if not torch.isfinite(M[k]).all():
                     raise StyleMaskError(f"mask tensor {k!r} contains NaN or Inf: the file is damaged")
+    if G is not None:
+        conv_dims = [L.dim for L in style_layout(G) if L.kind == "conv"]
+        if dims != conv_dims[:len(dims)]:
+            raise StyleMaskError(f"the mask networks (layer widths {dims[:3]}...) do not fit this generator "
+                                 f"(conv widths {conv_dims[:3]}...): use the mask trained for it")
 
 
 def random_generator(cfg, seed=0):
@@ -447,8 +452,10 @@ def tiny_generator(seed=0):
 
 
 def default_generator(path=None, say=print):
-    """(G, is_tiny): the converted generator at path (default weights/generator.safetensors), else the tiny default."""
-    path = Path(path) if path else WEIGHTS_DIR / "generator.safetensors"
+    """(G, is_tiny): the generator at path; with no path weights/generator.safetensors, else the tiny default."""
+    if path:  # asked for by name: it must be there
+        return load(path), False
+    path = WEIGHTS_DIR / "generator.safetensors"
     if path.is_file():
         return load(path), False
     say(f"note: {path} not found: using the TINY random default generator (a pipeline check, not "
@@ -474,3 +481,37 @@ def default_mask(D=None, path=None):
         raise StyleMaskError(f"no mask weights for style codes of width D = {D} ({path} not found); convert "
                              f"StyleMask's checkpoint: python weights/convert.py mask_net.pt {path}")
     return M
+
+
+# --- Images --------------------------------------------------------------------------------------
+
+def to_uint8(img):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as the official save_image(normalize, range=(-1, 1))."""
+    x = (img.detach().float().clamp(-1, 1) + 1) * 127.5
+    return (x + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def image_grid(columns, size=None):
+    """Columns of (B, 3, H, W) images -> one (B·H, n·W, 3) uint8 grid: row b shows sample b of every column."""
+    if size is not None:
+        columns = [F.adaptive_avg_pool2d(c, size) if c.shape[-1] != size else c for c in columns]
+    cells = torch.stack([to_uint8(c) for c in columns], 1)  # (B, n, H, W, 3)
+    B, n, H, W, _ = cells.shape
+    return cells.permute(0, 2, 1, 3, 4).reshape(B * H, n * W, 3)
+
+
+def write_png(path, img):
+    """Write an (H, W, 3) uint8 image as an 8-bit RGB PNG, atomically (zlib only, no image library)."""
+    import struct
+    import zlib
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    H, W, _ = img.shape
+    raw = torch.cat([torch.zeros(H, 1, dtype=torch.uint8), img.reshape(H, W * 3)], 1)  # filter 0 per row
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw.numpy().tobytes(), 6)) + chunk(b"IEND", b""))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(png)
+    os.replace(tmp, path)

@@ -17,8 +17,9 @@ import argparse
 import io
 import math
 import pickle
+import re
 import sys
-import zipfile
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -36,11 +37,14 @@ KINDS = ("auto", "rosinality", "masknet", "nvlabs")
 def read_pt(path):
     """torch.load with weights_only=True (argparse.Namespace allowed: rosinality stores `args`)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StyleMaskError(f"{path}: refused to load (it needs code execution to unpickle: {first})") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise StyleMaskError(f"{path}: refused to load: unpickling it would run code ({found.group(1)})") from None
+        raise StyleMaskError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt?") from None
     except Exception as e:
         raise StyleMaskError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({type(e).__name__})") from None
 
@@ -220,13 +224,13 @@ def from_nvlabs(G_ema):
 # --- Detection and the command line -----------------------------------------------------------------
 
 def detect(path):
-    """'pt' for a torch zip checkpoint, 'pickle' for a plain pickle; StyleMaskError otherwise."""
+    """'pt' for a torch checkpoint (zip, or a legacy pickle named .pt/.pth), 'pickle' for a network pickle."""
     with open(path, "rb") as f:
-        head = f.read(2)
-    if zipfile.is_zipfile(path):
+        head = f.read(4)
+    if head == b"PK\x03\x04":  # torch.save's zip container
         return "pt"
-    if len(head) == 2 and head[0] == 0x80:  # pickle protocol ≥ 2
-        return "pickle"
+    if len(head) >= 2 and head[0] == 0x80:  # a pickle stream, protocol >= 2
+        return "pt" if Path(path).suffix in (".pt", ".pth") else "pickle"
     raise StyleMaskError(f"{path}: neither a PyTorch checkpoint nor a network pickle (unknown format)")
 
 
