@@ -67,7 +67,7 @@ def config(G):
     """The architecture of generator G, read off its tensor shapes (resolution, dims, channels)."""
     try:
         w_dim, z_dim = G["style.1.weight"].shape
-        n_mlp = sum(1 for k in G if k.startswith("style.") and k.endswith(".weight"))
+        n_mlp = config_n_mlp(G)
         channels = {4: G["input.input"].shape[1]}
         n_blocks = sum(1 for k in G if k.startswith("to_rgbs.") and k.endswith(".conv.weight"))
         for j in range(n_blocks):
