@@ -114,8 +114,13 @@ def test_gradients_flow_through_both_ops():
 
 def test_dispatch_is_explicit(monkeypatch):
     x = torch.zeros(1, 1, 4, 4)
-    monkeypatch.setenv("STYLEMASK_BACKEND", "torch")
-    assert kernels.upfirdn2d(x, torch.ones(1, 1)).shape == x.shape
+    monkeypatch.delenv("STYLEMASK_BACKEND", raising=False)
+    assert kernels.resolve(x) == "torch"  # auto: the reference for CPU tensors
+    monkeypatch.setenv("STYLEMASK_BACKEND", "triton")
+    assert kernels.resolve(x, impl="torch") == "torch"  # an explicit impl wins over the environment
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.upfirdn2d(x, torch.ones(1, 1))  # Triton on CPU tensors without the interpreter: refused
     monkeypatch.setenv("STYLEMASK_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="STYLEMASK_BACKEND"):
         kernels.upfirdn2d(x, torch.ones(1, 1))

@@ -5,11 +5,16 @@ StyleGAN2 resamples with it: the [1,3,3,1] blur after every up-sampling convolut
 rosinality's `upfirdn2d_native` (the same op): a *true* convolution (filter flipped) unless
 `flip_filter=True`, padding given as (x0, x1, y0, y1), negative padding crops.
 
-This file holds the plain-PyTorch specification `upfirdn2d_ref`; the Triton kernel comes beside it
-behind the same signature (see kernels/__init__.py for dispatch).
+In teaching order: `upfirdn2d_ref`, the plain-PyTorch specification; `_upfirdn2d_kernel`, the
+Triton kernel (one program per output tile, a direct loop over the filter taps); its launcher; the
+autograd Function (the backward is upfirdn2d again); and the public `upfirdn2d` that dispatches.
 """
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .dispatch import resolve
 
 
 def upfirdn2d_ref(x, f, up=1, down=1, pad=(0, 0, 0, 0), flip_filter=False, gain=1.0):
@@ -49,3 +54,99 @@ def upfirdn2d_ref(x, f, up=1, down=1, pad=(0, 0, 0, 0), flip_filter=False, gain=
     x = F.conv2d(x, w, groups=C)
     # 4. decimate
     return x[:, :, ::down, ::down]
+
+
+# --- Triton kernel ----------------------------------------------------------------------------------
+
+@triton.jit
+def _upfirdn2d_kernel(
+    x_ptr,                   # input (N, H, W) planes: (B, C, H, W) viewed as B·C planes, any strides
+    f_ptr,                   # filter (KH, KW), contiguous, used flipped unless FLIP
+    y_ptr,                   # output (N, OH, OW), contiguous
+    N, C, H, W, OH, OW,      # planes, channels, input and output plane sizes
+    sxb, sxc, sxh, sxw,      # strides of x, in elements
+    X0, Y0,                  # left / top padding of the zero-stuffed image (negative: crop)
+    gain,                    # output scale
+    UP: tl.constexpr, DOWN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    # Grid (cdiv(N, BLOCK_N), cdiv(OH, BLOCK_H), cdiv(OW, BLOCK_W)): each program writes a
+    # BLOCK_N × BLOCK_H × BLOCK_W tile (planes × rows × columns). Output pixel (oy, ox) reads tap (i, j)
+    # of the window that starts at (oy·DOWN, ox·DOWN) in the padded, zero-stuffed image; that pixel is
+    # u = (oy·DOWN + i − Y0, ox·DOWN + j − X0) of the stuffed image, which holds x[u / UP] when u is a
+    # multiple of UP and zero otherwise. Index math is int64 (no overflow at 1024² × large batches).
+    n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) planes
+    oy = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,) output rows
+    ox = tl.program_id(2).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W)  # (BLOCK_W,) output columns
+    x_planes = x_ptr + ((n // C) * sxb + (n % C) * sxc)[:, None, None]   # (BLOCK_N, 1, 1)
+    n_ok = (n < N)[:, None, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_H, BLOCK_W), dtype=tl.float32)
+    for i in tl.static_range(KH):
+        uy = oy * DOWN + i - Y0
+        ok_y = (uy >= 0) & (uy % UP == 0) & (uy < H * UP)
+        row = (uy // UP * sxh)[None, :, None]
+        for j in tl.static_range(KW):
+            ux = ox * DOWN + j - X0
+            ok_x = (ux >= 0) & (ux % UP == 0) & (ux < W * UP)
+            # a true convolution meets tap (i, j) with f[KH-1-i, KW-1-j]; correlation with f[i, j]
+            if FLIP:
+                tap = tl.load(f_ptr + i * KW + j)
+            else:
+                tap = tl.load(f_ptr + (KH - 1 - i) * KW + (KW - 1 - j))
+            ok = n_ok & ok_y[None, :, None] & ok_x[None, None, :]
+            v = tl.load(x_planes + row + (ux // UP * sxw)[None, None, :], mask=ok, other=0.0)
+            acc += v.to(tl.float32) * tap
+    y = y_ptr + n[:, None, None] * (OH * OW) + oy[None, :, None] * OW + ox[None, None, :]
+    out_ok = n_ok & (oy < OH)[None, :, None] & (ox < OW)[None, None, :]
+    tl.store(y, (acc * gain).to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+# Fixed tiles: small ones for the GPU; large ones for the CPU interpreter, whose cost is per operation
+# of a program, not per element (so fewer, larger programs run it many times faster).
+UPFIRDN2D_BLOCKS = {"cuda": (1, 32, 32), "interpreter": (16, 64, 64)}
+
+
+def _upfirdn2d_triton(x, f, up, down, pad, flip_filter, gain):
+    """Check, allocate, launch: the forward of `upfirdn2d` on the Triton kernel."""
+    B, C, H, W = x.shape
+    x0, x1, y0, y1 = pad
+    KH, KW = f.shape
+    OH, OW = (H * up + y0 + y1 - KH) // down + 1, (W * up + x0 + x1 - KW) // down + 1
+    if OH < 1 or OW < 1:
+        raise ValueError(f"upfirdn2d: empty output for input {H}×{W}, filter {KH}×{KW}, pad {pad}")
+    y = torch.empty(B, C, OH, OW, device=x.device, dtype=x.dtype)
+    f = f.to(device=x.device, dtype=torch.float32).contiguous()
+    BN, BH, BW = UPFIRDN2D_BLOCKS["cuda" if x.is_cuda else "interpreter"]
+    grid = (triton.cdiv(B * C, BN), triton.cdiv(OH, BH), triton.cdiv(OW, BW))
+    _upfirdn2d_kernel[grid](x, f, y, B * C, C, H, W, OH, OW, *x.stride(), x0, y0, float(gain),
+                            UP=up, DOWN=down, KH=KH, KW=KW, FLIP=bool(flip_filter),
+                            BLOCK_N=BN, BLOCK_H=BH, BLOCK_W=BW)
+    return y
+
+
+class _Upfirdn2d(torch.autograd.Function):
+    """upfirdn2d on Triton; its backward is upfirdn2d again (NVlabs' _upfirdn2d_cuda.backward)."""
+
+    @staticmethod
+    def forward(ctx, x, f, up, down, pad, flip_filter, gain):
+        y = _upfirdn2d_triton(x, f, up, down, pad, flip_filter, gain)
+        ctx.save_for_backward(f)
+        ctx.args = (x.shape[2:], y.shape[2:], up, down, pad, flip_filter, gain)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (f,) = ctx.saved_tensors
+        (H, W), (OH, OW), up, down, (x0, x1, y0, y1), flip_filter, gain = ctx.args
+        KH, KW = f.shape
+        # The adjoint: swap up and down, flip the filter, and pad so that the shapes line up again.
+        pad = (KW - x0 - 1, W * up - OW * down + x0 - up + 1, KH - y0 - 1, H * up - OH * down + y0 - up + 1)
+        dx = _Upfirdn2d.apply(dy, f, down, up, pad, not flip_filter, gain)
+        return dx, None, None, None, None, None, None
+
+
+def upfirdn2d(x, f, up=1, down=1, pad=(0, 0, 0, 0), flip_filter=False, gain=1.0, impl="auto"):
+    """Upsample, FIR-filter, downsample; see `upfirdn2d_ref` for the steps and shapes."""
+    if resolve(x, impl) == "triton":
+        return _Upfirdn2d.apply(x, f, up, down, tuple(pad), flip_filter, gain)
+    return upfirdn2d_ref(x, f, up=up, down=down, pad=pad, flip_filter=flip_filter, gain=gain)
