@@ -342,6 +342,201 @@ def reenact(s_s, s_t, M=None):
     return s_s.index_copy(1, idx, mixed)
 
 
+# --- 3DMM: FLAME shape composition (Eq. 2), articulation and landmarks ----------------------------
+# FLAME (Li et al. 2017) as DECA drives it (decalib/models/FLAME.py, lbs.py). Tensors keep the names of
+# FLAME's generic_model.pkl (v_template, shapedirs, posedirs, J_regressor, kintree_table, weights, f)
+# and of DECA's landmark_embedding.npy (static_/dynamic_/full_lmk_faces_idx, ..._bary_coords).
+# a_s (B, n_s) shape and a_e (B, n_e) expression coefficients (DECA: 100 and 50); pose (B, 6) is DECA's
+# axis-angle global rotation (3) and jaw rotation (3); neck and eyes stay at rest, as in DECA.
+
+FLAME_N_SHAPE = 300  # shapedirs columns: 300 shape components, then 100 expression components
+DECA_IMAGE_SIZE = 224  # DECA's image space: projected points land in [0, 224]
+EYE_PAIRS = [(36, 39), (37, 41), (38, 40), (42, 45), (43, 47), (44, 46)]  # official calculate_eye_loss
+MOUTH_PAIRS = [(48, 54), (49, 59), (50, 58), (51, 57), (52, 56), (53, 55), (60, 64), (61, 67), (62, 66), (63, 65)]
+
+
+def shape_model(Fl, a_s, a_e):
+    """Eq. 2: X = X̄ + U_s a_s + U_e a_e, the unposed FLAME mesh (B, V, 3)."""
+    U = Fl["shapedirs"]  # (V, 3, 400)
+    U_s, U_e = U[:, :, :a_s.shape[1]], U[:, :, FLAME_N_SHAPE:FLAME_N_SHAPE + a_e.shape[1]]
+    return Fl["v_template"] + torch.einsum("bl,vkl->bvk", a_s, U_s) + torch.einsum("bl,vkl->bvk", a_e, U_e)
+
+
+def rodrigues(aa):
+    """Axis-angle (N, 3) -> rotation matrices (N, 3, 3), with DECA's epsilon inside the norm."""
+    angle = torch.norm(aa + 1e-8, dim=1, keepdim=True)  # (N, 1)
+    rx, ry, rz = torch.split(aa / angle, 1, dim=1)
+    zeros = torch.zeros_like(rx)
+    K = torch.cat([zeros, -rz, ry, rz, zeros, -rx, -ry, rx, zeros], 1).view(-1, 3, 3)  # cross-product matrix
+    cos, sin = torch.cos(angle)[:, :, None], torch.sin(angle)[:, :, None]
+    return torch.eye(3, dtype=aa.dtype, device=aa.device) + sin * K + (1 - cos) * torch.bmm(K, K)
+
+
+def _parents(Fl):
+    """Kinematic tree: parent joint of each joint (-1 for the root), from kintree_table."""
+    parents = Fl["kintree_table"][0].long().clone()
+    parents[0] = -1
+    return parents.tolist()
+
+
+def articulate(Fl, X, pose):
+    """Pose the mesh X (B, V, 3) by linear blend skinning: global rotation and jaw (DECA's 6-d pose)."""
+    B, V, _ = X.shape
+    zeros = torch.zeros(B, 3, dtype=X.dtype, device=X.device)
+    full_pose = torch.cat([pose[:, :3], zeros, pose[:, 3:], zeros, zeros], 1)  # global, neck, jaw, eyes (B, 15)
+    R = rodrigues(full_pose.reshape(-1, 3)).view(B, -1, 3, 3)  # (B, J, 3, 3)
+    J = torch.einsum("bvk,jv->bjk", X, Fl["J_regressor"])  # rest joints (B, J, 3)
+    # pose-corrective blend shapes, driven by the non-root rotations
+    posedirs = Fl["posedirs"].reshape(-1, Fl["posedirs"].shape[-1]).t()  # (36, V·3)
+    eye = torch.eye(3, dtype=X.dtype, device=X.device)
+    X = X + ((R[:, 1:] - eye).reshape(B, -1) @ posedirs).view(B, V, 3)
+    # rigid transform of every joint along the chain, relative to its rest location
+    parents = _parents(Fl)
+    rel = J.clone()
+    rel[:, 1:] = J[:, 1:] - J[:, parents[1:]]
+    T_local = torch.cat([torch.cat([R, rel[..., None]], 3),
+                         torch.tensor([0, 0, 0, 1.0], dtype=X.dtype, device=X.device).expand(B, R.shape[1], 1, 4)], 2)
+    chain = [T_local[:, 0]]
+    for j in range(1, len(parents)):
+        chain.append(chain[parents[j]] @ T_local[:, j])
+    T = torch.stack(chain, 1)  # (B, J, 4, 4) world transforms
+    T = T - F.pad(T @ F.pad(J, [0, 1])[..., None], [3, 0])  # remove the rest-pose joint offset
+    T = torch.einsum("vj,bjrc->bvrc", Fl["weights"], T)  # per-vertex blended transforms (B, V, 4, 4)
+    return (T[..., :3, :3] @ X[..., None])[..., 0] + T[..., :3, 3]
+
+
+def _lmk(X, faces, faces_idx, bary):
+    """Landmarks by barycentric interpolation: faces_idx (B, L), bary (B, L, 3) -> (B, L, 3)."""
+    tri = faces[faces_idx]  # (B, L, 3) vertex ids
+    corners = torch.gather(X, 1, tri.reshape(X.shape[0], -1, 1).expand(-1, -1, 3)).view(*tri.shape, 3)  # (B, L, 3, 3)
+    return torch.einsum("blfi,blf->bli", corners, bary)
+
+
+def _contour_row(Fl, pose):
+    """Row of DECA's dynamic-contour table for the head's yaw: 0..39 for ≥ 0°, 40..78 for < 0°."""
+    B = pose.shape[0]
+    zeros = torch.zeros(B, 3, dtype=pose.dtype, device=pose.device)
+    R = rodrigues(torch.cat([zeros, pose[:, :3]], 0)).view(2, B, 3, 3)  # neck (at rest), then global
+    rel = R[1] @ R[0]  # chain neck -> root, as FLAME._find_dynamic_lmk_idx_and_bcoords
+    yaw = torch.atan2(-rel[:, 2, 0], torch.sqrt(rel[:, 0, 0] ** 2 + rel[:, 1, 0] ** 2))
+    y = torch.round(torch.clamp(yaw * 180.0 / math.pi, max=39)).long()
+    return torch.where(y < 0, torch.where(y < -39, torch.full_like(y, 78), 39 - y), y)
+
+
+def flame(Fl, shape, exp, pose):
+    """FLAME mesh and landmarks: dict(vertices (B, V, 3), landmarks2d (B, 68, 3), landmarks3d (B, 68, 3)).
+
+    landmarks2d is DECA's 68-point set whose 17 jaw-contour points follow the head's yaw (the dynamic
+    contour), still in 3-D before projection; landmarks3d uses the fixed full embedding.
+    """
+    X = articulate(Fl, shape_model(Fl, shape, exp), pose)
+    B, faces = X.shape[0], Fl["f"].long()
+    row = _contour_row(Fl, pose)
+    idx = torch.cat([Fl["dynamic_lmk_faces_idx"].long()[row], Fl["static_lmk_faces_idx"].long().expand(B, -1)], 1)
+    bary = torch.cat([Fl["dynamic_lmk_bary_coords"][row], Fl["static_lmk_bary_coords"].expand(B, -1, -1)], 1)
+    full_idx = Fl["full_lmk_faces_idx"].long().reshape(1, -1).expand(B, -1)
+    full_bary = Fl["full_lmk_bary_coords"].reshape(1, -1, 3).expand(B, -1, -1)
+    return dict(vertices=X, landmarks2d=_lmk(X, faces, idx, bary.to(X.dtype)),
+                landmarks3d=_lmk(X, faces, full_idx, full_bary.to(X.dtype)))
+
+
+def project(points, cam, image_size=DECA_IMAGE_SIZE):
+    """DECA's orthographic camera cam = (s, tx, ty): (B, N, 3) -> image space (B, N, 3), y down, in [0, size].
+
+    x' = s·(x + tx), y' = −s·(y + ty), z' = −s·z, then every coordinate ·size/2 + size/2
+    (decalib util.batch_orth_proj and DECA.decode); 2-D landmarks are the first two columns.
+    """
+    s, t = cam[:, None, :1], cam[:, None, 1:]
+    p = s * torch.cat([points[..., :2] + t, points[..., 2:]], -1)
+    p = p * torch.tensor([1.0, -1.0, -1.0], dtype=p.dtype, device=p.device)
+    return p * (image_size / 2) + image_size / 2
+
+
+def fixed_camera(B, dtype=torch.float32, device="cpu"):
+    """The official trainer's camera for every loss shape: scale 8, no translation."""
+    return torch.tensor([8.0, 0.0, 0.0], dtype=dtype, device=device).expand(B, 3)
+
+
+def shape_and_landmarks(Fl, shape, exp, pose):
+    """Projected vertices X (B, V, 3) and 2-D landmarks (B, 68, 2) under the fixed camera (DECA.decode)."""
+    out = flame(Fl, shape, exp, pose)
+    cam = fixed_camera(shape.shape[0], shape.dtype, shape.device)
+    return project(out["vertices"], cam), project(out["landmarks2d"], cam)[..., :2]
+
+
+def ground_truth_shape(Fl, p_s, p_t):
+    """X_t^gt (Sect. III-B): the source's shape coefficients with the target's expression and pose."""
+    return shape_and_landmarks(Fl, p_s["shape"], p_t["exp"], p_t["pose"])
+
+
+# --- Losses (Eq. 3–8) ---------------------------------------------------------------------------------
+# Official weights (run_trainer.py): lambda_x = lambda_shape = 1 on the shape, eye and mouth terms,
+# lambda_id = 10. Shapes are DECA's projected vertices under the fixed camera; X_gt and the reference
+# features are targets (no gradient), as in the official trainer.
+
+LAMBDA_X, LAMBDA_ID = 1.0, 10.0
+
+
+def loss_shape(X_gt, X_r):
+    """L_x = ||X_r − X_t^gt||_1, averaged over vertices and coordinates (Eq. 3, official L1Loss)."""
+    return (X_r - X_gt.detach()).abs().mean()
+
+
+def _pair_distance_loss(l_gt, l_r, pairs):
+    """Mean over landmark pairs of the L1 gap between |l[a] − l[b]| of ground truth and reenacted."""
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    d_gt, d_r = (l_gt[:, a] - l_gt[:, b]).abs().detach(), (l_r[:, a] - l_r[:, b]).abs()
+    return (d_r - d_gt).abs().mean()  # equal-sized terms: the mean of the per-pair means
+
+
+def loss_eye(l_gt, l_r):
+    """Eye-opening term of the official trainer: distances between upper and lower eyelid landmarks."""
+    return _pair_distance_loss(l_gt, l_r, EYE_PAIRS)
+
+
+def loss_mouth(l_gt, l_r):
+    """Mouth-opening term of the official trainer: distances across the outer and inner lips."""
+    return _pair_distance_loss(l_gt, l_r, MOUTH_PAIRS)
+
+
+def loss_id(f_r, f_s):
+    """L_id = 1 − cos(F(I_r), F(I_s)), batch mean (ArcFace features; F(I_s) is the fixed reference)."""
+    return (1 - F.cosine_similarity(f_r, f_s.detach(), dim=1, eps=1e-6)).mean()
+
+
+def loss_r(X_gt, X_r, l_gt, l_r, f_r, f_s, lambda_x=LAMBDA_X, lambda_id=LAMBDA_ID, eye=True, mouth=True):
+    """Eq. 3: L_r = λ_x L_x + λ_id L_id (+ the official eye and mouth terms, weighted by λ_x) -> (L, terms)."""
+    terms = {"shape": lambda_x * loss_shape(X_gt, X_r), "id": lambda_id * loss_id(f_r, f_s)}
+    if eye:
+        terms["eye"] = lambda_x * loss_eye(l_gt, l_r)
+    if mouth:
+        terms["mouth"] = lambda_x * loss_mouth(l_gt, l_r)
+    return sum(terms.values()), terms
+
+
+def loss_cycle(X_gt, X_r1, X_r2, l_gt, l_r1, l_r2, f_s, f_r1, f_r2, lambda_x=LAMBDA_X, lambda_id=LAMBDA_ID,
+               eye=True, mouth=True, paper_id=False):
+    """Eq. 5–7: shape terms of I_r¹ and I_r² against X_t'^gt, identity terms against I_s -> (L, terms).
+
+    The official trainer's identity part is L_id(I_r¹, I_s) + L_id(I_r², I_s); Eq. 7 also has the pair
+    (I_r¹, I_r²), added with paper_id=True.
+    """
+    terms = {"shape": lambda_x * (loss_shape(X_gt, X_r1) + loss_shape(X_gt, X_r2)),
+             "id": lambda_id * (loss_id(f_r1, f_s) + loss_id(f_r2, f_s))}
+    if paper_id:
+        terms["id"] = terms["id"] + lambda_id * (1 - F.cosine_similarity(f_r1, f_r2, dim=1, eps=1e-6)).mean()
+    if eye:
+        terms["eye"] = lambda_x * (loss_eye(l_gt, l_r1) + loss_eye(l_gt, l_r2))
+    if mouth:
+        terms["mouth"] = lambda_x * (loss_mouth(l_gt, l_r1) + loss_mouth(l_gt, l_r2))
+    return sum(terms.values()), terms
+
+
+def loss_total(L_r, L_cycle=None):
+    """Eq. 8: L = L_r + L_cycle (L_cycle None when the cycle loss is off, the Table V ablation)."""
+    return L_r if L_cycle is None else L_r + L_cycle
+
+
 # --- Loading, saving, and the embedded default ------------------------------------------------------
 
 def save(params, path, kind=None, **meta):
@@ -449,6 +644,130 @@ def random_generator(cfg, seed=0):
 def tiny_generator(seed=0):
     """The embedded default generator: CONFIGS['tiny'] with random weights, for CPU runs and tests."""
     return random_generator(CONFIGS["tiny"], seed)
+
+
+FLAME_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "kintree_table", "weights", "f",
+              "static_lmk_faces_idx", "static_lmk_bary_coords", "dynamic_lmk_faces_idx",
+              "dynamic_lmk_bary_coords", "full_lmk_faces_idx", "full_lmk_bary_coords")
+
+
+def check_flame(Fl):
+    """Raise StyleMaskError unless Fl is a FLAME model with DECA's landmark embedding, shapes consistent."""
+    missing = [k for k in FLAME_KEYS if k not in Fl]
+    if missing:
+        raise StyleMaskError(f"not a FLAME model: tensor {missing[0]!r} is missing")
+    V, J, Fn = Fl["v_template"].shape[0], Fl["J_regressor"].shape[0], Fl["f"].shape[0]
+    want = {"v_template": (V, 3), "posedirs": (V, 3, 9 * (J - 1)), "J_regressor": (J, V), "weights": (V, J),
+            "kintree_table": (2, J), "f": (Fn, 3), "static_lmk_faces_idx": (51,), "static_lmk_bary_coords": (51, 3),
+            "dynamic_lmk_faces_idx": (79, 17), "dynamic_lmk_bary_coords": (79, 17, 3),
+            "full_lmk_faces_idx": (1, 68), "full_lmk_bary_coords": (1, 68, 3)}
+    for k, shape in want.items():
+        if tuple(Fl[k].shape) != shape:
+            raise StyleMaskError(f"FLAME tensor {k!r} has shape {tuple(Fl[k].shape)}, expected {shape}")
+    if Fl["shapedirs"].ndim != 3 or Fl["shapedirs"].shape[:2] != (V, 3) or Fl["shapedirs"].shape[2] < FLAME_N_SHAPE + 50:
+        raise StyleMaskError(f"FLAME shapedirs has shape {tuple(Fl['shapedirs'].shape)}, expected ({V}, 3, 400)")
+    for k in ("static_lmk_faces_idx", "dynamic_lmk_faces_idx", "full_lmk_faces_idx"):
+        if Fl[k].min() < 0 or Fl[k].max() >= Fn:
+            raise StyleMaskError(f"FLAME tensor {k!r} indexes faces outside 0..{Fn - 1}")
+    if Fl["f"].min() < 0 or Fl["f"].max() >= V:
+        raise StyleMaskError(f"FLAME faces index vertices outside 0..{V - 1}")
+    for k, v in Fl.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise StyleMaskError(f"FLAME tensor {k!r} contains NaN or Inf: the file is damaged")
+
+
+def _face_layout_68():
+    """iBUG-68 landmark positions on a unit face (x right, y up): jaw, brows, nose, eyes, lips."""
+    pts = [(math.sin(a) * 1.0, -math.cos(a) * 0.9 + 0.1) for a in torch.linspace(-2.0, 2.0, 17).tolist()]  # 0–16 jaw
+    pts += [(x, 0.55) for x in (-0.8, -0.65, -0.5, -0.35, -0.2)] + [(x, 0.55) for x in (0.2, 0.35, 0.5, 0.65, 0.8)]
+    pts += [(0.0, y) for y in (0.4, 0.27, 0.14, 0.0)] + [(x, -0.1) for x in (-0.25, -0.12, 0.0, 0.12, 0.25)]
+    for cx in (-0.45, 0.45):  # eyes: outer corner, two upper, inner corner, two lower (36–41, 42–47)
+        pts += [(cx + 0.17 * math.cos(math.radians(a)), 0.35 + 0.07 * math.sin(math.radians(a)))
+                for a in (180, 120, 60, 0, -60, -120)]
+    for rx, ry, n in ((0.4, 0.18, 12), (0.25, 0.08, 8)):  # outer lips 48–59, inner lips 60–67, from the left corner
+        pts += [(-rx * math.cos(2 * math.pi * k / n), -0.5 + ry * math.sin(2 * math.pi * k / n)) for k in range(n)]
+    return pts
+
+
+def tiny_flame(seed=0):
+    """The embedded default 3DMM: a small FLAME-like head (640 vertices) with FLAME's and DECA's layout.
+
+    Same tensor names, joints (root, neck, jaw, eyes), coefficient layout (300 + 100 components, DECA uses
+    the first 100 and 50) and 68-landmark embedding with a yaw-dependent jaw contour, so training and the
+    metrics run end to end. Geometry: an ellipsoid in metres facing +z; the bases are smooth random
+    fields (shape) and fields local to mouth, eyes and brows (expression). Not a face model: a test double.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n_lat, n_lon, lat_deg = 20, 32, (math.radians(-70), math.radians(80))
+    lat = torch.linspace(*lat_deg, n_lat)[:, None].expand(n_lat, n_lon)
+    lon = (torch.arange(n_lon) * (2 * math.pi / n_lon))[None, :].expand(n_lat, n_lon)
+    lon = torch.where(lon > math.pi, lon - 2 * math.pi, lon)  # in (−π, π], 0 = front
+    radii = torch.tensor([0.075, 0.1, 0.09])
+    unit = torch.stack([lon.sin() * lat.cos(), lat.sin(), lon.cos() * lat.cos()], -1).reshape(-1, 3)  # (V, 3)
+    X = unit * radii
+    V = X.shape[0]
+    faces = []
+    for i in range(n_lat - 1):
+        for j in range(n_lon):
+            a, b, c, d = i * n_lon + j, i * n_lon + (j + 1) % n_lon, (i + 1) * n_lon + j, (i + 1) * n_lon + (j + 1) % n_lon
+            faces += [(a, b, c), (b, d, c)]
+    f = torch.tensor(faces)
+    lat_v, lon_v = lat.reshape(-1), lon.reshape(-1)
+
+    def on_face(x, y):  # unit-face coordinates -> (face, barycentric weights) of the point on the surface
+        u = (math.radians(50) * x) % (2 * math.pi) / (2 * math.pi / n_lon)  # grid units along longitude
+        t = (math.radians(35) * y + math.radians(5) - lat_deg[0]) / (lat_deg[1] - lat_deg[0]) * (n_lat - 1)
+        i, j = int(t), int(u)
+        s, t = u - j, t - i  # position inside the grid cell, split into triangles (a, b, c) and (b, d, c)
+        if s + t <= 1:
+            return 2 * (i * n_lon + j), torch.tensor([1 - s - t, s, t])
+        return 2 * (i * n_lon + j) + 1, torch.tensor([1 - t, s + t - 1, 1 - s])
+
+    pts = _face_layout_68()
+    static = [on_face(x, y) for x, y in pts[17:]]
+    rows = []
+    for r in range(79):  # DECA's table: rows 0..39 for yaw 0..39°, rows 40..78 for yaw −1..−39°
+        yaw = r if r < 40 else 39 - r
+        rows.append([on_face(x - yaw / 50.0 * 0.5, y) for x, y in pts[:17]])
+    contour0 = rows[0]
+    Fl = {"v_template": X, "f": f, "kintree_table": torch.tensor([[4294967295, 0, 1, 1, 1], [0, 1, 2, 3, 4]]),
+          "static_lmk_faces_idx": torch.tensor([i for i, _ in static]),
+          "static_lmk_bary_coords": torch.stack([b for _, b in static]),
+          "dynamic_lmk_faces_idx": torch.tensor([[i for i, _ in row] for row in rows]),
+          "dynamic_lmk_bary_coords": torch.stack([torch.stack([b for _, b in row]) for row in rows]),
+          "full_lmk_faces_idx": torch.tensor([[i for i, _ in contour0 + static]]),
+          "full_lmk_bary_coords": torch.stack([b for _, b in contour0 + static])[None]}
+    # joints: root and neck under the head, jaw hinge at ear level, eyes behind the eye landmarks
+    def mean_of(mask):
+        w = mask.float()
+        return w / w.sum()
+    neck = mean_of(lat_v < math.radians(-60))
+    jaw = mean_of((lat_v.abs() < math.radians(12)) & (lon_v.abs() > math.radians(75)) & (lon_v.abs() < math.radians(105)))
+    eyes = [mean_of(((lon_v - math.radians(50 * cx)) ** 2 + (lat_v - math.radians(35 * 0.35 + 5)) ** 2) < math.radians(12) ** 2)
+            for cx in (-0.45, 0.45)]
+    Fl["J_regressor"] = torch.stack([neck, neck, jaw, eyes[0], eyes[1]])
+    # skinning: the lower front (chin, lower lip) follows the jaw, the rest of the head the neck joint
+    jaw_w = torch.sigmoid((math.radians(-12) - lat_v) / 0.08) * torch.sigmoid((math.radians(70) - lon_v.abs()) / 0.1)
+    W = torch.zeros(V, 5)
+    W[:, 2], W[:, 1] = jaw_w, 1 - jaw_w
+    Fl["weights"] = W
+    # bases: smooth random fields along the surface normal (shape), local fields (expression)
+    normal = unit / radii ** 2
+    normal = normal / normal.norm(dim=1, keepdim=True)
+    k = torch.arange(1, 4, dtype=torch.float32)
+    feats = torch.cat([torch.sin(k * lat_v[:, None]), torch.cos(k * lat_v[:, None]), torch.sin(k * lon_v[:, None]),
+                       torch.cos(k * lon_v[:, None]), torch.ones(V, 1)], 1)  # (V, 13) low-frequency features
+    coef_s = torch.randn(13, 300, generator=gen) / (1 + torch.arange(300) / 10.0)
+    shapedirs_s = normal[:, :, None] * (feats @ coef_s)[:, None, :] * 2e-3  # (V, 3, 300)
+    mouth = torch.exp(-((lon_v / math.radians(25)) ** 2 + ((lat_v - math.radians(-12)) / math.radians(10)) ** 2))
+    brows = torch.exp(-((lon_v.abs() - math.radians(25)) / math.radians(15)) ** 2 - ((lat_v - math.radians(24)) / math.radians(6)) ** 2)
+    local = torch.stack([mouth, brows], 1)  # (V, 2)
+    coef_e = torch.randn(2, 3, 100, generator=gen) / (1 + torch.arange(100) / 5.0)
+    shapedirs_e = torch.einsum("vr,rkl->vkl", local, coef_e) * 3e-3  # (V, 3, 100)
+    shapedirs_e[:, 1, 0] -= mouth * (lat_v < math.radians(-12)).float() * 4e-3  # component 0 opens the mouth
+    Fl["shapedirs"] = torch.cat([shapedirs_s, shapedirs_e], 2)
+    Fl["posedirs"] = torch.randn(V, 3, 36, generator=gen) * 1e-4
+    return Fl
 
 
 def default_generator(path=None, say=print):
