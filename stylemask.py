@@ -542,8 +542,7 @@ def loss_total(L_r, L_cycle=None):
 def save(params, path, kind=None, **meta):
     """Write params to a safetensors file atomically, with a metadata header describing the model."""
     from safetensors.torch import save_file
-    if kind is None:
-        kind = "generator" if "style.1.weight" in params else "masknet"
+    kind = kind or _kind_of(params)
     header = {"stylemask": kind, **{k: str(v) for k, v in meta.items()}}
     if kind == "generator":
         header["config"] = json.dumps(config(params))
@@ -559,8 +558,12 @@ def save(params, path, kind=None, **meta):
             tmp.unlink()
 
 
-def load(path, device="cpu"):
-    """Read a generator or mask file written by `save` / weights/convert.py, checking it fully."""
+def load(path, device="cpu", check=None):
+    """Read a model file written by `save` / weights/convert.py, checking it fully.
+
+    The kind in the file's metadata picks the check (generator, masknet, flame); modules with their own
+    kinds pass theirs (facenets.load does).
+    """
     from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
@@ -573,13 +576,24 @@ def load(path, device="cpu"):
     except Exception as e:  # safetensors raises its own error types for every kind of damage
         raise StyleMaskError(f"{path}: not a readable safetensors file ({e}); re-convert it with "
                              f"weights/convert.py") from None
-    kind = meta.get("stylemask") or ("generator" if "style.1.weight" in params else "masknet")
-    check = check_generator if kind == "generator" else check_mask
+    kind = meta.get("stylemask") or _kind_of(params)
+    check = check or {"generator": check_generator, "masknet": check_mask, "flame": check_flame}.get(kind)
+    if check is None:
+        raise StyleMaskError(f"{path}: holds a {kind!r} model, which this loader does not read")
     try:
         check(params)
     except StyleMaskError as e:
         raise StyleMaskError(f"{path}: {e}") from None
     return params
+
+
+def _kind_of(params):
+    """The model kind of a parameter dict, from its tensor names."""
+    if "style.1.weight" in params:
+        return "generator"
+    if "v_template" in params:
+        return "flame"
+    return "masknet"
 
 
 def check_generator(G):

@@ -215,3 +215,86 @@ def test_tiny_flame_is_a_valid_model():
     bad = dict(Fl, f=Fl["f"][:, :2])
     with pytest.raises(sm.StyleMaskError, match="'f'"):
         sm.check_flame(bad)
+
+
+# --- The converter: FLAME's Python-2 pickle with chumpy/scipy objects, DECA's pickled .npy -----------
+
+@pytest.fixture
+def chumpy_module(monkeypatch):
+    """A stand-in `chumpy.ch.Ch`: pickles like chumpy (class reference + state dict holding the array as x)."""
+    import sys
+    import types
+    pkg, mod = types.ModuleType("chumpy"), types.ModuleType("chumpy.ch")
+
+    class Ch:
+        def __init__(self, x):
+            self.x, self.label = x, None
+
+        def __getstate__(self):
+            return {"x": self.x, "label": self.label, "_dirty_vars": set()}
+
+        def __setstate__(self, state):
+            raise RuntimeError("chumpy code must never run while converting")
+    Ch.__module__, Ch.__qualname__ = "chumpy.ch", "Ch"
+    mod.Ch, pkg.ch = Ch, mod
+    monkeypatch.setitem(sys.modules, "chumpy", pkg)
+    monkeypatch.setitem(sys.modules, "chumpy.ch", mod)
+    return Ch
+
+
+def write_official_flame(tmp_path, Fl, Ch):
+    """generic_model.pkl and landmark_embedding.npy as FLAME and DECA ship them, from Fl's tensors."""
+    import pickle
+    import scipy.sparse
+    model = {"v_template": Fl["v_template"].double().numpy(), "f": Fl["f"].numpy().astype(np.uint32),
+             "shapedirs": Ch(Fl["shapedirs"].double().numpy()), "posedirs": Fl["posedirs"].double().numpy(),
+             "J_regressor": scipy.sparse.csc_matrix(Fl["J_regressor"].double().numpy()),
+             "kintree_table": Fl["kintree_table"].numpy().astype(np.int64), "weights": Fl["weights"].double().numpy(),
+             "J": np.zeros((5, 3)), "bs_style": "lbs", "bs_type": "lrotmin"}
+    (tmp_path / "generic_model.pkl").write_bytes(pickle.dumps(model, protocol=2))
+    emb = {"static_lmk_faces_idx": Fl["static_lmk_faces_idx"].numpy(),
+           "static_lmk_bary_coords": np.asfortranarray(Fl["static_lmk_bary_coords"].numpy()),  # Fortran order
+           "dynamic_lmk_faces_idx": Fl["dynamic_lmk_faces_idx"].clone(),  # torch tensors, as DECA ships them
+           "dynamic_lmk_bary_coords": Fl["dynamic_lmk_bary_coords"].clone(),
+           "full_lmk_faces_idx": Fl["full_lmk_faces_idx"].numpy(), "full_lmk_bary_coords": Fl["full_lmk_bary_coords"].numpy()}
+    np.save(tmp_path / "landmark_embedding.npy", emb, allow_pickle=True)
+    return tmp_path / "generic_model.pkl", tmp_path / "landmark_embedding.npy"
+
+
+def test_flame_files_convert_without_chumpy_and_give_the_same_model(tmp_path, chumpy_module, Fl):
+    from weights import convert
+    pkl, npy = write_official_flame(tmp_path, Fl, chumpy_module)
+    dst = tmp_path / "flame.safetensors"
+    assert convert.main([str(pkl), str(dst), "--landmarks", str(npy)]) == 0
+    Fl2 = sm.load(dst)
+    for k, v in Fl.items():
+        assert_close(Fl2[k], v.to(Fl2[k].dtype), msg=k)
+    shape, exp, pose = _coeffs(10)
+    assert_close(sm.flame(Fl2, shape, exp, pose)["landmarks2d"], sm.flame(Fl, shape, exp, pose)["landmarks2d"])
+
+
+def test_flame_conversion_refuses_code_and_missing_parts(tmp_path, chumpy_module, Fl, capsys):
+    import os
+    import pickle
+    from weights import convert
+    pkl, npy = write_official_flame(tmp_path, Fl, chumpy_module)
+    assert convert.main([str(pkl), str(tmp_path / "a.safetensors")]) == 2
+    assert "--landmarks" in capsys.readouterr().err
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+    evil = tmp_path / "evil_model.pkl"
+    evil.write_bytes(pickle.dumps({"v_template": Evil()}, protocol=2))
+    assert convert.main([str(evil), str(tmp_path / "b.safetensors"), "--landmarks", str(npy)]) == 2
+    err = capsys.readouterr().err
+    assert "refused to unpickle" in err and err.count("\n") == 1 and not (tmp_path / "pwned").exists()
+    np.save(tmp_path / "evil.npy", np.array({"x": Evil()}, dtype=object), allow_pickle=True)
+    with pytest.raises(sm.StyleMaskError, match="refused to unpickle"):
+        convert.read_npy_object(tmp_path / "evil.npy")
+    assert not (tmp_path / "pwned").exists()
+    half = tmp_path / "half.pkl"
+    half.write_bytes(pkl.read_bytes()[: pkl.stat().st_size // 2])
+    assert convert.main([str(half), str(tmp_path / "c.safetensors"), "--landmarks", str(npy), "--kind", "flame"]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.safetensors"))

@@ -3,6 +3,7 @@
     python weights/convert.py stylegan2-ffhq-config-f.pt weights/generator.safetensors
     python weights/convert.py network-snapshot.pkl weights/generator.safetensors   # NVlabs G_ema
     python weights/convert.py mask_net.pt weights/masknet.safetensors               # StyleMask
+    python weights/convert.py generic_model.pkl weights/flame.safetensors --landmarks landmark_embedding.npy
 
 Kinds (auto-detected; --kind forces one):
   rosinality  rosinality-format generator, as StyleMask distributes it: a .pt dict with `g_ema`
@@ -10,10 +11,16 @@ Kinds (auto-detected; --kind forces one):
   masknet     StyleMask's trained mask networks: a .pt dict with `mask_net` and `num_layers_control`.
   nvlabs      NVlabs StyleGAN2-ADA / StyleGAN3-repo network pickle with `G_ema` ('skip' StyleGAN2
               generator), read by a restricted unpickler that never runs the pickled source code.
+  flame       FLAME's generic_model.pkl (a Python-2 pickle with chumpy and scipy objects) plus DECA's
+              landmark_embedding.npy (a pickled dict with legacy torch tensors), read by a restricted
+              unpickler that rebuilds only arrays and tensors; chumpy and scipy are not needed.
 .pt files are read only with torch.load(..., weights_only=True). The output is written atomically
 and an existing file is never replaced unless --force is given.
 """
+import _compat_pickle
 import argparse
+import codecs
+import copyreg
 import io
 import math
 import pickle
@@ -29,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stylemask as sm  # noqa: E402
 from stylemask import StyleMaskError  # noqa: E402
 
-KINDS = ("auto", "rosinality", "masknet", "nvlabs")
+KINDS = ("auto", "rosinality", "masknet", "nvlabs", "flame")
 
 
 # --- .pt checkpoints (rosinality generator, StyleMask mask networks) -------------------------------
@@ -221,6 +228,137 @@ def from_nvlabs(G_ema):
     return G
 
 
+# --- FLAME (generic_model.pkl) and DECA's landmark_embedding.npy, without chumpy or pickled code -----
+
+class _Stub:
+    """Stand-in for a chumpy Ch or a scipy sparse matrix in FLAME's pickle: keeps the pickled state only."""
+
+    qualname = "?"
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+_STUB_CLASSES = {}
+
+
+def _stub(module, name):
+    """One inert _Stub subclass per foreign class, so the converter can tell a Ch from a csc_matrix."""
+    key = f"{module}.{name}"
+    if key not in _STUB_CLASSES:
+        _STUB_CLASSES[key] = type(name, (_Stub,), {"qualname": key})
+    return _STUB_CLASSES[key]
+
+
+def _numpy_reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
+    return _reconstruct, scalar
+
+
+class _FlameUnpickler(pickle.Unpickler):
+    """Rebuilds numpy arrays and (legacy) torch tensors; chumpy and scipy.sparse objects become stubs."""
+
+    def find_class(self, module, name):
+        import numpy as np
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # Python-2 names (copy_reg, __builtin__, ...)
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        _reconstruct, scalar = _numpy_reconstruct()
+        safe = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                ("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+                ("numpy.core.multiarray", "scalar"): scalar, ("numpy._core.multiarray", "scalar"): scalar,
+                ("copyreg", "_reconstructor"): copyreg._reconstructor, ("builtins", "object"): object,
+                ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
+                ("_codecs", "encode"): codecs.encode, ("collections", "OrderedDict"): OrderedDict,
+                ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+                ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+                ("torch.storage", "_load_from_bytes"): _storage_from_bytes}
+        if (module, name) in safe:
+            return safe[(module, name)]
+        if module.split(".")[0] == "chumpy" or module.startswith("scipy.sparse"):
+            return _stub(module, name)
+        raise StyleMaskError(f"refused to unpickle {module}.{name}: not part of a FLAME model or landmark file")
+
+
+def _unpickle(f, path):
+    try:
+        return _FlameUnpickler(f, encoding="latin1").load()
+    except StyleMaskError as e:
+        raise StyleMaskError(f"{path}: {e}") from None
+    except Exception as e:
+        raise StyleMaskError(f"{path}: not a readable pickle, truncated or corrupt? ({type(e).__name__})") from None
+
+
+def _array(v, key, path):
+    """A numpy array from a FLAME value: ndarray, chumpy Ch (its array under 'x'), CSC/CSR sparse, tensor."""
+    import numpy as np
+    if isinstance(v, torch.Tensor):
+        return v.numpy()
+    if isinstance(v, _Stub) and v.qualname.startswith("chumpy") and "x" in getattr(v, "state", {}):
+        return np.asarray(v.state["x"])
+    if isinstance(v, _Stub) and v.qualname.startswith("scipy.sparse"):
+        st = getattr(v, "state", {})
+        fmt = st.get("format") or ("csr" if "csr" in v.qualname else "csc")
+        shape = tuple(st.get("_shape") or st.get("shape"))
+        data, indices, indptr = (np.asarray(st[k]) for k in ("data", "indices", "indptr"))
+        dense = np.zeros(shape if fmt == "csc" else shape[::-1], dtype=np.float64)  # fill column by column
+        for j in range(len(indptr) - 1):
+            dense[indices[indptr[j]:indptr[j + 1]], j] = data[indptr[j]:indptr[j + 1]]
+        return dense if fmt == "csc" else dense.T
+    if isinstance(v, np.ndarray):
+        return v
+    raise StyleMaskError(f"{path}: entry {key!r} is a {type(v).__name__}, not an array")
+
+
+def read_npy_object(path):
+    """The object stored in a pickled .npy (DECA's landmark_embedding.npy) without np.load's unpickler."""
+    import ast
+    import struct
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise StyleMaskError(f"{path}: not a .npy file")
+        major = f.read(2)[0]
+        (n,) = struct.unpack("<H" if major == 1 else "<I", f.read(2 if major == 1 else 4))
+        header = ast.literal_eval(f.read(n).decode("latin1"))
+        if header.get("descr") != "|O":
+            raise StyleMaskError(f"{path}: expected a pickled dict in the .npy (DECA's landmark_embedding.npy)")
+        arr = _unpickle(f, path)
+    return arr.item() if hasattr(arr, "item") and getattr(arr, "shape", None) == () else arr
+
+
+FLAME_MODEL_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "kintree_table", "weights", "f")
+LANDMARK_KEYS = ("static_lmk_faces_idx", "static_lmk_bary_coords", "dynamic_lmk_faces_idx",
+                 "dynamic_lmk_bary_coords", "full_lmk_faces_idx", "full_lmk_bary_coords")
+
+
+def from_flame(model_path, landmarks_path):
+    """FLAME generic_model.pkl + DECA landmark_embedding.npy -> Fl (official names, float32 / int64)."""
+    import numpy as np
+    if landmarks_path is None:
+        raise StyleMaskError("a FLAME model needs DECA's landmark file too: add --landmarks landmark_embedding.npy")
+    with open(model_path, "rb") as f:
+        model = _unpickle(f, model_path)
+    lmk = read_npy_object(landmarks_path)
+    for name, d, keys in ((model_path, model, FLAME_MODEL_KEYS), (landmarks_path, lmk, LANDMARK_KEYS)):
+        if not isinstance(d, dict) or any(k not in d for k in keys):
+            missing = next((k for k in keys if not isinstance(d, dict) or k not in d), "?")
+            raise StyleMaskError(f"{name}: no {missing!r} entry: not a FLAME model / DECA landmark file")
+    Fl = {}
+    for src, keys, path in ((model, FLAME_MODEL_KEYS, model_path), (lmk, LANDMARK_KEYS, landmarks_path)):
+        for k in keys:
+            a = np.ascontiguousarray(_array(src[k], k, path))  # some DECA arrays are Fortran-ordered
+            integer = k in ("f", "kintree_table") or k.endswith("faces_idx")
+            Fl[k] = torch.from_numpy(a.astype(np.int64 if integer else np.float32))
+    sm.check_flame(Fl)
+    return Fl
+
+
 # --- Detection and the command line -----------------------------------------------------------------
 
 def detect(path):
@@ -234,12 +372,21 @@ def detect(path):
     raise StyleMaskError(f"{path}: neither a PyTorch checkpoint nor a network pickle (unknown format)")
 
 
-def convert(src, kind="auto", say=print):
-    """Read src and return (params, kind) in stylemask's layout."""
+def _is_flame_pickle(path):
+    """Whether a pickle looks like FLAME's model (mentions chumpy or v_template), read without unpickling."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    return b"chumpy" in head or b"v_template" in head
+
+
+def convert(src, kind="auto", say=print, landmarks=None):
+    """Read src (and, for FLAME, DECA's landmark file) and return (params, kind) in stylemask's layout."""
     src = Path(src)
     if not src.is_file():
         raise StyleMaskError(f"{src}: no such file")
     fmt = detect(src)
+    if kind == "flame" or (kind == "auto" and fmt == "pickle" and _is_flame_pickle(src)):
+        return from_flame(src, landmarks), "flame"
     if kind == "nvlabs" or (kind == "auto" and fmt == "pickle"):
         return from_nvlabs(read_nvlabs(src)), "generator"
     ckpt = read_pt(src)
@@ -256,6 +403,7 @@ def main(argv=None):
     p.add_argument("src", help="official checkpoint (.pt or .pkl)")
     p.add_argument("dst", help="output .safetensors file")
     p.add_argument("--kind", choices=KINDS, default="auto", help="checkpoint kind (default: detect)")
+    p.add_argument("--landmarks", help="FLAME only: DECA's landmark_embedding.npy")
     p.add_argument("--force", action="store_true", help="replace dst if it exists")
     a = p.parse_args(argv)
     dst = Path(a.dst)
@@ -264,14 +412,15 @@ def main(argv=None):
             raise StyleMaskError(f"{dst} exists; pass --force to replace it")
         if dst.suffix != ".safetensors":
             raise StyleMaskError(f"{dst}: the output must end in .safetensors")
-        params, kind = convert(a.src, a.kind)
+        params, kind = convert(a.src, a.kind, landmarks=a.landmarks)
         sm.save(params, dst, kind=kind, source=Path(a.src).name)
     except StyleMaskError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(v.numel() for v in params.values())
-    what = (f"generator {sm.config_name(sm.config(params))} {sm.config(params)['resolution']}px"
-            if kind == "generator" else f"mask networks over {len(sm.mask_dims(params))} layers")
+    what = {"generator": lambda: f"generator {sm.config_name(sm.config(params))} {sm.config(params)['resolution']}px",
+            "masknet": lambda: f"mask networks over {len(sm.mask_dims(params))} layers",
+            "flame": lambda: f"FLAME with {params['v_template'].shape[0]} vertices and DECA's 68 landmarks"}[kind]()
     print(f"wrote {dst}: {what}, {len(params)} tensors, {n / 1e6:.1f}M parameters")
     return 0
 
