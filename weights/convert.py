@@ -4,6 +4,8 @@
     python weights/convert.py network-snapshot.pkl weights/generator.safetensors   # NVlabs G_ema
     python weights/convert.py mask_net.pt weights/masknet.safetensors               # StyleMask
     python weights/convert.py generic_model.pkl weights/flame.safetensors --landmarks landmark_embedding.npy
+    python weights/convert.py model_ir_se50.pth weights/arcface.safetensors         # ArcFace (pSp)
+    python weights/convert.py deca_model.tar weights/deca.safetensors               # DECA E_flame
 
 Kinds (auto-detected; --kind forces one):
   rosinality  rosinality-format generator, as StyleMask distributes it: a .pt dict with `g_ema`
@@ -14,8 +16,12 @@ Kinds (auto-detected; --kind forces one):
   flame       FLAME's generic_model.pkl (a Python-2 pickle with chumpy and scipy objects) plus DECA's
               landmark_embedding.npy (a pickled dict with legacy torch tensors), read by a restricted
               unpickler that rebuilds only arrays and tensors; chumpy and scipy are not needed.
-.pt files are read only with torch.load(..., weights_only=True). The output is written atomically
-and an existing file is never replaced unless --force is given.
+  arcface     the ArcFace IR-SE50 of pSp/StyleMask (`model_ir_se50.pth`): a plain Backbone state dict
+              (`input_layer.*`, `body.{i}.*`, `output_layer.*`), the identity supervision.
+  deca        DECA's `deca_model.tar`: a dict of state dicts `E_flame`, `E_detail`, `D_detail`; only the
+              coarse encoder E_flame is kept (the 3DMM supervision).
+.pt/.pth/.tar files are read only with torch.load(..., weights_only=True). The output is written
+atomically and an existing file is never replaced unless --force is given.
 """
 import _compat_pickle
 import argparse
@@ -33,10 +39,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import facenets  # noqa: E402
 import stylemask as sm  # noqa: E402
 from stylemask import StyleMaskError  # noqa: E402
 
-KINDS = ("auto", "rosinality", "masknet", "nvlabs", "flame")
+KINDS = ("auto", "rosinality", "masknet", "nvlabs", "flame", "arcface", "deca")
 
 
 # --- .pt checkpoints (rosinality generator, StyleMask mask networks) -------------------------------
@@ -359,16 +366,41 @@ def from_flame(model_path, landmarks_path):
     return Fl
 
 
+# --- Supervision networks: ArcFace IR-SE50, DECA encoder --------------------------------------------
+
+def _plain_state(sd):
+    """A state dict's tensors as float32, without BatchNorm's num_batches_tracked counters."""
+    return {k: v.float() for k, v in sd.items() if isinstance(v, torch.Tensor) and not k.endswith("num_batches_tracked")}
+
+
+def from_arcface(state_dict):
+    """pSp/StyleMask `model_ir_se50.pth` (TreB1eN Backbone state dict) -> A: same names, no num_batches_tracked."""
+    if not isinstance(state_dict, dict) or "input_layer.0.weight" not in state_dict:
+        raise StyleMaskError("no 'input_layer.0.weight' in the checkpoint: not an ArcFace IR-SE50 state dict")
+    A = _plain_state(state_dict)
+    facenets.check_arcface(A)
+    return A
+
+
+def from_deca(ckpt):
+    """DECA `deca_model.tar` {'E_flame', 'E_detail', 'D_detail'} -> D: the E_flame state dict, same names."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("E_flame"), dict):
+        raise StyleMaskError("no 'E_flame' state dict in the checkpoint: not a DECA model (deca_model.tar)")
+    D = _plain_state(ckpt["E_flame"])
+    facenets.check_deca(D)
+    return D
+
+
 # --- Detection and the command line -----------------------------------------------------------------
 
 def detect(path):
-    """'pt' for a torch checkpoint (zip, or a legacy pickle named .pt/.pth), 'pickle' for a network pickle."""
+    """'pt' for a torch checkpoint (zip, or a legacy pickle named .pt/.pth/.tar), 'pickle' for a network pickle."""
     with open(path, "rb") as f:
         head = f.read(4)
     if head == b"PK\x03\x04":  # torch.save's zip container
         return "pt"
     if len(head) >= 2 and head[0] == 0x80:  # a pickle stream, protocol >= 2
-        return "pt" if Path(path).suffix in (".pt", ".pth") else "pickle"
+        return "pt" if Path(path).suffix in (".pt", ".pth", ".tar") else "pickle"  # DECA: deca_model.tar
     raise StyleMaskError(f"{path}: neither a PyTorch checkpoint nor a network pickle (unknown format)")
 
 
@@ -394,13 +426,18 @@ def convert(src, kind="auto", say=print, landmarks=None):
         return from_masknet(ckpt), "masknet"
     if kind == "rosinality" or (kind == "auto" and isinstance(ckpt, dict) and "g_ema" in ckpt):
         return from_rosinality(ckpt, say=say), "generator"
+    if kind == "deca" or (kind == "auto" and isinstance(ckpt, dict) and "E_flame" in ckpt):
+        return from_deca(ckpt), "deca"
+    if kind == "arcface" or (kind == "auto" and isinstance(ckpt, dict) and "input_layer.0.weight" in ckpt):
+        return from_arcface(ckpt), "arcface"
     keys = ", ".join(list(ckpt)[:5]) if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise StyleMaskError(f"{src}: unknown checkpoint (top-level keys: {keys}); expected g_ema or mask_net")
+    raise StyleMaskError(f"{src}: unknown checkpoint (top-level keys: {keys}); expected g_ema, mask_net, "
+                         f"E_flame (DECA) or input_layer.* (ArcFace)")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="official checkpoint (.pt or .pkl)")
+    p.add_argument("src", help="official checkpoint (.pt, .pth, .tar or .pkl)")
     p.add_argument("dst", help="output .safetensors file")
     p.add_argument("--kind", choices=KINDS, default="auto", help="checkpoint kind (default: detect)")
     p.add_argument("--landmarks", help="FLAME only: DECA's landmark_embedding.npy")
@@ -420,7 +457,9 @@ def main(argv=None):
     n = sum(v.numel() for v in params.values())
     what = {"generator": lambda: f"generator {sm.config_name(sm.config(params))} {sm.config(params)['resolution']}px",
             "masknet": lambda: f"mask networks over {len(sm.mask_dims(params))} layers",
-            "flame": lambda: f"FLAME with {params['v_template'].shape[0]} vertices and DECA's 68 landmarks"}[kind]()
+            "flame": lambda: f"FLAME with {params['v_template'].shape[0]} vertices and DECA's 68 landmarks",
+            "arcface": lambda: f"ArcFace IR-SE with {len(facenets.arcface_config(params)['units'])} units",
+            "deca": lambda: f"DECA E_flame, ResNet blocks {[n for _, n in facenets.deca_config(params)['layers']]}"}[kind]()
     print(f"wrote {dst}: {what}, {len(params)} tensors, {n / 1e6:.1f}M parameters")
     return 0
 

@@ -1,0 +1,532 @@
+"""ArcFace IR-SE50 and DECA's E_flame against torch.nn constructions of the official networks written here,
+plus independent oracles for the preprocessing (loop-built pooling, bilinear ramps, F.interpolate), the
+Euler angles (rotation matrices built here, scipy's rotation vectors) and the converters."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import example, given, strategies as st
+from scipy.spatial.transform import Rotation
+from torch.testing import assert_close
+
+import facenets as fn
+import stylemask as sm
+from weights import convert
+
+
+# --- The official networks as torch.nn modules, with the official attribute (= state-dict) names -------
+
+class SEModule(nn.Module):
+    """criteria/helpers.py SEModule."""
+
+    def __init__(self, channels, reduction):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, channels // reduction, 1, bias=False)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Conv2d(channels // reduction, channels, 1, bias=False)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.sigmoid(self.fc2(self.relu(self.fc1(self.avg_pool(x)))))
+
+
+class BottleneckIRSE(nn.Module):
+    """criteria/helpers.py bottleneck_IR_SE (bottleneck_IR without the SE module when se = 0)."""
+
+    def __init__(self, in_channel, depth, stride, se=16):
+        super().__init__()
+        if in_channel == depth:
+            self.shortcut_layer = nn.MaxPool2d(1, stride)
+        else:
+            self.shortcut_layer = nn.Sequential(nn.Conv2d(in_channel, depth, 1, stride, bias=False),
+                                                nn.BatchNorm2d(depth))
+        res = [nn.BatchNorm2d(in_channel), nn.Conv2d(in_channel, depth, 3, 1, 1, bias=False), nn.PReLU(depth),
+               nn.Conv2d(depth, depth, 3, stride, 1, bias=False), nn.BatchNorm2d(depth)]
+        self.res_layer = nn.Sequential(*res, *([SEModule(depth, se)] if se else []))
+
+    def forward(self, x):
+        return self.res_layer(x) + self.shortcut_layer(x)
+
+
+IR_SE50_BLOCKS = [(64, 3), (128, 4), (256, 14), (512, 3)]  # helpers.get_blocks(50): (depth, num_units)
+
+
+class Backbone(nn.Module):
+    """criteria/model_irse.py Backbone(input_size=112, mode='ir_se'), as IDLoss builds it (affine BN1d)."""
+
+    def __init__(self, blocks=IR_SE50_BLOCKS, stem=64, se=16, affine=True):
+        super().__init__()
+        self.input_layer = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.PReLU(stem))
+        units, c = [], stem
+        for depth, n in blocks:  # get_block: the first unit of every block has stride 2
+            for i in range(n):
+                units.append(BottleneckIRSE(c, depth, 2 if i == 0 else 1, se))
+                c = depth
+        self.body = nn.Sequential(*units)
+        side = 112 // 2 ** len(blocks)
+        self.output_layer = nn.Sequential(nn.BatchNorm2d(c), nn.Dropout(0.6), nn.Flatten(),
+                                          nn.Linear(c * side * side, 512), nn.BatchNorm1d(512, affine=affine))
+
+    def forward(self, x):
+        x = self.output_layer(self.body(self.input_layer(x)))
+        return x / torch.norm(x, 2, 1, True)  # helpers.l2_norm
+
+
+class Bottleneck(nn.Module):
+    """DECA models/resnet.py Bottleneck (torchvision's: the stride on conv2)."""
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+        self.relu, self.downsample = nn.ReLU(), downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """DECA models/resnet.py ResNet(Bottleneck, [3, 4, 6, 3]) without fc: (B, 3, 224, 224) -> (B, 2048)."""
+
+    def __init__(self, layers=((64, 3), (128, 4), (256, 6), (512, 3)), stem=64):
+        super().__init__()
+        self.inplanes = stem
+        self.conv1, self.bn1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem)
+        self.relu, self.maxpool = nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        for k, (planes, n) in enumerate(layers, 1):
+            setattr(self, f"layer{k}", self._make_layer(planes, n, stride=1 if k == 1 else 2))
+        self.avgpool = nn.AvgPool2d(7, stride=1)
+
+    def _make_layer(self, planes, blocks, stride):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * 4:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes * 4))
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * 4
+        return nn.Sequential(*layers, *[Bottleneck(self.inplanes, planes) for _ in range(1, blocks)])
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.avgpool(x).view(x.size(0), -1)
+
+
+class ResnetEncoder(nn.Module):
+    """DECA models/encoders.py ResnetEncoder(outsize) (E_flame: outsize 236, no last_op)."""
+
+    def __init__(self, outsize=236, hidden=1024, **resnet):
+        super().__init__()
+        self.encoder = ResNet(**resnet)
+        self.layers = nn.Sequential(nn.Linear(self.encoder.inplanes, hidden), nn.ReLU(), nn.Linear(hidden, outsize))
+
+    def forward(self, x):
+        return self.layers(self.encoder(x))
+
+
+def randomize(module, seed):
+    """Random weights for every tensor of module (He-normal weights, positive running_var), eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, v in module.state_dict().items():
+            if k.endswith("num_batches_tracked"):
+                v.fill_(70000)
+            elif k.endswith("running_var"):
+                v.copy_(0.5 + torch.rand(v.shape, generator=gen))
+            elif v.ndim > 1:
+                v.copy_(torch.randn(v.shape, generator=gen) * math.sqrt(2 / v[0].numel()))
+            else:
+                v.copy_(torch.randn(v.shape, generator=gen) * 0.2 + (1.0 if k.endswith("weight") else 0.0))
+    return module.eval()
+
+
+def params_of(module):
+    """The module's state dict as our flat params: official names, num_batches_tracked dropped."""
+    return {k: v.clone() for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+TINY_IRSE = dict(blocks=[(16, 1), (32, 1), (48, 1), (64, 1)], stem=16)  # ARCFACE_CONFIGS['tiny']
+TINY_RESNET = dict(layers=((4, 1), (8, 1), (16, 1), (32, 1)), stem=8)  # DECA_CONFIGS['tiny']
+
+
+def build(cls, seed, **kw):
+    """cls(**kw) with randomize's weights, skipping torch's own (slow, overwritten) initialisation."""
+    with torch.device("meta"):
+        module = cls(**kw)
+    return randomize(module.to_empty(device="cpu"), seed)
+
+
+@pytest.fixture(scope="module")
+def irse50():
+    return build(Backbone, seed=0)
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    return build(ResnetEncoder, seed=1)
+
+
+@pytest.fixture(scope="module")
+def A_tiny():
+    return fn.tiny_arcface()
+
+
+@pytest.fixture(scope="module")
+def D_tiny():
+    return fn.tiny_deca()
+
+
+# --- ArcFace IR-SE50 ------------------------------------------------------------------------------
+
+def test_irse50_layout_is_the_official_one(irse50):
+    want = {k: tuple(v.shape) for k, v in params_of(irse50).items()}
+    assert fn.arcface_shapes(fn.ARCFACE_CONFIGS["ir_se50"]) == want
+    assert len(want) == 6 + 24 * 13 + 3 * 5 + 10  # stem, 24 SE units, 3 conv shortcuts, output layer
+    assert fn.arcface_config(params_of(irse50)) == fn.ARCFACE_CONFIGS["ir_se50"]
+
+
+def test_arcface_matches_the_official_backbone(irse50):
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_close(fn.arcface(params_of(irse50), x), irse50(x))
+
+
+@pytest.mark.parametrize("se,affine", [(16, True), (0, False)])  # IR-SE / plain IR, affine BN1d or not (IR_SE_50)
+@given(seed=st.integers(0, 2 ** 16), B=st.integers(1, 3))
+def test_shallow_ir_networks_run_through_the_same_functions(se, affine, seed, B):
+    ref = randomize(Backbone(**TINY_IRSE, se=se, affine=affine), seed)
+    A = params_of(ref)
+    fn.check_arcface(A)
+    x = torch.randn(B, 3, 112, 112, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        assert_close(fn.arcface(A, x), ref(x))
+
+
+def adaptive_pool_matrix(n_in, n_out):
+    """(n_out, n_in) averaging matrix of AdaptiveAvgPool: window i = [floor(i·n/m), ceil((i+1)·n/m))."""
+    P = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        P[i, lo:hi] = 1 / (hi - lo)
+    return torch.from_numpy(P).float()
+
+
+@pytest.mark.parametrize("size", [256, 512, 320])  # as generated; 2× (block means); not a multiple
+def test_identity_preprocesses_as_idloss(A_tiny, size):
+    img = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size)) * 1.2
+    P = adaptive_pool_matrix(size, 256)
+    x256 = P @ img @ P.T  # the trainer's face_pool (the identity at 256)
+    crop = x256[:, :, 35:223, 32:220]  # IDLoss.extract_feats
+    assert crop.shape[-2:] == (188, 188)
+    Q = adaptive_pool_matrix(188, 112)
+    assert_close(fn.identity(A_tiny, img), fn.arcface(A_tiny, Q @ crop @ Q.T), rtol=1e-4, atol=1e-5)
+
+
+def test_identity_features_are_unit_and_differentiable(A_tiny):
+    gen = torch.Generator().manual_seed(3)
+    img = torch.randn(3, 3, 256, 256, generator=gen).requires_grad_(True)
+    f = fn.identity(A_tiny, torch.cat([img, img[:1]]))
+    assert_close(f.norm(dim=1), torch.ones(4))
+    assert_close(f[0] @ f[3], torch.tensor(1.0))  # equal images: cosine 1
+    assert (f[:3] @ f[:3].T - torch.eye(3)).abs().max() > 0.05  # different images: different identities
+    (f[0] @ f[1]).backward()
+    g = img.grad
+    assert torch.isfinite(g).all() and g[:2].abs().sum() > 0 and g[2].abs().sum() == 0
+    outside = torch.ones(256, 256, dtype=torch.bool)
+    outside[35:223, 32:220] = False
+    assert g[:, :, outside].abs().max() == 0  # only the 188×188 crop is seen
+
+
+# --- DECA E_flame ---------------------------------------------------------------------------------
+
+def test_deca_layout_is_the_official_one(resnet50):
+    want = {k: tuple(v.shape) for k, v in params_of(resnet50).items()}
+    assert fn.deca_shapes(fn.DECA_CONFIGS["resnet50"]) == want
+    assert want["layers.0.weight"] == (1024, 2048) and want["layers.2.weight"] == (236, 1024)
+    assert "encoder.layer1.0.downsample.0.weight" in want and "encoder.layer1.1.downsample.0.weight" not in want
+
+
+def test_deca_encode_matches_the_official_encoder(resnet50):
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert_close(fn.deca_encode(params_of(resnet50), x), resnet50(x))
+
+
+@given(seed=st.integers(0, 2 ** 16), B=st.integers(1, 3))
+def test_tiny_resnet_runs_through_the_same_functions(seed, B):
+    ref = randomize(ResnetEncoder(hidden=64, **TINY_RESNET), seed)
+    D = params_of(ref)
+    fn.check_deca(D)
+    x = torch.rand(B, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        assert_close(fn.deca_encode(D, x), ref(x))
+
+
+def test_deca_encode_refuses_other_sizes(D_tiny):
+    with pytest.raises(sm.StyleMaskError, match="224"):
+        fn.deca_encode(D_tiny, torch.rand(1, 3, 256, 256))
+
+
+def test_deca_split_is_decompose_code():
+    code = torch.arange(2 * 236, dtype=torch.float32).reshape(2, 236)
+    p = fn.deca_split(code)
+    assert {k: tuple(v.shape) for k, v in p.items()} == dict(shape=(2, 100), tex=(2, 50), exp=(2, 50), pose=(2, 6),
+                                                              cam=(2, 3), light=(2, 9, 3))
+    assert p["exp"][1, 0] == 236 + 150 and p["pose"][0, 0] == 200 and p["cam"][0, 2] == 208
+    assert_close(p["light"][1], code[1, 209:].reshape(9, 3))
+
+
+# --- Euler angles (batch_axis2euler) -------------------------------------------------------------
+
+def Rx(a):
+    return np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+
+
+def Ry(a):
+    return np.array([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
+
+
+def Rz(a):
+    return np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+
+
+def euler_deg(aa):
+    return fn.axis_angle_to_euler(torch.tensor(aa, dtype=torch.float64).reshape(-1, 3))[0] * (180 / math.pi)
+
+
+def test_elementary_rotations():
+    d = math.radians
+    assert_close(euler_deg([0, d(-30), 0]), torch.tensor([30.0, 0, 0], dtype=torch.float64))  # yaw is about −y
+    assert_close(euler_deg([0, d(30), 0]), torch.tensor([-30.0, 0, 0], dtype=torch.float64))
+    assert_close(euler_deg([d(20), 0, 0]), torch.tensor([0, 20.0, 0], dtype=torch.float64))  # pitch about x
+    assert_close(euler_deg([0, 0, d(-15)]), torch.tensor([0, 0, -15.0], dtype=torch.float64))  # roll about z
+    assert_close(euler_deg([0, 0, 0]), torch.zeros(3, dtype=torch.float64))
+
+
+@given(yaw=st.floats(-85, 85), pitch=st.floats(-179, 179), roll=st.floats(-179, 179))
+@example(yaw=0.0, pitch=0.0, roll=0.0)  # the rest pose
+@example(yaw=-60.0, pitch=170.0, roll=-120.0)  # large pitch and roll, where atan2 is near its cut
+def test_euler_angles_invert_the_composed_rotation(yaw, pitch, roll):
+    R = Rz(math.radians(roll)) @ Ry(-math.radians(yaw)) @ Rx(math.radians(pitch))  # DECA's convention
+    aa = Rotation.from_matrix(R).as_rotvec()
+    assert_close(euler_deg(aa), torch.tensor([yaw, pitch, roll], dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+@given(pitch=st.floats(-170, 170))
+def test_gimbal_lock_gives_the_intended_branch(sign, pitch):
+    R = Ry(-sign * math.pi / 2) @ Rx(math.radians(pitch))  # yaw ±90°: the official code raises NameError here
+    aa = Rotation.from_matrix(R).as_rotvec()
+    assert_close(euler_deg(aa), torch.tensor([sign * 90.0, pitch, 0.0], dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_euler_gradients_are_finite_everywhere():
+    aa = torch.tensor([[0.0, 0, 0], [0.3, -0.2, 0.1], [0, -math.pi / 2, 0], [1e-20, 0, 0]], requires_grad=True)
+    fn.axis_angle_to_euler(aa).sum().backward()
+    assert torch.isfinite(aa.grad).all()
+    assert_close(aa.grad[0], torch.tensor([1.0, -1.0, 1.0]))  # d(yaw + pitch + roll) at rest: ∂yaw/∂a_y = −1
+
+
+# --- DECA preprocessing: calculate_shapemodel + TestData crop ------------------------------------
+
+def kornia_source_position(u, S, n, size, c):
+    """Input position read by output pixel u (one axis) under kornia 0.4.1's warp of TestData's crop."""
+    s = (S - 1) / size
+    q = (u + 0.5) * (S - 1) / S  # affine_grid(align_corners=False), un-normalised with (S − 1)
+    return n / (n - 1) * (q / s + c - size / 2) - 0.5  # M⁻¹, normalised with (n − 1), grid_sample(False)
+
+
+@given(cx=st.floats(90, 110), cy=st.floats(90, 110), size=st.floats(60, 150))
+@example(cx=99.5, cy=99.5, size=150.0)  # centred on the image: the middle output pixel reads its centre
+def test_crop_samples_where_kornia_does(cx, cy, size):
+    n, S = 200, 24
+    ramp = torch.stack(torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64),
+                                      indexing="xy"))[None]  # (1, 2, n, n): channel 0 = x, channel 1 = y
+    M = fn.crop_matrix(torch.tensor([[cx, cy, size]], dtype=torch.float64), out_size=S)
+    out = fn.warp_affine(ramp, M, S)[0]  # bilinear sampling of a ramp returns the position itself
+    u = np.arange(S)
+    assert_close(out[0, 0], torch.from_numpy(kornia_source_position(u, S, n, size, cx)), atol=1e-6, rtol=0)
+    assert_close(out[1, :, 0], torch.from_numpy(kornia_source_position(u, S, n, size, cy)), atol=1e-6, rtol=0)
+
+
+def test_a_marked_pixel_lands_where_the_geometry_says():
+    img = torch.zeros(1, 1, 256, 256, dtype=torch.float64)
+    px, py = 140, 190  # in the default crop
+    img[0, 0, py, px] = 1.0
+    out = fn.warp_affine(img, fn.crop_matrix(torch.tensor([fn.FFHQ_DECA_CROP], dtype=torch.float64)), 224)[0, 0]
+    cx, cy, size = fn.FFHQ_DECA_CROP
+    u = np.arange(224)
+    tent_x = np.maximum(0, 1 - np.abs(kornia_source_position(u, 224, 256, size, cx) - px))
+    tent_y = np.maximum(0, 1 - np.abs(kornia_source_position(u, 224, 256, size, cy) - py))
+    assert_close(out, torch.from_numpy(np.outer(tent_y, tent_x)), atol=1e-9, rtol=0)
+    v, w = np.unravel_index(int(out.argmax()), out.shape)  # about (py − top) · 223/size
+    assert abs(w - (px - (cx - size / 2)) * 223 / size) < 1 and abs(v - (py - (cy - size / 2)) * 223 / size) < 1
+
+
+def test_crop_maps_testdatas_three_corners():
+    crop = torch.tensor([[128.7, 170.4, 203.0]], dtype=torch.float64)
+    M = fn.crop_matrix(crop)[0]
+    src = torch.tensor([[128.7 - 101.5, 170.4 - 101.5, 1], [128.7 - 101.5, 170.4 + 101.5, 1],
+                        [128.7 + 101.5, 170.4 - 101.5, 1]], dtype=torch.float64)
+    assert_close(src @ M.T, torch.tensor([[0.0, 0], [0, 223], [223, 0]], dtype=torch.float64))
+
+
+def test_deca_crop_is_bbox2point_kpt68():
+    # left, top, right, bottom = 54, 97, 203, 243: old_size = (149 + 146) / 2 · 1.1 = 162.25
+    assert_close(fn.deca_crop(54, 97, 203, 243), torch.tensor([128.5, 170.0, 202.0], dtype=torch.float64))
+    boxes = fn.deca_crop(torch.tensor([54.0, 60.0]), torch.tensor([97.0, 80.0]), torch.tensor([203.0, 190.0]),
+                         torch.tensor([243.0, 230.0]))
+    assert boxes.shape == (2, 3) and boxes[1, 2] == int((130 + 150) / 2 * 1.1 * 1.25)
+
+
+def test_deca_params_full_frame_crop_is_a_bilinear_resize(D_tiny):
+    # crop (127.5, 127.5, 255) makes kornia's warp exactly F.interpolate(bilinear, align_corners=False)
+    img = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(5)) * 1.3
+    x = (img.clamp(-1, 1) + 1) / (2 + 1e-5)  # calculate_shapemodel, then / 255 after the warp
+    x = F.interpolate(x, size=224, mode="bilinear", align_corners=False)
+    want = fn.deca_split(fn.deca_encode(D_tiny, x))
+    got = fn.deca_params(D_tiny, img, crop=(127.5, 127.5, 255.0))
+    for k in want:  # (values of order 1; the official order ×255, warp, ÷255 rounds differently)
+        assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
+    assert_close(got["euler"], fn.axis_angle_to_euler(want["pose"][:, :3]) * (180 / math.pi), rtol=1e-4, atol=1e-3)
+
+
+def test_deca_params_crop_units_and_per_image_crops(D_tiny):
+    img = torch.randn(2, 3, 512, 512, generator=torch.Generator().manual_seed(6))
+    P = adaptive_pool_matrix(512, 256)
+    a = fn.deca_params(D_tiny, img, crop=(300.5, 340.5, 400.0))  # input pixels of the 512 image
+    b = fn.deca_params(D_tiny, P @ img @ P.T, crop=(150.0, 170.0, 200.0))  # the same box at 256
+    for k in a:
+        assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    half = img[:, :, ::2, ::2]  # 256×256
+    both = fn.deca_params(D_tiny, half, crop=torch.tensor([fn.FFHQ_DECA_CROP, (120.0, 140.0, 180.0)]))
+    tol = dict(rtol=1e-4, atol=1e-4)  # batch 2 vs 1: convolutions round differently
+    assert_close(both["exp"][1:], fn.deca_params(D_tiny, half[1:], crop=(120.0, 140.0, 180.0))["exp"], **tol)
+    assert_close(both["exp"][:1], fn.deca_params(D_tiny, half[:1])["exp"], **tol)  # the default: FFHQ_DECA_CROP
+    with pytest.raises(sm.StyleMaskError, match="crop must be"):
+        fn.deca_params(D_tiny, half, crop=torch.zeros(3, 3))
+
+
+def test_deca_params_are_differentiable_and_ignore_saturated_pixels(D_tiny):
+    img = (torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(7)) * 1.5).requires_grad_(True)
+    p = fn.deca_params(D_tiny, img)
+    (p["exp"].square().sum() + p["euler"].sum()).backward()
+    g = img.grad
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    assert g[img.detach().abs() > 1].abs().max() == 0  # clamp(-1, 1): saturated pixels pass no gradient
+
+
+def test_tiny_deca_gives_sensible_codes_on_the_tiny_generators_images(D_tiny):
+    G = sm.tiny_generator()
+    z = torch.randn(8, G["style.1.weight"].shape[1], generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        p = fn.deca_params(D_tiny, sm.generate(G, z, truncation=0.7)[0])
+    assert p["pose"].abs().max() < 0.3 and p["shape"].abs().max() < 1 and p["exp"].abs().max() < 1
+    assert ((p["cam"][:, 0] > 8) & (p["cam"][:, 0] < 10)).all() and p["exp"].std(0).mean() > 0.01
+
+
+# --- Converters, loading, defaults ------------------------------------------------------------------
+
+def deca_checkpoint(E_flame):
+    """deca_model.tar as DECA's trainer saves it: E_flame, E_detail (ResnetEncoder(128)), D_detail, opt."""
+    E_detail = randomize(ResnetEncoder(outsize=128, hidden=64, **TINY_RESNET), 9).state_dict()  # only names matter
+    D_detail = {"l1.0.weight": torch.zeros(8192, 181), "l1.0.bias": torch.zeros(8192),
+                "conv_blocks.0.running_var": torch.rand(128), "conv_blocks.0.num_batches_tracked": torch.tensor(5)}
+    return {"E_flame": E_flame, "E_detail": E_detail, "D_detail": D_detail, "opt": {"lr": 1e-4}}
+
+
+def test_ir_se50_checkpoint_converts_and_runs_the_same(irse50, tmp_path):
+    sd = irse50.state_dict()
+    assert "body.0.res_layer.0.num_batches_tracked" in sd
+    torch.save(sd, tmp_path / "model_ir_se50.pth")
+    assert convert.main([str(tmp_path / "model_ir_se50.pth"), str(tmp_path / "arcface.safetensors")]) == 0
+    A = fn.load(tmp_path / "arcface.safetensors")
+    assert A.keys() == params_of(irse50).keys() and all(torch.equal(A[k], sd[k]) for k in A)
+    img = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():  # IDLoss.extract_feats with the official module
+        want = irse50(F.adaptive_avg_pool2d(img[:, :, 35:223, 32:220], 112))
+    assert_close(fn.identity(A, img), want)
+
+
+def test_deca_checkpoint_converts_to_e_flame_only(resnet50, tmp_path):
+    torch.save(deca_checkpoint(resnet50.state_dict()), tmp_path / "deca_model.tar")
+    assert convert.main([str(tmp_path / "deca_model.tar"), str(tmp_path / "deca.safetensors")]) == 0
+    D = fn.load(tmp_path / "deca.safetensors")
+    assert D.keys() == params_of(resnet50).keys()
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        assert_close(fn.deca_encode(D, x), resnet50(x))
+
+
+def test_legacy_format_deca_tar_converts(tmp_path):
+    ref = randomize(ResnetEncoder(hidden=64, **TINY_RESNET), 12)
+    torch.save(deca_checkpoint(ref.state_dict()), tmp_path / "deca_model.tar", _use_new_zipfile_serialization=False)
+    D, kind = convert.convert(tmp_path / "deca_model.tar")
+    assert kind == "deca" and all(torch.equal(D[k], v) for k, v in params_of(ref).items())
+
+
+def _tiny_arcface_sd():
+    return randomize(Backbone(**TINY_IRSE), 13).state_dict()
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: torch.save({k: v for k, v in _tiny_arcface_sd().items() if "body.2.res_layer.3" not in k}, p),
+     "tensors missing"),
+    (lambda p: torch.save({**_tiny_arcface_sd(), "output_layer.3.bias": torch.zeros(7)}, p), "has shape"),
+    (lambda p: torch.save({**_tiny_arcface_sd(), "body.1.res_layer.2.weight": torch.full((32,), math.nan)}, p), "NaN"),
+    (lambda p: torch.save({**_tiny_arcface_sd(), "head.kernel": torch.zeros(512, 10)}, p), "unexpected tensor"),
+    (lambda p: torch.save({"E_detail": {}, "D_detail": {}}, p), "unknown checkpoint"),
+    (lambda p: torch.save({"E_flame": torch.zeros(3)}, p), "no 'E_flame' state dict"),
+    (lambda p: torch.save(deca_checkpoint(randomize(ResnetEncoder(128, 64, **TINY_RESNET), 0).state_dict()), p),
+     "outputs 128 codes"),
+])
+def test_bad_supervision_checkpoints_give_one_line_and_write_nothing(tmp_path, capsys, make, message):
+    src, dst = tmp_path / "bad.pth", tmp_path / "out.safetensors"
+    make(src)
+    assert convert.main([str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not dst.exists() and not list(tmp_path.glob(".out.safetensors*"))
+
+
+def test_kind_can_be_forced_and_must_fit(tmp_path, capsys):
+    torch.save(_tiny_arcface_sd(), tmp_path / "ir.pth")
+    assert convert.main([str(tmp_path / "ir.pth"), str(tmp_path / "a.safetensors"), "--kind", "arcface"]) == 0
+    assert convert.main([str(tmp_path / "ir.pth"), str(tmp_path / "d.safetensors"), "--kind", "deca"]) == 2
+    assert "no 'E_flame'" in capsys.readouterr().err
+
+
+def test_load_checks_the_file_and_defaults_fall_back_to_tiny(tmp_path, monkeypatch):
+    A = fn.tiny_arcface(seed=1)
+    sm.save(A, tmp_path / "arcface.safetensors", kind="arcface")
+    assert all(torch.equal(fn.load(tmp_path / "arcface.safetensors")[k], A[k]) for k in A)
+    sm.save({**A, "input_layer.2.weight": torch.full((16,), math.inf)}, tmp_path / "inf.safetensors", kind="arcface")
+    with pytest.raises(sm.StyleMaskError, match="inf.safetensors: .*NaN or Inf"):
+        fn.load(tmp_path / "inf.safetensors")
+    sm.save(sm.init_mask(sm.CONFIGS["tiny"]), tmp_path / "mask.safetensors")
+    with pytest.raises(sm.StyleMaskError, match="not an ArcFace or DECA"):
+        fn.load(tmp_path / "mask.safetensors")
+    monkeypatch.setattr(sm, "WEIGHTS_DIR", tmp_path)
+    A2, tiny = fn.default_arcface(say=lambda *_: None)
+    assert not tiny and torch.equal(A2["input_layer.0.weight"], A["input_layer.0.weight"])
+    notes = []
+    D, tiny = fn.default_deca(say=notes.append)
+    assert tiny and "TINY" in notes[0] and "deca_model.tar" in notes[0]
+    assert all(torch.equal(D[k], v) for k, v in fn.tiny_deca().items())  # deterministic
+    with pytest.raises(sm.StyleMaskError, match="no such file"):
+        fn.default_deca(tmp_path / "absent.safetensors")
+
+
+def test_tiny_defaults_are_valid_networks_of_the_official_family(A_tiny, D_tiny):
+    fn.check_arcface(A_tiny)
+    fn.check_deca(D_tiny)
+    assert fn.arcface_config(A_tiny) == fn.ARCFACE_CONFIGS["tiny"]
+    assert {k: v for k, v in fn.deca_config(D_tiny).items() if k != "n_out"} == fn.DECA_CONFIGS["tiny"]
