@@ -155,9 +155,14 @@ Layer.__doc__ = """One style layer: official module name, 'conv' | 'torgb', reso
 offset and width of its slice of the flat code s, up-sampling factor (2 for conv0_up)."""
 
 
+def _cfg(G):
+    """G's architecture; G may be a generator's parameters or already a config."""
+    return G if "resolution" in G else config(G)
+
+
 def style_layout(G):
     """The per-layer table of the flat style code (Table VI order); G is a generator or a config."""
-    cfg = G if "resolution" in G else config(G)
+    cfg = _cfg(G)
     ch = cfg["channels"]
     rows = [("conv1", "conv", 4, 0, ch[4], 1), ("to_rgb1", "torgb", 4, 1, ch[4], 1)]
     for j, r in enumerate(sorted(ch)[1:]):
@@ -260,15 +265,24 @@ def generate(G, z, truncation=1.0, w_avg=None, noise="const", generator=None):
 # ablation) is one such network over all controlled channels, `network_global.*`, plus `ctrl_dims`,
 # the widths of the controlled layers (needed to find them in s).
 
-def init_mask(G, n_layers=12, seed=0, kind="per-layer"):
+def init_mask(G, n_layers=12, seed=0, kind="per-layer", space="S"):
     """Fresh mask networks for the first n_layers conv layers of G, initialised as officially.
 
     Official init: nn.Linear's default bias (uniform ±1/sqrt(fan_in)), weights re-drawn N(0, 0.01²).
+    space="W" masks the first n_layers vectors of flattened W+ codes (B, n_ws·w_dim) instead (the
+    Table III ablation); such masks carry `ctrl_index`, the flat positions they control.
     """
-    conv_dims = [L.dim for L in style_layout(G) if L.kind == "conv"]
-    if not 1 <= n_layers <= len(conv_dims):
-        raise StyleMaskError(f"init_mask: n_layers must be in 1..{len(conv_dims)} for this generator, got {n_layers}")
-    dims = conv_dims[:n_layers]
+    if space == "W":
+        dims = [_cfg(G)["w_dim"]] * n_layers
+        if not 1 <= n_layers <= n_ws(G):
+            raise StyleMaskError(f"init_mask: n_layers must be in 1..{n_ws(G)} for W+ codes, got {n_layers}")
+    elif space == "S":
+        conv_dims = [L.dim for L in style_layout(G) if L.kind == "conv"]
+        if not 1 <= n_layers <= len(conv_dims):
+            raise StyleMaskError(f"init_mask: n_layers must be in 1..{len(conv_dims)} for this generator, got {n_layers}")
+        dims = conv_dims[:n_layers]
+    else:
+        raise StyleMaskError(f"init_mask: space must be 'S' or 'W', got {space!r}")
     gen = torch.Generator().manual_seed(seed)
     if kind == "per-layer":
         nets = [(f"network_{i:02d}", d) for i, d in enumerate(dims)]
@@ -283,6 +297,8 @@ def init_mask(G, n_layers=12, seed=0, kind="per-layer"):
             M[f"{name}.masknet.{fc}.bias"] = (torch.rand(d, generator=gen) * 2 - 1) / math.sqrt(d)
     if kind == "global":
         M["ctrl_dims"] = torch.tensor(dims, dtype=torch.int64)
+    if space == "W":
+        M["ctrl_index"] = torch.arange(sum(dims))
     return M
 
 
@@ -299,7 +315,10 @@ def ctrl_index(M):
 
     The controlled layers are the first n conv layers. In s each ToRGB follows an even-numbered conv
     (conv1 at 4×4, then every block's conv1) and has that conv's width, so the widths alone place them.
+    W-space masks store their positions (`ctrl_index`).
     """
+    if "ctrl_index" in M:
+        return M["ctrl_index"].long()
     idx, offset = [], 0
     for i, d in enumerate(mask_dims(M)):
         idx.append(torch.arange(offset, offset + d))
@@ -626,7 +645,10 @@ def check_mask(M, G=None):
                     raise StyleMaskError(f"mask tensor {k!r} missing or not of shape {shape}")
                 if not torch.isfinite(M[k]).all():
                     raise StyleMaskError(f"mask tensor {k!r} contains NaN or Inf: the file is damaged")
-    if G is not None:
+    if G is not None and "ctrl_index" in M:  # a W+ mask: every layer as wide as w
+        if dims != [_cfg(G)["w_dim"]] * len(dims) or len(dims) > n_ws(G):
+            raise StyleMaskError(f"the W+ mask networks (widths {dims[:3]}...) do not fit this generator's W+ codes")
+    elif G is not None:
         conv_dims = [L.dim for L in style_layout(G) if L.kind == "conv"]
         if dims != conv_dims[:len(dims)]:
             raise StyleMaskError(f"the mask networks (layer widths {dims[:3]}...) do not fit this generator "
@@ -794,6 +816,18 @@ def default_generator(path=None, say=print):
     say(f"note: {path} not found: using the TINY random default generator (a pipeline check, not "
         f"faces). For real weights: python weights/convert.py stylegan2-ffhq-config-f.pt {path}")
     return tiny_generator(), True
+
+
+def default_flame(path=None, say=print):
+    """(Fl, is_tiny): the FLAME file at path; with no path weights/flame.safetensors, else tiny_flame()."""
+    if path:
+        return load(path), False
+    path = WEIGHTS_DIR / "flame.safetensors"
+    if path.is_file():
+        return load(path), False
+    say(f"note: {path} not found: using the TINY default 3DMM (a test double, not FLAME). For FLAME: "
+        f"python weights/convert.py generic_model.pkl {path} --landmarks landmark_embedding.npy")
+    return tiny_flame(), True
 
 
 _DEFAULT_MASKS = {}

@@ -1,0 +1,87 @@
+"""train.py on the tiny defaults: it learns, it resumes exactly, and it refuses bad checkpoints."""
+import json
+
+import pytest
+import torch
+
+import stylemask as sm
+import train
+
+# Small and quick, but the real loop: the cycle loss on, every loss term, the tiny default's lr.
+FAST = ["--batch", "2", "--eval-pairs", "4", "--log-every", "1", "--lr", "1e-2"]
+LEARN = ["--batch", "4", "--eval-pairs", "8", "--log-every", "1", "--lr", "1e-2"]
+
+
+@pytest.fixture(autouse=True)
+def no_real_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(sm, "WEIGHTS_DIR", tmp_path / "no-weights")
+
+
+def _log(out):
+    return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _held_out_loss(out, masknet_path):
+    cfg = train.parse_args(LEARN + ["--out", str(out)])
+    G, A, D, Fl, _ = train.load_networks(cfg, say=lambda *_: None)
+    held_z = torch.randn(3, cfg.eval_pairs, G["style.1.weight"].shape[1],
+                         generator=torch.Generator().manual_seed(cfg.seed + 1_000_003))
+    held = tuple(train.sample((G, A, D, Fl), cfg, z) for z in held_z)
+    M = sm.load(masknet_path) if masknet_path else sm.init_mask(G, seed=cfg.seed)
+    return train.evaluate((G, A, D, Fl), M, cfg, held)
+
+
+def test_short_run_lowers_the_held_out_loss(tmp_path):
+    out = tmp_path / "run"
+    assert train.main(LEARN + ["--steps", "60", "--save-every", "30", "--out", str(out)]) == 0
+    log = _log(out)
+    held = [r["held_out_loss"] for r in log if "held_out_loss" in r]
+    untrained, trained = _held_out_loss(out, None), _held_out_loss(out, out / "masknet.safetensors")
+    assert len(held) == 2 and trained == pytest.approx(held[-1], rel=1e-5)
+    assert trained < 0.85 * untrained, (untrained, trained)  # a clear margin on pairs never trained on
+    assert (out / "grid_000060.png").is_file() and json.loads((out / "config.json").read_text())["tiny_default"]
+    assert set(log[0]) >= {"step", "loss", "shape", "id", "eye", "mouth", "cycle_shape", "cycle_id", "ms_per_step"}
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(FAST + ["--steps", "6", "--save-every", "3", "--out", str(straight)]) == 0
+    assert train.main(FAST + ["--steps", "3", "--save-every", "3", "--out", str(split)]) == 0
+    with open(split / "log.jsonl", "a") as f:  # a killed run may have logged steps past its checkpoint
+        f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
+    assert train.main(FAST + ["--steps", "6", "--save-every", "3", "--out", str(split),
+                              "--resume", str(split / "checkpoint.safetensors")]) == 0
+    a, b = _log(straight), _log(split)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"] and ra["shape"] == rb["shape"], (ra, rb)
+    Ma, Mb = sm.load(straight / "checkpoint.safetensors"), sm.load(split / "checkpoint.safetensors")
+    assert Ma.keys() == Mb.keys() and all(torch.equal(Ma[k], Mb[k]) for k in Ma)
+
+
+def test_bad_checkpoints_give_one_line_and_touch_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    for ckpt, message in ((tmp_path / "absent.safetensors", "no such file"), (bad, "not a readable safetensors")):
+        with pytest.raises(sm.StyleMaskError, match=message):
+            train.main(FAST + ["--steps", "2", "--out", str(out), "--resume", str(ckpt)])
+    M = sm.init_mask(sm.tiny_generator())
+    sm.save(M, tmp_path / "weights_only.safetensors")
+    with pytest.raises(sm.StyleMaskError, match="no training state"):
+        train.main(FAST + ["--steps", "2", "--out", str(out), "--resume", str(tmp_path / "weights_only.safetensors")])
+    assert (out / "log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    assert not (out / "checkpoint.safetensors").exists()
+
+
+def test_ablation_flags_build_the_right_masks(tmp_path):
+    for flags, check in ((["--space", "W"], lambda M: "ctrl_index" in M and sm.mask_dims(M) == [32] * 12),
+                         (["--mask", "global"], lambda M: "network_global.masknet.0.weight" in M),
+                         (["--no-cycle", "--no-eye", "--no-mouth"], lambda M: "network_00.masknet.0.weight" in M)):
+        out = tmp_path / "_".join(flags)
+        assert train.main(FAST + ["--steps", "2", "--save-every", "2", "--out", str(out)] + flags) == 0
+        assert check(sm.load(out / "masknet.safetensors"))
+    log = _log(tmp_path / "--no-cycle_--no-eye_--no-mouth")
+    assert "cycle_shape" not in log[0] and "eye" not in log[0]

@@ -1,0 +1,303 @@
+"""Train StyleMask's mask networks on random generated pairs (Sect. III-B, IV-A).
+
+    python train.py                                    # tiny embedded defaults: a short CPU pipeline run
+    python train.py --out runs/paper                   # converted weights in weights/: the paper's setup
+    python train.py --resume runs/paper/checkpoint.safetensors   # continue exactly where it stopped
+
+Each step samples source, target and (for the cycle loss) a second target latent, maps them with
+truncation 0.7, renders them and estimates their 3DMM parameters (no gradients), reenacts with the
+mask networks, renders the reenacted images, and minimises Eq. 8 (L_r + L_cycle, with the official
+eye and mouth terms). Without converted weights every network is the tiny embedded default, and the
+run says so: it checks the pipeline, it does not learn faces. See weights/README.md for real weights.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import facenets as fn
+import stylemask as sm
+
+
+@dataclass
+class Config:
+    steps: int = 0               # 0: 70000 with real weights (Sect. IV-A), 300 on the tiny defaults
+    batch: int = 6               # Sect. IV-A (the official run_trainer.py default is 12)
+    lr: float = 0.0              # 0: 1e-4 with real weights (Sect. IV-A, run_trainer.py), 1e-2 on the tiny defaults
+    weight_decay: float = 5e-4   # Adam weight decay of the official trainer.py
+    n_layers: int = 12           # controlled conv layers, Supp. A
+    truncation: float = 0.7      # trainer.py: truncation toward the average latent
+    lambda_x: float = sm.LAMBDA_X    # run_trainer.py lambda_shape (shape, eye and mouth terms)
+    lambda_id: float = sm.LAMBDA_ID  # run_trainer.py lambda_identity
+    eye: bool = True             # official eye-opening term (--no-eye to drop it)
+    mouth: bool = True           # official mouth-opening term (--no-mouth to drop it)
+    cycle: bool = True           # recurrent cycle loss, Eq. 4-7 (--no-cycle: the Table V ablation)
+    paper_id: bool = False       # add Eq. 7's third identity term (I_r1, I_r2), absent from the code
+    space: str = "S"             # S: style space; W: mix W+ codes instead (Table III ablation)
+    mask: str = "per-layer"      # per-layer networks or one global network (Table IV ablation)
+    seed: int = 0                # initialisation and pair sampling
+    generator: str = ""          # converted weights; empty: weights/<name>.safetensors, else tiny
+    arcface: str = ""
+    deca: str = ""
+    flame: str = ""
+    out: str = "runs/stylemask"  # checkpoints, logs and grids
+    resume: str = ""             # a checkpoint.safetensors to continue from
+    save_every: int = 0          # 0: 1000 with real weights (run_trainer.py), 100 on the tiny defaults
+    log_every: int = 10          # run_trainer.py steps_per_log
+    image_every: int = 0         # grid of held-out pairs every K steps; 0: same as save_every
+    eval_pairs: int = 8          # held-out pairs for the evaluation loss and the grid
+
+
+HELP = dict(
+    steps="training iterations (0: 70000 on real weights, 300 on the tiny defaults)",
+    batch="pairs per step (paper: 6)",
+    lr="Adam learning rate (0: the paper's 1e-4 on real weights; 1e-2 on the tiny defaults, whose 300-step run "
+       "must move the masks visibly: Adam moves each weight by about lr per step)",
+    weight_decay="Adam weight decay (official trainer: 5e-4)", n_layers="controlled conv layers n (paper: 12)",
+    truncation="truncation psi of the sampled latents (official: 0.7)",
+    lambda_x="weight of the shape, eye and mouth terms (official: 1)", lambda_id="weight of the identity terms (official: 10)",
+    eye="official eye-opening landmark term", mouth="official mouth-opening landmark term",
+    cycle="recurrent cycle consistency loss, Eq. 4-7 (--no-cycle: Table V ablation)",
+    paper_id="also the (I_r1, I_r2) identity term of Eq. 7, which the official code omits",
+    space="S: mix style codes (paper); W: mix W+ codes (Table III ablation)",
+    mask="per-layer mask networks (paper) or one global network (Table IV ablation)", seed="random seed",
+    generator="generator .safetensors", arcface="ArcFace IR-SE50 .safetensors", deca="DECA encoder .safetensors",
+    flame="FLAME .safetensors", out="output folder", resume="checkpoint to resume from",
+    save_every="checkpoint every K steps (0: 1000 real, 100 tiny)", log_every="log line every K steps",
+    image_every="image grid every K steps (0: with every checkpoint)", eval_pairs="held-out pairs (loss and grid)",
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type is bool:
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=f.default, help=f"{HELP[f.name]} (default: {f.default})")
+        else:
+            choices = {"space": ["S", "W"], "mask": ["per-layer", "global"]}.get(f.name)
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=f.type, default=f.default,
+                           choices=choices, help=f"{HELP[f.name]} (default: {f.default!r})")
+    return Config(**vars(p.parse_args(argv)))
+
+
+# --- Setup: the four networks, real or tiny -----------------------------------------------------------
+
+def load_networks(cfg, say=print):
+    """Generator, ArcFace, DECA encoder and FLAME: all converted, or all tiny; never a silent mix."""
+    paths = {"generator": cfg.generator, "arcface": cfg.arcface, "deca": cfg.deca, "flame": cfg.flame}
+    found = {k: bool(v) or (sm.WEIGHTS_DIR / f"{k}.safetensors").is_file() for k, v in paths.items()}
+    if any(found.values()) and not all(found.values()):
+        have = ", ".join(k for k, v in found.items() if v)
+        lack = ", ".join(f"weights/{k}.safetensors" for k, v in found.items() if not v)
+        raise sm.StyleMaskError(f"real weights found for {have} but not {lack}: convert all four "
+                                f"(see weights/README.md) or none for the tiny defaults")
+    quiet = (lambda *_: None) if not any(found.values()) else say
+    G, tiny = sm.default_generator(cfg.generator or None, say=quiet)
+    A, _ = fn.default_arcface(cfg.arcface or None, say=quiet)
+    D, _ = fn.default_deca(cfg.deca or None, say=quiet)
+    Fl, _ = sm.default_flame(cfg.flame or None, say=quiet)
+    if tiny:
+        say("note: no converted weights in weights/: training on the TINY embedded defaults (random generator, "
+            "ArcFace, DECA and 3DMM). This checks the pipeline; it does not learn faces. See weights/README.md.")
+    return G, A, D, Fl, tiny
+
+
+# --- Codes, images and supervision ----------------------------------------------------------------
+
+def codes(G, z, cfg):
+    """z (B, z_dim) -> the codes the mask mixes: s (B, D) in S, or flattened W+ (B, n_ws·w_dim) in W."""
+    w = sm.mapping(G, z, truncation=cfg.truncation)
+    if cfg.space == "S":
+        return sm.styles(G, w)
+    return w[:, None].expand(-1, sm.n_ws(G), -1).reshape(w.shape[0], -1)
+
+
+def render(G, code, cfg):
+    """Code -> image pooled to 256×256, as the official trainer feeds the supervision networks."""
+    s = code if cfg.space == "S" else sm.styles(G, code.view(code.shape[0], sm.n_ws(G), -1))
+    img = sm.synthesis(G, s)
+    return img if img.shape[-1] == 256 else F.adaptive_avg_pool2d(img, 256)
+
+
+def supervise(A, D, Fl, img):
+    """What the losses need of an image: DECA parameters, the posed shape and landmarks, ArcFace features."""
+    p = fn.deca_params(D, img)
+    X, l = sm.shape_and_landmarks(Fl, p["shape"], p["exp"], p["pose"])
+    return dict(p=p, X=X, l=l, f=fn.identity(A, img))
+
+
+def pair_loss(nets, M, cfg, src, tgt, tgt2=None):
+    """Eq. 8 for one batch: src/tgt/tgt2 carry code, image and supervision (no gradient) -> (L, terms)."""
+    G, A, D, Fl = nets
+    kw = dict(lambda_x=cfg.lambda_x, lambda_id=cfg.lambda_id, eye=cfg.eye, mouth=cfg.mouth)
+    code_r = sm.reenact(src["code"], tgt["code"], M)
+    r = supervise(A, D, Fl, render(G, code_r, cfg))
+    X_gt, l_gt = sm.ground_truth_shape(Fl, src["p"], tgt["p"])
+    L_r, terms = sm.loss_r(X_gt, r["X"], l_gt, r["l"], r["f"], src["f"], **kw)
+    L_cycle = None
+    if tgt2 is not None:  # Eq. 4: reenact the source and the reenacted code with the second target
+        r1 = supervise(A, D, Fl, render(G, sm.reenact(src["code"], tgt2["code"], M), cfg))
+        r2 = supervise(A, D, Fl, render(G, sm.reenact(code_r, tgt2["code"], M), cfg))
+        X_gt2, l_gt2 = sm.ground_truth_shape(Fl, src["p"], tgt2["p"])
+        L_cycle, cyc = sm.loss_cycle(X_gt2, r1["X"], r2["X"], l_gt2, r1["l"], r2["l"], src["f"], r1["f"], r2["f"],
+                                     paper_id=cfg.paper_id, **kw)
+        terms.update({f"cycle_{k}": v for k, v in cyc.items()})
+    return sm.loss_total(L_r, L_cycle), terms
+
+
+@torch.no_grad()
+def sample(nets, cfg, z):
+    """Codes, images and supervision of latents z, without gradients (the frozen part of a step)."""
+    G, A, D, Fl = nets
+    code = codes(G, z, cfg)
+    img = render(G, code, cfg)
+    return dict(code=code, img=img, **supervise(A, D, Fl, img))
+
+
+def draw_latents(gen, cfg, z_dim, device):
+    """Source, target and second-target latents of one step, from the run's own generator."""
+    n = 3 if cfg.cycle else 2
+    z = torch.randn(n, cfg.batch, z_dim, generator=gen).to(device)
+    return z[0], z[1], (z[2] if cfg.cycle else None)
+
+
+@torch.no_grad()
+def evaluate(nets, M, cfg, held_out):
+    """Mean Eq. 8 loss over the held-out pairs."""
+    src, tgt, tgt2 = held_out
+    return float(pair_loss(nets, M, cfg, src, tgt, tgt2)[0])
+
+
+# --- Checkpoints: mask weights, Adam state, step and RNG in one safetensors file -----------------------
+
+def save_checkpoint(out, M, opt, step, gen, cfg):
+    """Atomically write checkpoint.safetensors (everything to resume) and masknet.safetensors (weights)."""
+    state = {f"train.adam.{name}.{k}": v for name, p in M.items() if p.requires_grad
+             for k, v in opt.state.get(p, {}).items()}
+    state["train.step"] = torch.tensor(step)
+    state["train.rng"] = gen.get_state()
+    sm.save({**{k: v.detach() for k, v in M.items()}, **state}, out / "checkpoint.safetensors", kind="masknet",
+            config=json.dumps(dataclasses.asdict(cfg)), step=step)
+    sm.save({k: v.detach() for k, v in M.items()}, out / "masknet.safetensors", kind="masknet", step=step)
+
+
+def load_checkpoint(path, opt_params, opt, gen):
+    """Restore mask weights (in place), Adam moments, the step and the sampling RNG; returns the step."""
+    ck = sm.load(path)
+    if "train.step" not in ck or "train.rng" not in ck:
+        raise sm.StyleMaskError(f"{path}: mask weights only, no training state: pass a checkpoint.safetensors")
+    for name, p in opt_params.items():
+        if name not in ck or ck[name].shape != p.shape:
+            raise sm.StyleMaskError(f"{path}: does not match this run's mask networks ({name}); same --space, "
+                                    f"--mask, --n-layers and generator needed")
+        with torch.no_grad():
+            p.copy_(ck[name])
+        moments = {k: ck[f"train.adam.{name}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")
+                   if f"train.adam.{name}.{k}" in ck}
+        if moments:
+            opt.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in moments.items()}
+    gen.set_state(ck["train.rng"])
+    return int(ck["train.step"])
+
+
+def trim_log(log_path, step):
+    """Drop log lines written after the checkpoint we resume from (a killed run's lost steps)."""
+    if log_path.is_file():
+        keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= step]
+        tmp = log_path.with_suffix(".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, log_path)
+
+
+def save_grid(path, G, M, cfg, held_out, n=4):
+    """source | target | reenacted for the first n held-out pairs."""
+    src, tgt, _ = held_out
+    with torch.no_grad():
+        rec = render(G, sm.reenact(src["code"][:n], tgt["code"][:n], M), cfg)
+    sm.write_png(path, sm.image_grid([src["img"][:n], tgt["img"][:n], rec]))
+
+
+# --- The loop --------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(cfg.seed)
+    G, A, D, Fl, tiny = load_networks(cfg)
+    to = lambda P: {k: v.to(device) for k, v in P.items()}  # noqa: E731
+    nets = (to(G), to(A), to(D), to(Fl))
+    G = nets[0]
+    cfg.steps = cfg.steps or (300 if tiny else 70000)
+    cfg.lr = cfg.lr or (1e-2 if tiny else 1e-4)
+    cfg.save_every = cfg.save_every or (100 if tiny else 1000)
+    cfg.image_every = cfg.image_every or cfg.save_every
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    M = {k: v.to(device).requires_grad_(v.is_floating_point())
+         for k, v in sm.init_mask(G, cfg.n_layers, seed=cfg.seed, kind=cfg.mask, space=cfg.space).items()}
+    params = {k: v for k, v in M.items() if v.requires_grad}
+    opt = torch.optim.Adam(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    z_dim = G["style.1.weight"].shape[1]
+    held_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # held-out pairs, never trained on
+    held_z = torch.randn(3, cfg.eval_pairs, z_dim, generator=held_gen).to(device)
+    held_out = tuple(sample(nets, cfg, z) for z in held_z)
+    if not cfg.cycle:
+        held_out = held_out[:2] + (None,)
+    step = 0
+    if cfg.resume:
+        step = load_checkpoint(cfg.resume, params, opt, gen)
+        trim_log(out / "log.jsonl", step)
+        print(f"resumed from {cfg.resume} at step {step}")
+    (out / "config.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), tiny_default=tiny), indent=2) + "\n")
+    print(f"training {cfg.mask} masks in {cfg.space} over {cfg.n_layers} layers, batch {cfg.batch}, "
+          f"steps {step}..{cfg.steps} on {device}{' (TINY defaults)' if tiny else ''}; writing to {out}")
+
+    running, t0 = {}, time.time()
+    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
+    for step in bar:
+        z_s, z_t, z_t2 = draw_latents(gen, cfg, z_dim, device)
+        src, tgt = sample(nets, cfg, z_s), sample(nets, cfg, z_t)
+        tgt2 = sample(nets, cfg, z_t2) if cfg.cycle else None
+        loss, terms = pair_loss(nets, M, cfg, src, tgt, tgt2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        vals = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
+        running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in vals.items()}
+        bar.set_postfix(loss=f"{running['loss']:.3f}", shape=f"{running['shape']:.3f}", id=f"{running['id']:.3f}")
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            rec = {"step": done, **{k: round(v, 6) for k, v in vals.items()},
+                   "ms_per_step": round(1000 * (time.time() - t0) / cfg.log_every, 1)}
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                rec["held_out_loss"] = round(evaluate(nets, M, cfg, held_out), 6)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            t0 = time.time()
+        if done % cfg.image_every == 0 or done == cfg.steps:
+            save_grid(out / f"grid_{done:06d}.png", G, M, cfg, held_out)
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            save_checkpoint(out, M, opt, done, gen, cfg)
+    bar.close()
+    print(f"done: {out / 'masknet.safetensors'} (held-out loss {evaluate(nets, M, cfg, held_out):.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except sm.StyleMaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
