@@ -18,6 +18,7 @@ and differentiable with respect to the image.
 Shapes: B batch, H, W image size. Generator images are (B, 3, H, W) RGB in [-1, 1].
 """
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -509,3 +510,31 @@ def default_arcface(path=None, say=print):
 def default_deca(path=None, say=print):
     """(D, is_tiny): the DECA encoder at path; with no path weights/deca.safetensors, else tiny_deca()."""
     return _default(path, "deca.safetensors", tiny_deca, "deca_model.tar", say)
+
+
+def load_all(generator=None, arcface=None, deca=None, flame=None, say=print):
+    """(G, A, D, Fl, tiny): generator, ArcFace, DECA encoder and FLAME, all converted or all tiny.
+
+    Paths given must exist; otherwise weights/<name>.safetensors are used. Some but not all four
+    present is an error: real faces scored by random networks (or the reverse) would mean nothing.
+    """
+    paths = {"generator": generator, "arcface": arcface, "deca": deca, "flame": flame}
+    for name, p in paths.items():
+        if p and not Path(p).is_file():
+            raise StyleMaskError(f"{p}: no such file (--{name}); convert the official weights with "
+                                 f"weights/convert.py (see weights/README.md)")
+    found = {k: bool(v) or (sm.WEIGHTS_DIR / f"{k}.safetensors").is_file() for k, v in paths.items()}
+    if any(found.values()) and not all(found.values()):
+        have = ", ".join(k for k, v in found.items() if v)
+        lack = ", ".join(f"weights/{k}.safetensors" for k, v in found.items() if not v)
+        raise StyleMaskError(f"converted weights found for {have} but not {lack}: convert all four "
+                             f"(see weights/README.md), or none for the tiny defaults")
+    quiet = (lambda *_: None) if not any(found.values()) else say
+    G, tiny = sm.default_generator(generator, say=quiet)
+    A, _ = default_arcface(arcface, say=quiet)
+    D, _ = default_deca(deca, say=quiet)
+    Fl, _ = sm.default_flame(flame, say=quiet)
+    if tiny:
+        say("note: no converted weights in weights/: using the TINY embedded defaults (random generator, "
+            "ArcFace, DECA and 3DMM). This checks the pipeline; it says nothing about faces. See weights/README.md.")
+    return G, A, D, Fl, tiny

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import facenets as fn
 import stylemask as sm
 import train
 
@@ -23,7 +24,7 @@ def _log(out):
 
 def _held_out_loss(out, masknet_path):
     cfg = train.parse_args(LEARN + ["--out", str(out)])
-    G, A, D, Fl, _ = train.load_networks(cfg, say=lambda *_: None)
+    G, A, D, Fl, _ = fn.load_all(say=lambda *_: None)
     held_z = torch.randn(3, cfg.eval_pairs, G["style.1.weight"].shape[1],
                          generator=torch.Generator().manual_seed(cfg.seed + 1_000_003))
     held = tuple(train.sample((G, A, D, Fl), cfg, z) for z in held_z)

@@ -90,28 +90,6 @@ def parse_args(argv=None):
     return Config(**vars(p.parse_args(argv)))
 
 
-# --- Setup: the four networks, real or tiny -----------------------------------------------------------
-
-def load_networks(cfg, say=print):
-    """Generator, ArcFace, DECA encoder and FLAME: all converted, or all tiny; never a silent mix."""
-    paths = {"generator": cfg.generator, "arcface": cfg.arcface, "deca": cfg.deca, "flame": cfg.flame}
-    found = {k: bool(v) or (sm.WEIGHTS_DIR / f"{k}.safetensors").is_file() for k, v in paths.items()}
-    if any(found.values()) and not all(found.values()):
-        have = ", ".join(k for k, v in found.items() if v)
-        lack = ", ".join(f"weights/{k}.safetensors" for k, v in found.items() if not v)
-        raise sm.StyleMaskError(f"real weights found for {have} but not {lack}: convert all four "
-                                f"(see weights/README.md) or none for the tiny defaults")
-    quiet = (lambda *_: None) if not any(found.values()) else say
-    G, tiny = sm.default_generator(cfg.generator or None, say=quiet)
-    A, _ = fn.default_arcface(cfg.arcface or None, say=quiet)
-    D, _ = fn.default_deca(cfg.deca or None, say=quiet)
-    Fl, _ = sm.default_flame(cfg.flame or None, say=quiet)
-    if tiny:
-        say("note: no converted weights in weights/: training on the TINY embedded defaults (random generator, "
-            "ArcFace, DECA and 3DMM). This checks the pipeline; it does not learn faces. See weights/README.md.")
-    return G, A, D, Fl, tiny
-
-
 # --- Codes, images and supervision ----------------------------------------------------------------
 
 def codes(G, z, cfg):
@@ -233,7 +211,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.seed)
-    G, A, D, Fl, tiny = load_networks(cfg)
+    G, A, D, Fl, tiny = fn.load_all(cfg.generator, cfg.arcface, cfg.deca, cfg.flame)
     to = lambda P: {k: v.to(device) for k, v in P.items()}  # noqa: E731
     nets = (to(G), to(A), to(D), to(Fl))
     G = nets[0]
