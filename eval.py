@@ -1,98 +1,284 @@
-"""Reenact random source/target pairs and write an image grid: source | target | reenacted.
+"""Evaluate face reenactment on random generated pairs: the paper's metrics (Sect. IV-B, Tables I, III-V).
 
-    python eval.py                                   # tiny embedded default: a pipeline check
-    python eval.py --n 8 --seed 1 --out out/run1     # more pairs, another seed
-    python eval.py --generator weights/generator.safetensors --mask weights/masknet.safetensors --size 256
+    python eval.py                                      # tiny embedded defaults: a pipeline check, ~1 min
+    python eval.py --pairs 5000                         # converted weights in weights/: Table I's protocol
+    python eval.py --pairs 2000 --global-mask runs/global/masknet.safetensors --w-mask runs/w/masknet.safetensors
 
-Without converted weights in weights/ this runs on the tiny random default generator and an
-untrained mask, and says so: the images are noise-like patterns, the run checks the pipeline.
-The paper's metrics (CSIM, pose, expression, NME, FID) come with the supervision networks.
+For N seeded source/target pairs (independent latents, truncation 0.7) every method reenacts the same
+pairs, and one table reports per method:
+  CSIM    ArcFace cosine similarity between source and reenacted images (higher is better);
+  Pose    mean |Δ| of yaw, pitch, roll between reenacted and target, degrees (DECA);
+  Expr.   mean |Δ| of the 50 expression coefficients between reenacted and target (DECA), and
+  Expr.n  the official normalised form: jaw opening and the first 20 coefficients scaled by their
+          ranges over generated images (utils_inference.calculate_evaluation_metrics);
+  NME     mean distance of the reenacted image's 68 3-D landmarks to the ground truth of Eq. 2 (source
+          shape, target expression and pose), over the ground truth's outer-eye-corner distance (36-45);
+  FID     of the reenacted images against the generated sources and targets (pytorch-fid's Inception).
+Rows "source" (no reenactment) and "target" (the target image itself) need no training and bound
+every metric. Outputs in --out: a markdown table (also printed), results.json, grid.png.
 """
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
+import facenets as fn
 import stylemask as sm
 
 
 @dataclass
 class Config:
-    n: int = 4                # pairs to reenact
-    seed: int = 0             # seeds z_s, z_t (and the tiny default mask)
-    truncation: float = 0.7   # toward w_avg; StyleMask trains and evaluates with 0.7 (trainer.py)
-    batch: int = 4            # pairs per forward pass
-    generator: str = ""       # converted generator (default: weights/generator.safetensors, else tiny)
-    mask: str = ""            # converted mask networks (default: weights/masknet.safetensors)
-    size: int = 0             # pool images to size×size in the grid (0: full generator resolution)
-    out: str = "out"          # where the grid and the resolved config go
+    pairs: int = 0            # 0: 5000 on real weights (Table I; ablations use 2000), 32 on the tiny defaults
+    seed: int = 0             # seeds the pairs
+    truncation: float = 0.7   # official trainer/evaluation
+    batch: int = 0            # 0: 16 on a GPU, 8 on a CPU
+    generator: str = ""       # converted weights; empty: weights/<name>.safetensors, else the tiny default
+    mask: str = ""            # the trained per-layer mask (default weights/masknet.safetensors)
+    global_mask: str = ""     # optional ablation rows: Table IV (global), Table V (no cycle), Table III (W+)
+    no_cycle_mask: str = ""
+    w_mask: str = ""
+    arcface: str = ""
+    deca: str = ""
+    flame: str = ""
+    inception: str = ""       # FID network (default weights/inception.safetensors); absent: no FID
+    ranges: str = ""          # expression ranges JSON; empty: weights/expression_ranges.json, else computed
+    range_samples: int = 0    # images for computing the ranges: 0 = 2000 (extract_statistics.py), 64 tiny
+    grid_pairs: int = 4       # pairs shown in grid.png
+    size: int = 256           # grid cell size (the official code shows 256; 0 = full resolution)
+    out: str = "out"
 
 
-HELP = {
-    "n": "number of random source/target pairs", "seed": "random seed of the pairs",
-    "truncation": "truncation psi toward the average latent (paper/official: 0.7)",
-    "batch": "pairs per forward pass",
-    "generator": "generator .safetensors; empty: weights/generator.safetensors, else the tiny default",
-    "mask": "mask networks .safetensors; empty: weights/masknet.safetensors",
-    "size": "pool grid images to this size (0 = full resolution; the official code shows 256)",
-    "out": "output folder",
-}
+HELP = dict(
+    pairs="number of random source/target pairs (0: 5000 real, 32 tiny)", seed="random seed of the pairs",
+    truncation="truncation psi (official: 0.7)", batch="pairs per forward pass (0: 16 GPU, 8 CPU)",
+    generator="generator .safetensors", mask="trained per-layer mask .safetensors",
+    global_mask="also evaluate this global-mask checkpoint (Table IV)",
+    no_cycle_mask="also evaluate this checkpoint trained without the cycle loss (Table V)",
+    w_mask="also evaluate this W+-space checkpoint (Table III)",
+    arcface="ArcFace .safetensors", deca="DECA encoder .safetensors", flame="FLAME .safetensors",
+    inception="FID Inception .safetensors (absent: the FID column says so)",
+    ranges="expression ranges JSON (absent: computed from generated images and saved in --out)",
+    range_samples="generated images for the expression ranges (0: 2000 real, 64 tiny)",
+    grid_pairs="pairs in grid.png", size="grid cell size in pixels (0: full resolution)", out="output folder",
+)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        p.add_argument("--" + f.name, type=f.type, default=f.default,
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=f.type, default=f.default,
                        help=f"{HELP[f.name]} (default: {f.default!r})")
     cfg = Config(**vars(p.parse_args(argv)))
-    if cfg.n < 1 or cfg.batch < 1:
-        p.error("--n and --batch must be at least 1")
+    if cfg.pairs < 0 or cfg.batch < 0:
+        p.error("--pairs and --batch must not be negative")
     return cfg
 
 
-def load_mask(cfg, G, is_tiny):
-    """The mask networks: --mask, else weights/masknet.safetensors, else (tiny only) a fresh seeded one."""
+# --- Metrics: small pure functions, one per column ------------------------------------------------
+
+def csim(f_r, f_s):
+    """CSIM per pair: cosine similarity of ArcFace features (B, 512) -> (B,)."""
+    return F.cosine_similarity(f_r, f_s, dim=1, eps=1e-6)
+
+
+def pose_error(euler_r, euler_t):
+    """Pose per pair: mean |Δ| over yaw, pitch, roll in degrees, (B, 3) -> (B,)."""
+    return (euler_r - euler_t).abs().mean(1)
+
+
+def expr_error(exp_r, exp_t):
+    """Expr. per pair: mean |Δ| of the expression coefficients (B, 50) -> (B,)."""
+    return (exp_r - exp_t).abs().mean(1)
+
+
+def expr_error_normalized(jaw_r, exp_r, jaw_t, exp_t, ranges):
+    """The official normalised Expr.: |Δ| of jaw and exp[:20], each over its range, averaged (B,).
+
+    ranges (54, 2) min/max rows in extract_statistics.py order: yaw, pitch, roll, jaw, exp_0..exp_49.
+    """
+    lo, hi = ranges[:, 0], ranges[:, 1]
+    a = torch.cat([jaw_r[:, None], exp_r[:, :20]], 1)
+    b = torch.cat([jaw_t[:, None], exp_t[:, :20]], 1)
+    span = hi[3:24] - lo[3:24]
+    return ((a - lo[3:24]) / span - (b - lo[3:24]) / span).abs().mean(1)
+
+
+def nme(l_r, l_gt):
+    """NME per pair: mean landmark distance over the ground truth's outer-eye-corner distance (36, 45)."""
+    iod = (l_gt[:, 36] - l_gt[:, 45]).norm(dim=-1)
+    return (l_r - l_gt).norm(dim=-1).mean(1) / iod
+
+
+# --- Networks, pairs and supervision ------------------------------------------------------------
+
+def load_masks(cfg, G, tiny, say=print):
+    """{method name: mask networks}: the trained mask, then any ablation checkpoints given."""
     path = Path(cfg.mask) if cfg.mask else sm.WEIGHTS_DIR / "masknet.safetensors"
     if path.is_file() or cfg.mask:
-        M = sm.load(path)
-    elif is_tiny:
-        print("note: no mask weights: using an UNTRAINED, seeded mask on the tiny generator")
-        M = sm.init_mask(G, seed=cfg.seed)
+        masks = {"StyleMask": sm.load(path)}
+    elif tiny:
+        say("note: no mask weights: the tiny run evaluates an UNTRAINED, seeded mask (train one with train.py)")
+        masks = {"StyleMask (untrained)": sm.init_mask(G, seed=cfg.seed)}
     else:
         raise sm.StyleMaskError(f"{path} not found: convert StyleMask's checkpoint with "
-                                f"`python weights/convert.py mask_net.pt {path}` or pass --mask")
-    sm.check_mask(M, G)
-    return M
+                                f"`python weights/convert.py mask_network_1024.pt {path}` or pass --mask")
+    for name, p in (("global mask", cfg.global_mask), ("w/o cycle loss", cfg.no_cycle_mask), ("W+ space", cfg.w_mask)):
+        if p:
+            masks[name] = sm.load(p)
+    for M in masks.values():
+        sm.check_mask(M, G)
+    return masks
+
+
+def reenacted(G, w_s, w_t, s_s, s_t, M):
+    """The reenacted image of mask M: S masks mix style codes, W+ masks (`ctrl_index`) mix W+ codes."""
+    if "ctrl_index" not in M:
+        return sm.synthesis(G, sm.reenact(s_s, s_t, M))
+    B, n = w_s.shape[0], sm.n_ws(G)
+    wp = [w[:, None].expand(-1, n, -1).reshape(B, -1) for w in (w_s, w_t)]  # flattened W+ codes
+    return sm.synthesis(G, sm.styles(G, sm.reenact(*wp, M).view(B, n, -1)))
+
+
+def supervise(A, D, Fl, img):
+    """Everything the metrics read from an image: DECA params, Euler angles, ArcFace features, landmarks."""
+    p = fn.deca_params(D, img)
+    out = sm.flame(Fl, p["shape"], p["exp"], p["pose"])
+    lmk = sm.project(out["landmarks3d"], sm.fixed_camera(img.shape[0], img.dtype, img.device))
+    return dict(p=p, f=fn.identity(A, img), l3d=lmk)
+
+
+def pooled(img):
+    """Images at 256×256, as the official code feeds every network."""
+    return img if img.shape[-1] == 256 else F.adaptive_avg_pool2d(img, 256)
+
+
+def expression_ranges(G, D, n, seed, batch, truncation):
+    """Min/max over n generated images of yaw, pitch, roll, jaw, exp_0..49 (extract_statistics.py) -> (54, 2)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in tqdm(range(0, n, batch), desc="expression ranges", unit="batch", leave=False):
+        z = torch.randn(min(batch, n - i), G["style.1.weight"].shape[1], generator=gen).to(G["style.1.weight"])
+        p = fn.deca_params(D, pooled(sm.synthesis(G, sm.styles(G, sm.mapping(G, z, truncation)))))
+        rows.append(torch.cat([p["euler"], p["pose"][:, 3:4], p["exp"]], 1))
+    stats = torch.cat(rows).double()
+    return torch.stack([stats.min(0).values, stats.max(0).values], 1)  # (54, 2)
+
+
+def load_ranges(cfg, G, D, tiny, batch, out, say=print):
+    """The expression ranges: --ranges, weights/expression_ranges.json, else computed now and saved."""
+    path = Path(cfg.ranges) if cfg.ranges else sm.WEIGHTS_DIR / "expression_ranges.json"
+    if path.is_file() and not tiny:
+        return torch.tensor(json.loads(path.read_text())["ranges"], dtype=torch.float64), str(path)
+    if cfg.ranges:
+        raise sm.StyleMaskError(f"{path}: no such file (write one with eval.py: it saves expression_ranges.json)")
+    n = cfg.range_samples or (64 if tiny else 2000)
+    say(f"note: computing the expression ranges from {n} generated images (as extract_statistics.py)")
+    ranges = expression_ranges(G, D, n, cfg.seed + 7919, batch, cfg.truncation)
+    labels = ["yaw", "pitch", "roll", "jaw"] + [f"exp_{i:02d}" for i in range(50)]
+    (out / "expression_ranges.json").write_text(json.dumps(
+        {"samples": n, "truncation": cfg.truncation, "labels": labels, "ranges": ranges.tolist()}, indent=1) + "\n")
+    return ranges, f"computed from {n} images ({out / 'expression_ranges.json'})"
+
+
+# --- The evaluation loop -----------------------------------------------------------------------
+
+def evaluate(cfg, nets, masks, ranges, inception, grid_pairs):
+    """Per-method metric sums over the pairs, Inception features for FID, and the grid's images."""
+    G, A, D, Fl = nets
+    z_dim = G["style.1.weight"].shape[1]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    z_s = torch.randn(cfg.pairs, z_dim, generator=gen)
+    z_t = torch.randn(cfg.pairs, z_dim, generator=gen)
+    methods = [*masks, "source", "target"]  # the table's rows; the grid shows source | target | methods
+    sums = {m: dict(csim=0.0, pose=0.0, expr=0.0, expr_norm=0.0, nme=0.0) for m in methods}
+    feats = {m: [] for m in methods + ["reference"]}
+    grid = {m: [] for m in ["source", "target", *masks]}
+    for i in tqdm(range(0, cfg.pairs, cfg.batch), desc="evaluating", unit="batch"):
+        zs, zt = z_s[i:i + cfg.batch].to(G["style.1.weight"]), z_t[i:i + cfg.batch].to(G["style.1.weight"])
+        w_s, w_t = sm.mapping(G, zs, cfg.truncation), sm.mapping(G, zt, cfg.truncation)
+        s_s, s_t = sm.styles(G, w_s), sm.styles(G, w_t)
+        img_s, img_t = pooled(sm.synthesis(G, s_s)), pooled(sm.synthesis(G, s_t))
+        sup_s, sup_t = supervise(A, D, Fl, img_s), supervise(A, D, Fl, img_t)
+        p_gt = sm.flame(Fl, sup_s["p"]["shape"], sup_t["p"]["exp"], sup_t["p"]["pose"])  # Eq. 2 ground truth
+        l_gt = sm.project(p_gt["landmarks3d"], sm.fixed_camera(zs.shape[0], img_s.dtype, img_s.device))
+        images = {"source": img_s, "target": img_t}
+        for name, M in masks.items():
+            images[name] = pooled(reenacted(G, w_s, w_t, s_s, s_t, M))
+        for name in methods:
+            sup_r = sup_s if name == "source" else sup_t if name == "target" else supervise(A, D, Fl, images[name])
+            pr, pt = sup_r["p"], sup_t["p"]
+            acc = sums[name]
+            acc["csim"] += float(csim(sup_r["f"], sup_s["f"]).sum())
+            acc["pose"] += float(pose_error(pr["euler"], pt["euler"]).sum())
+            acc["expr"] += float(expr_error(pr["exp"], pt["exp"]).sum())
+            acc["expr_norm"] += float(expr_error_normalized(pr["pose"][:, 3], pr["exp"], pt["pose"][:, 3],
+                                                            pt["exp"], ranges.to(pr["exp"])).sum())
+            acc["nme"] += float(nme(sup_r["l3d"], l_gt).sum())
+            if inception is not None:
+                import fid
+                feats[name].append(fid.features(inception, images[name]).double().cpu())
+            if sum(t.shape[0] for t in grid[name]) < grid_pairs:
+                grid[name].append(images[name][:grid_pairs].cpu())
+        if inception is not None:
+            import fid
+            feats["reference"] += [fid.features(inception, img_s).double().cpu(), fid.features(inception, img_t).double().cpu()]
+    results = {m: {k: v / cfg.pairs for k, v in sums[m].items()} for m in methods}
+    if inception is not None:
+        import fid
+        ref = fid.statistics(torch.cat(feats["reference"]).numpy())
+        for m in methods:
+            results[m]["fid"] = float(fid.frechet_distance(*fid.statistics(torch.cat(feats[m]).numpy()), *ref))
+    return results, {m: torch.cat(v)[:grid_pairs] for m, v in grid.items()}
+
+
+def markdown_table(results, has_fid):
+    """Table I layout: one row per method, arrows say which way is better."""
+    cols = [("CSIM ↑", "csim", 3), ("Pose ↓", "pose", 2), ("Expr. ↓", "expr", 3), ("Expr.n ↓", "expr_norm", 3),
+            ("NME ↓", "nme", 3), ("FID ↓", "fid", 2)]
+    lines = ["| Method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m, r in results.items():
+        cells = [f"{r[k]:.{d}f}" if k in r else ("n/a: no Inception weights" if not has_fid else "-") for _, k, d in cols]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     cfg = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.seed)
-    G, is_tiny = sm.default_generator(cfg.generator or None)
-    M = load_mask(cfg, G, is_tiny)
-    z_dim = G["style.1.weight"].shape[1]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    z_s, z_t = torch.randn(cfg.n, z_dim, generator=gen), torch.randn(cfg.n, z_dim, generator=gen)
-    rows = []
-    with torch.no_grad():
-        for i in tqdm(range(0, cfg.n, cfg.batch), desc="reenacting", unit="batch", disable=cfg.n <= cfg.batch):
-            s_s = sm.styles(G, sm.mapping(G, z_s[i:i + cfg.batch], cfg.truncation))
-            s_t = sm.styles(G, sm.mapping(G, z_t[i:i + cfg.batch], cfg.truncation))
-            s_r = sm.reenact(s_s, s_t, M)
-            rows.append(sm.image_grid([sm.synthesis(G, s) for s in (s_s, s_t, s_r)], cfg.size or None))
+    G, A, D, Fl, tiny = fn.load_all(cfg.generator, cfg.arcface, cfg.deca, cfg.flame)
+    masks = load_masks(cfg, G, tiny)
+    import fid
+    inception = fid.default_inception(cfg.inception or None)
+    cfg.pairs = cfg.pairs or (32 if tiny else 5000)
+    cfg.batch = cfg.batch or (16 if device == "cuda" else 8)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    sm.write_png(out / "eval_grid.png", torch.cat(rows, 0))
-    resolved = dict(dataclasses.asdict(cfg), tiny_default=is_tiny, generator_config=sm.config(G),
-                    mask_layers=len(sm.mask_dims(M)))
-    (out / "eval_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-    label = "TINY DEFAULT (pipeline check, not faces)" if is_tiny else f"{sm.config(G)['resolution']}px generator"
-    print(f"{label}: {cfg.n} pairs -> {out / 'eval_grid.png'} (columns: source | target | reenacted)")
+    to = lambda P: {k: v.to(device) for k, v in P.items()}  # noqa: E731
+    nets = tuple(to(P) for P in (G, A, D, Fl))
+    masks = {k: to(M) for k, M in masks.items()}
+    inception = to(inception) if inception is not None else None
+    with torch.no_grad():
+        ranges, ranges_src = load_ranges(cfg, nets[0], nets[2], tiny, cfg.batch, out)
+        results, grid = evaluate(cfg, nets, masks, ranges, inception, cfg.grid_pairs)
+    table = markdown_table(results, inception is not None)
+    title = (f"{cfg.pairs} pairs, seed {cfg.seed}, truncation {cfg.truncation}"
+             + (" — TINY DEFAULTS, pipeline check only" if tiny else ""))
+    (out / "table.md").write_text(f"{title}\n\n{table}\n")
+    settings = dict(dataclasses.asdict(cfg), tiny_default=tiny, device=device, generator_config=sm.config(G),
+                    expression_ranges=ranges_src, nme_normaliser="outer-eye-corner distance (landmarks 36, 45) "
+                    "of the ground-truth 3-D landmarks", fid_reference="the generated sources and targets"
+                    if inception is not None else "n/a: no weights/inception.safetensors")
+    (out / "results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
+    sm.write_png(out / "grid.png", sm.image_grid(list(grid.values()), cfg.size or None))
+    print(f"{title}\n\n{table}\n\ncolumns of {out / 'grid.png'}: {' | '.join(grid)}; numbers in {out / 'results.json'}")
     return 0
 
 

@@ -6,6 +6,7 @@
     python weights/convert.py generic_model.pkl weights/flame.safetensors --landmarks landmark_embedding.npy
     python weights/convert.py model_ir_se50.pth weights/arcface.safetensors         # ArcFace (pSp)
     python weights/convert.py deca_model.tar weights/deca.safetensors               # DECA E_flame
+    python weights/convert.py pt_inception-2015-12-05-6726825d.pth weights/inception.safetensors  # FID
 
 Kinds (auto-detected; --kind forces one):
   rosinality  rosinality-format generator, as StyleMask distributes it: a .pt dict with `g_ema`
@@ -20,6 +21,8 @@ Kinds (auto-detected; --kind forces one):
               (`input_layer.*`, `body.{i}.*`, `output_layer.*`), the identity supervision.
   deca        DECA's `deca_model.tar`: a dict of state dicts `E_flame`, `E_detail`, `D_detail`; only the
               coarse encoder E_flame is kept (the 3DMM supervision).
+  inception   pytorch-fid's FID Inception-v3 (`pt_inception-2015-12-05-6726825d.pth`): a plain state dict
+              (`Conv2d_1a_3x3.*`, `Mixed_5b.*` ... `Mixed_7c.*`, `fc.*`), the FID network.
 .pt/.pth/.tar files are read only with torch.load(..., weights_only=True). The output is written
 atomically and an existing file is never replaced unless --force is given.
 """
@@ -40,10 +43,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import facenets  # noqa: E402
+import fid  # noqa: E402
 import stylemask as sm  # noqa: E402
 from stylemask import StyleMaskError  # noqa: E402
 
-KINDS = ("auto", "rosinality", "masknet", "nvlabs", "flame", "arcface", "deca")
+KINDS = ("auto", "rosinality", "masknet", "nvlabs", "flame", "arcface", "deca", "inception")
 
 
 # --- .pt checkpoints (rosinality generator, StyleMask mask networks) -------------------------------
@@ -366,7 +370,7 @@ def from_flame(model_path, landmarks_path):
     return Fl
 
 
-# --- Supervision networks: ArcFace IR-SE50, DECA encoder --------------------------------------------
+# --- Supervision and evaluation networks: ArcFace IR-SE50, DECA encoder, FID Inception --------------
 
 def _plain_state(sd):
     """A state dict's tensors as float32, without BatchNorm's num_batches_tracked counters."""
@@ -389,6 +393,19 @@ def from_deca(ckpt):
     D = _plain_state(ckpt["E_flame"])
     facenets.check_deca(D)
     return D
+
+
+def from_inception(state_dict):
+    """pytorch-fid `pt_inception-2015-12-05-6726825d.pth` (FID Inception-v3 state dict) -> I: same names."""
+    if not isinstance(state_dict, dict) or "Mixed_7c.branch_pool.conv.weight" not in state_dict:
+        raise StyleMaskError("no 'Mixed_7c.branch_pool.conv.weight' in the checkpoint: not an Inception-v3 state dict")
+    fc = state_dict.get("fc.weight")
+    if any(k.startswith("AuxLogits.") for k in state_dict) or (isinstance(fc, torch.Tensor) and fc.shape[0] == 1000):
+        raise StyleMaskError(f"this is torchvision's ImageNet Inception-v3, not the FID Inception: FID needs "
+                             f"pytorch-fid's TensorFlow-ported weights, {fid.FID_WEIGHTS}")
+    I = _plain_state(state_dict)
+    fid.check_inception(I)
+    return I
 
 
 # --- Detection and the command line -----------------------------------------------------------------
@@ -430,9 +447,12 @@ def convert(src, kind="auto", say=print, landmarks=None):
         return from_deca(ckpt), "deca"
     if kind == "arcface" or (kind == "auto" and isinstance(ckpt, dict) and "input_layer.0.weight" in ckpt):
         return from_arcface(ckpt), "arcface"
+    if kind == "inception" or (kind == "auto" and isinstance(ckpt, dict) and "Conv2d_1a_3x3.conv.weight" in ckpt
+                               and "Mixed_7c.branch_pool.conv.weight" in ckpt):
+        return from_inception(ckpt), "inception"
     keys = ", ".join(list(ckpt)[:5]) if isinstance(ckpt, dict) else type(ckpt).__name__
     raise StyleMaskError(f"{src}: unknown checkpoint (top-level keys: {keys}); expected g_ema, mask_net, "
-                         f"E_flame (DECA) or input_layer.* (ArcFace)")
+                         f"E_flame (DECA), input_layer.* (ArcFace) or Mixed_7c.* (FID Inception)")
 
 
 def main(argv=None):
@@ -459,7 +479,8 @@ def main(argv=None):
             "masknet": lambda: f"mask networks over {len(sm.mask_dims(params))} layers",
             "flame": lambda: f"FLAME with {params['v_template'].shape[0]} vertices and DECA's 68 landmarks",
             "arcface": lambda: f"ArcFace IR-SE with {len(facenets.arcface_config(params)['units'])} units",
-            "deca": lambda: f"DECA E_flame, ResNet blocks {[n for _, n in facenets.deca_config(params)['layers']]}"}[kind]()
+            "deca": lambda: f"DECA E_flame, ResNet blocks {[n for _, n in facenets.deca_config(params)['layers']]}",
+            "inception": lambda: f"FID Inception-v3 ({len(fid.CONVS)} BasicConv2d, {fid.FID_DIMS}-d pool3)"}[kind]()
     print(f"wrote {dst}: {what}, {len(params)} tensors, {n / 1e6:.1f}M parameters")
     return 0
 
