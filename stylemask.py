@@ -343,11 +343,12 @@ def mask(M, s_s, s_t):
 
 # --- Reenactment (Eq. 1) --------------------------------------------------------------------------
 
-def reenact(s_s, s_t, M=None):
+def reenact(s_s, s_t, M=None, alpha=1.0):
     """s_r = m ⊙ s_t + (1 − m) ⊙ s_s on the controlled channels; every other channel from s_s.
 
     The target lends head pose and expression (coarse and middle conv layers), the source keeps its
-    identity. M=None uses the default mask weights (`default_mask()`).
+    identity. M=None uses the default mask weights (`default_mask()`). alpha scales how much of the
+    target is taken, m -> alpha·m: 0 gives s_s, 1 the paper's Eq. 1 (our extension, not the paper's).
     """
     if s_s.shape != s_t.shape or s_s.ndim != 2:
         raise StyleMaskError(f"reenact: s_s and s_t must both be (B, D), got {tuple(s_s.shape)} and {tuple(s_t.shape)}")
@@ -357,6 +358,8 @@ def reenact(s_s, s_t, M=None):
         raise StyleMaskError(f"reenact: the mask controls channels up to {int(idx[-1]) + 1}, "
                              f"but the style code has only D = {s_s.shape[1]}: mask and generator differ")
     m = mask(M, s_s, s_t)  # (B, D_ctrl)
+    if alpha != 1.0:
+        m = alpha * m
     mixed = m * s_t[:, idx] + (1 - m) * s_s[:, idx]  # Eq. 1
     return s_s.index_copy(1, idx, mixed)
 

@@ -260,3 +260,14 @@ def test_default_mask_fits_the_tiny_generator(tiny):
     s_r = sm.reenact(s_s, s_t)
     assert s_r.shape == s_s.shape and not torch.equal(s_r, s_s)
     assert sm.mask(sm.default_mask(), s_s, s_t).shape == (2, 320)
+
+
+@given(seed=st.integers(0, 2**16), alpha=st.floats(0.0, 1.0))
+def test_alpha_scales_the_mask(G, seed, alpha):
+    M = _trained_looking_mask(G, 5, seed)
+    s_s, s_t = _codes(G, seed)
+    assert torch.equal(sm.reenact(s_s, s_t, M, alpha=0.0), s_s)  # nothing of the target
+    assert torch.equal(sm.reenact(s_s, s_t, M, alpha=1.0), sm.reenact(s_s, s_t, M))  # Eq. 1 itself
+    idx = sm.ctrl_index(M)
+    m = sm.mask(M, s_s, s_t)
+    assert_close(sm.reenact(s_s, s_t, M, alpha=alpha)[:, idx], s_s[:, idx] + alpha * m * (s_t[:, idx] - s_s[:, idx]))
