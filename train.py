@@ -30,7 +30,7 @@ import stylemask as sm
 
 @dataclass
 class Config:
-    steps: int = 0               # 0: 70000 with real weights (Sect. IV-A), 300 on the tiny defaults
+    steps: int = 0               # 0: 70000 with real weights (Sect. IV-A), 200 on the tiny defaults
     batch: int = 6               # Sect. IV-A (the official run_trainer.py default is 12)
     lr: float = 0.0              # 0: 1e-4 with real weights (Sect. IV-A, run_trainer.py), 1e-2 on the tiny defaults
     weight_decay: float = 5e-4   # Adam weight decay of the official trainer.py
@@ -58,7 +58,7 @@ class Config:
 
 
 HELP = dict(
-    steps="training iterations (0: 70000 on real weights, 300 on the tiny defaults)",
+    steps="training iterations (0: 70000 on real weights, 200 on the tiny defaults)",
     batch="pairs per step (paper: 6)",
     lr="Adam learning rate (0: the paper's 1e-4 on real weights; 1e-2 on the tiny defaults, whose 300-step run "
        "must move the masks visibly: Adam moves each weight by about lr per step)",
@@ -215,7 +215,7 @@ def main(argv=None):
     to = lambda P: {k: v.to(device) for k, v in P.items()}  # noqa: E731
     nets = (to(G), to(A), to(D), to(Fl))
     G = nets[0]
-    cfg.steps = cfg.steps or (300 if tiny else 70000)
+    cfg.steps = cfg.steps or (200 if tiny else 70000)
     cfg.lr = cfg.lr or (1e-2 if tiny else 1e-4)
     cfg.save_every = cfg.save_every or (100 if tiny else 1000)
     cfg.image_every = cfg.image_every or cfg.save_every
