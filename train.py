@@ -60,7 +60,7 @@ class Config:
 HELP = dict(
     steps="training iterations (0: 70000 on real weights, 200 on the tiny defaults)",
     batch="pairs per step (paper: 6)",
-    lr="Adam learning rate (0: the paper's 1e-4 on real weights; 1e-2 on the tiny defaults, whose 300-step run "
+    lr="Adam learning rate (0: the paper's 1e-4 on real weights; 1e-2 on the tiny defaults, whose 200-step run "
        "must move the masks visibly: Adam moves each weight by about lr per step)",
     weight_decay="Adam weight decay (official trainer: 5e-4)", n_layers="controlled conv layers n (paper: 12)",
     truncation="truncation psi of the sampled latents (official: 0.7)",
