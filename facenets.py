@@ -13,7 +13,9 @@ and differentiable with respect to the image.
     deca_params()      StyleMask `utilities/utils.py` calculate_shapemodel, DECA `datasets.py`
                        TestData.get_image_tensor (crop), `deca.py` decompose_code
     Euler angles       DECA `utils/rotation_converter.py` batch_axis2euler, rad2deg
-    Loading            files written by weights/convert.py (kinds 'arcface', 'deca'); tiny defaults
+    e4e inversion      encoder4editing `models/encoders/psp_encoders.py` Encoder4Editing, GradualStyleBlock,
+                       `helpers.py` _upsample_add, `models/psp.py` pSp (latent_avg); real faces -> W+
+    Loading            files written by weights/convert.py (kinds 'arcface', 'deca', 'e4e'); tiny defaults
 
 Shapes: B batch, H, W image size. Generator images are (B, 3, H, W) RGB in [-1, 1].
 """
@@ -397,7 +399,9 @@ def deca_params(D, img, crop=None):
 # --- Loading and the tiny embedded defaults ---------------------------------------------------------
 
 def check_facenet(P):
-    """check_arcface or check_deca, whichever P's tensor names call for; else StyleMaskError."""
+    """check_arcface, check_deca or check_e4e, whichever P's tensor names call for; else StyleMaskError."""
+    if "latlayer1.weight" in P:  # e4e shares ArcFace's input_layer.* and body.* names
+        return check_e4e(P)
     if "input_layer.0.weight" in P:
         return check_arcface(P)
     if "encoder.conv1.weight" in P:
@@ -406,7 +410,7 @@ def check_facenet(P):
 
 
 def load(path, device="cpu"):
-    """Read an ArcFace or DECA file written by weights/convert.py (kinds 'arcface', 'deca'), checking it fully."""
+    """Read an ArcFace, DECA or e4e file written by weights/convert.py (kinds 'arcface', 'deca', 'e4e'), checked fully."""
     return sm.load(path, device, check=check_facenet)
 
 
@@ -538,3 +542,173 @@ def load_all(generator=None, arcface=None, deca=None, flame=None, say=print):
         say("note: no converted weights in weights/: using the TINY embedded defaults (random generator, "
             "ArcFace, DECA and 3DMM). This checks the pipeline; it says nothing about faces. See weights/README.md.")
     return G, A, D, Fl, tiny
+
+
+# --- e4e inversion: real images -> W+ codes ---------------------------------------------------------
+# encoder4editing's Encoder4Editing(50, 'ir_se') as pSp wraps it (`models/psp.py`), the `e4e_ffhq_encode.pt`
+# StyleMask loads for real images (run_inference.py, libs/models/inversion/). Tensor names are the
+# checkpoint's `state_dict` keys with the `encoder.` prefix stripped, exactly as pSp's get_keys(ckpt,
+# 'encoder') loads them, plus the top-level `latent_avg`:
+#   input_layer.*, body.{0..23}.*       the IR-SE50 trunk of ArcFace above (same units, same names)
+#   styles.{i}.convs.{2k}.{weight,bias} GradualStyleBlock i: log2(spatial) 3×3/2 convs, each + LeakyReLU(0.01)
+#   styles.{i}.linear.{weight,bias}     its EqualLinear(512, 512, lr_mul=1): weight scaled by 1/sqrt(512)
+#   latlayer1.*, latlayer2.*            1×1 convs 256 -> 512 and 128 -> 512 (the FPN's lateral layers)
+#   latent_avg                          (512,) or (n_styles, 512): added to every code (pSp.forward)
+# Forward (ProgressiveStage.Inference): c1, c2, c3 are the ends of stages 2, 3, 4 (body units 6, 20, 23:
+# 128×64², 256×32², 512×16² at 256×256 input); w0 = styles[0](c3) is copied to all n_styles rows;
+# rows 1, 2 add styles[i](c3), rows 3..6 add styles[i](p2) with p2 = up(c3) + latlayer1(c2), rows 7..
+# add styles[i](p1) with p1 = up(p2) + latlayer2(c1) (up: bilinear, align_corners=True, _upsample_add).
+# n_styles = 2·log2(resolution) − 2 = the generator's n_ws (18 at 1024). The trunk widths, the style
+# width and n_styles are read off the shapes, so the tiny default (w_dim 32, 14 styles) runs the same code.
+
+E4E_SIZE = 256  # the official inference resizes (or crops) every face to 256×256
+E4E_COARSE, E4E_MIDDLE = 3, 7  # Encoder4Editing.coarse_ind, middle_ind
+E4E_CONFIGS = {
+    "ffhq-1024": dict(width=64, units=ARCFACE_CONFIGS["ir_se50"]["units"], se=16, w_dim=512, n_styles=18),
+    # The embedded default: one narrow IR-SE unit per stage; the tiny generator's w_dim and n_ws.
+    "tiny": dict(width=8, units=[8, 16, 24, 32], se=8, w_dim=32, n_styles=14),
+}
+
+
+def e4e_config(E):
+    """The architecture of E read off its shapes: trunk (as arcface_config), w_dim, n_styles, FPN width."""
+    try:
+        n = sum(1 for k in E if k.startswith("body.") and k.endswith(".res_layer.1.weight"))
+        units = [int(E[f"body.{i}.res_layer.1.weight"].shape[0]) for i in range(n)]
+        se = E.get("body.0.res_layer.5.fc1.weight")
+        n_styles = sum(1 for k in E if k.startswith("styles.") and k.endswith(".linear.weight"))
+        return dict(width=int(E["input_layer.0.weight"].shape[0]), units=units,
+                    se=0 if se is None else units[0] // int(se.shape[0]),
+                    w_dim=int(E["styles.0.linear.weight"].shape[0]), n_styles=n_styles)
+    except (KeyError, IndexError) as e:
+        raise StyleMaskError(f"not an e4e encoder: tensor {e.args[0]!r} is missing") from None
+
+
+def _e4e_taps(cfg):
+    """Body-unit indices (c1, c2, c3): the last units of stages 2, 3, 4 (6, 20, 23 for IR-SE50)."""
+    starts = [i for i, s in enumerate(_arcface_strides(cfg)) if s == 2]
+    if len(starts) != 4:
+        raise StyleMaskError(f"an e4e trunk has 4 stages of distinct widths, this one has {len(starts)}")
+    return starts[2] - 1, starts[3] - 1, len(cfg["units"]) - 1
+
+
+def e4e_shapes(cfg):
+    """Every tensor of an Encoder4Editing with architecture cfg (plus latent_avg (w_dim,)), name -> shape."""
+    trunk = arcface_shapes(dict(cfg, emb=1, affine=True))
+    shapes = {k: v for k, v in trunk.items() if not k.startswith("output_layer.")}
+    t1, t2, t3 = _e4e_taps(cfg)
+    c1, c2, c3 = cfg["units"][t1], cfg["units"][t2], cfg["units"][t3]
+    side = E4E_SIZE // 16  # c3's side: four stride-2 stages
+    for i in range(cfg["n_styles"]):
+        spatial = side if i < E4E_COARSE else 2 * side if i < E4E_MIDDLE else 4 * side  # 16, 32, 64
+        c_in = c3
+        for k in range(int(math.log2(spatial))):
+            shapes[f"styles.{i}.convs.{2 * k}.weight"] = (cfg["w_dim"], c_in, 3, 3)
+            shapes[f"styles.{i}.convs.{2 * k}.bias"] = (cfg["w_dim"],)
+            c_in = cfg["w_dim"]
+        shapes[f"styles.{i}.linear.weight"] = (cfg["w_dim"], cfg["w_dim"])
+        shapes[f"styles.{i}.linear.bias"] = (cfg["w_dim"],)
+    shapes.update({"latlayer1.weight": (c3, c2, 1, 1), "latlayer1.bias": (c3,),
+                   "latlayer2.weight": (c3, c1, 1, 1), "latlayer2.bias": (c3,), "latent_avg": (cfg["w_dim"],)})
+    return shapes
+
+
+def check_e4e(E, G=None):
+    """Raise StyleMaskError unless E is a complete e4e encoder, all finite (and its W+ fits generator G)."""
+    cfg = e4e_config(E)
+    if cfg["n_styles"] < 8 or cfg["n_styles"] % 2:
+        raise StyleMaskError(f"an e4e encoder has 2·log2(resolution) − 2 styles (18 at 1024), not {cfg['n_styles']} styles")
+    want = e4e_shapes(cfg)
+    if "latent_avg" in E and E["latent_avg"].ndim == 2:  # pSp also stores one row per style
+        want["latent_avg"] = (cfg["n_styles"], cfg["w_dim"])
+    _check(E, want, "e4e encoder")
+    if G is not None:
+        gen = sm.config(G)
+        if (cfg["n_styles"], cfg["w_dim"]) != (sm.n_ws(G), gen["w_dim"]):
+            raise StyleMaskError(f"the e4e encoder gives W+ codes ({cfg['n_styles']}, {cfg['w_dim']}), the generator "
+                                 f"reads ({sm.n_ws(G)}, {gen['w_dim']}): use the encoder trained for it")
+
+
+def e4e_input(img):
+    """(B, 3, H, W) RGB in [-1, 1] -> (B, 3, 256, 256): bilinear, antialiased resize (PIL's, as
+    transforms.Resize((256, 256)) in e4e's inference); 256×256 input (StyleMask's aligned crop) passes as is."""
+    if img.shape[-2:] == (E4E_SIZE, E4E_SIZE):
+        return img
+    return F.interpolate(img, size=(E4E_SIZE, E4E_SIZE), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _gradual_style(E, i, x):
+    """(B, C, s, s) -> (B, w_dim): GradualStyleBlock i: log2(s) 3×3/2 convs with LeakyReLU(0.01), EqualLinear."""
+    k = 0
+    while f"styles.{i}.convs.{k}.weight" in E:
+        x = F.leaky_relu(F.conv2d(x, E[f"styles.{i}.convs.{k}.weight"], E[f"styles.{i}.convs.{k}.bias"],
+                                  stride=2, padding=1), 0.01)
+        k += 2
+    x = x.reshape(-1, x.shape[1])  # (B, w_dim): the convs end at 1×1
+    W = E[f"styles.{i}.linear.weight"]
+    return F.linear(x, W * (1 / math.sqrt(W.shape[1])), E[f"styles.{i}.linear.bias"])  # EqualLinear, lr_mul 1
+
+
+def _upsample_add(x, y):
+    """FPN merge: x bilinearly up-sampled (align_corners=True) to y's size, plus y."""
+    return F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=True) + y
+
+
+def e4e(E, img):
+    """(B, 3, H, W) aligned face in [-1, 1] -> W+ (B, n_styles, w_dim): Encoder4Editing + latent_avg (pSp.forward).
+
+    Any size is resized to 256×256 first (e4e_input). sm.styles(G, e4e(E, img)) is the style code.
+    """
+    cfg = e4e_config(E)
+    taps = _e4e_taps(cfg)
+    x = _bn(E, "input_layer.1", F.conv2d(e4e_input(img), E["input_layer.0.weight"], padding=1))
+    x = F.prelu(x, E["input_layer.2.weight"])  # (B, 64, 256, 256)
+    feats = []
+    for i, stride in enumerate(_arcface_strides(cfg)):
+        x = _ir_unit(E, f"body.{i}", x, stride, cfg["se"])
+        if i in taps:
+            feats.append(x)
+    c1, c2, c3 = feats  # (B, 128, 64²), (B, 256, 32²), (B, 512, 16²)
+    w0 = _gradual_style(E, 0, c3)
+    rows, features = [w0], c3
+    for i in range(1, cfg["n_styles"]):
+        if i == E4E_COARSE:
+            p2 = features = _upsample_add(c3, F.conv2d(c2, E["latlayer1.weight"], E["latlayer1.bias"]))
+        elif i == E4E_MIDDLE:
+            features = _upsample_add(p2, F.conv2d(c1, E["latlayer2.weight"], E["latlayer2.bias"]))
+        rows.append(w0 + _gradual_style(E, i, features))  # w[:, i] += delta_i
+    return torch.stack(rows, 1) + E["latent_avg"]  # (B, n_styles, w_dim)
+
+
+def tiny_e4e(seed=0, G=None):
+    """The embedded default e4e: E4E_CONFIGS['tiny'] trunk, random weights, W+ sized for generator G.
+
+    G (default sm.tiny_generator()) sets n_styles = sm.n_ws(G), w_dim and latent_avg (its stored one).
+    The linears are rescaled so that over 48 random images w0 − latent_avg spreads like mapped w around
+    latent_avg does (per-dimension std over 512 z), and each delta at a third of that: codes stay in
+    the region the generator was fed, so the inversions render like generated images.
+    """
+    G = sm.tiny_generator() if G is None else G
+    cfg = dict(E4E_CONFIGS["tiny"], w_dim=sm.config(G)["w_dim"], n_styles=sm.n_ws(G))
+    gen = torch.Generator().manual_seed(seed)
+    E = _random_params({k: v for k, v in e4e_shapes(cfg).items() if k != "latent_avg"}, gen)
+    for i in range(cfg["n_styles"]):  # EqualLinear's weights are N(0, 1), its scale is applied at run time
+        E[f"styles.{i}.linear.weight"] = torch.randn(cfg["w_dim"], cfg["w_dim"], generator=gen)
+    E["latent_avg"] = torch.zeros(cfg["w_dim"])
+    with torch.no_grad():
+        w = sm.mapping(G, torch.randn(512, sm.config(G)["z_dim"], generator=gen))
+        sigma = (w - G["latent_avg"]).std(0)  # (w_dim,)
+        codes = e4e(E, _calibration_images(E4E_SIZE, seed + 1))  # (48, n_styles, w_dim)
+        out = torch.cat([codes[:, :1], codes[:, 1:] - codes[:, :1]], 1)  # w0 and the deltas
+        mean, std = out.mean(0), out.std(0).clamp_min(1e-6)  # (n_styles, w_dim)
+    for i in range(cfg["n_styles"]):
+        gain = sigma / std[i] * (1.0 if i == 0 else 1 / 3)
+        E[f"styles.{i}.linear.weight"] = E[f"styles.{i}.linear.weight"] * gain[:, None]
+        E[f"styles.{i}.linear.bias"] = (E[f"styles.{i}.linear.bias"] - mean[i]) * gain
+    E["latent_avg"] = G["latent_avg"].clone()
+    return E
+
+
+def default_e4e(path=None, G=None, say=print):
+    """(E, is_tiny): the e4e encoder at path; with no path weights/e4e.safetensors, else tiny_e4e(G=G)."""
+    return _default(path, "e4e.safetensors", lambda: tiny_e4e(G=G), "e4e_ffhq_encode.pt", say)

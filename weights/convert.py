@@ -7,6 +7,7 @@
     python weights/convert.py model_ir_se50.pth weights/arcface.safetensors         # ArcFace (pSp)
     python weights/convert.py deca_model.tar weights/deca.safetensors               # DECA E_flame
     python weights/convert.py pt_inception-2015-12-05-6726825d.pth weights/inception.safetensors  # FID
+    python weights/convert.py e4e_ffhq_encode.pt weights/e4e.safetensors             # e4e inversion
 
 Kinds (auto-detected; --kind forces one):
   rosinality  rosinality-format generator, as StyleMask distributes it: a .pt dict with `g_ema`
@@ -23,6 +24,9 @@ Kinds (auto-detected; --kind forces one):
               coarse encoder E_flame is kept (the 3DMM supervision).
   inception   pytorch-fid's FID Inception-v3 (`pt_inception-2015-12-05-6726825d.pth`): a plain state dict
               (`Conv2d_1a_3x3.*`, `Mixed_5b.*` ... `Mixed_7c.*`, `fc.*`), the FID network.
+  e4e         encoder4editing's `e4e_ffhq_encode.pt`: a dict with `state_dict` (`encoder.*`, `decoder.*`),
+              `latent_avg` and `opts`; the Encoder4Editing weights (prefix `encoder.` stripped, as pSp's
+              get_keys loads them) and latent_avg are kept, the decoder (a copy of the generator) dropped.
 .pt/.pth/.tar files are read only with torch.load(..., weights_only=True). The output is written
 atomically and an existing file is never replaced unless --force is given.
 """
@@ -47,7 +51,7 @@ import fid  # noqa: E402
 import stylemask as sm  # noqa: E402
 from stylemask import StyleMaskError  # noqa: E402
 
-KINDS = ("auto", "rosinality", "masknet", "nvlabs", "flame", "arcface", "deca", "inception")
+KINDS = ("auto", "rosinality", "masknet", "nvlabs", "flame", "arcface", "deca", "inception", "e4e")
 
 
 # --- .pt checkpoints (rosinality generator, StyleMask mask networks) -------------------------------
@@ -408,6 +412,29 @@ def from_inception(state_dict):
     return I
 
 
+# --- e4e inversion (encoder4editing's e4e_ffhq_encode.pt) --------------------------------------------
+
+def from_e4e(ckpt, say=print):
+    """e4e checkpoint {'state_dict': {'encoder.*', 'decoder.*'}, 'latent_avg', 'opts'} -> E (encoder. stripped)."""
+    sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not any(k.startswith("encoder.") for k in sd):
+        raise StyleMaskError("no 'state_dict' with encoder.* tensors in the checkpoint: not an e4e/pSp checkpoint")
+    opts = ckpt.get("opts")
+    opts = vars(opts) if isinstance(opts, argparse.Namespace) else opts if isinstance(opts, dict) else {}
+    if opts.get("encoder_type", "Encoder4Editing") != "Encoder4Editing":  # pSp's GradualStyleEncoder has the same names
+        raise StyleMaskError(f"the checkpoint's encoder is {opts['encoder_type']!r}, not e4e's Encoder4Editing")
+    E = _plain_state({k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")})
+    avg = ckpt.get("latent_avg")
+    if avg is None:  # pSp then adds nothing
+        say("note: the checkpoint has no latent_avg; storing zeros (pSp then adds nothing)")
+        avg = torch.zeros(facenets.e4e_config(E)["w_dim"])
+    if not isinstance(avg, torch.Tensor):
+        raise StyleMaskError(f"latent_avg is a {type(avg).__name__}, not a tensor")
+    E["latent_avg"] = avg.float().reshape(-1) if avg.numel() == avg.shape[-1] else avg.float()  # (1, 512) -> (512,)
+    facenets.check_e4e(E)
+    return E
+
+
 # --- Detection and the command line -----------------------------------------------------------------
 
 def detect(path):
@@ -450,9 +477,12 @@ def convert(src, kind="auto", say=print, landmarks=None):
     if kind == "inception" or (kind == "auto" and isinstance(ckpt, dict) and "Conv2d_1a_3x3.conv.weight" in ckpt
                                and "Mixed_7c.branch_pool.conv.weight" in ckpt):
         return from_inception(ckpt), "inception"
+    if kind == "e4e" or (kind == "auto" and isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)
+                         and "encoder.latlayer1.weight" in ckpt["state_dict"]):
+        return from_e4e(ckpt, say=say), "e4e"
     keys = ", ".join(list(ckpt)[:5]) if isinstance(ckpt, dict) else type(ckpt).__name__
     raise StyleMaskError(f"{src}: unknown checkpoint (top-level keys: {keys}); expected g_ema, mask_net, "
-                         f"E_flame (DECA), input_layer.* (ArcFace) or Mixed_7c.* (FID Inception)")
+                         f"E_flame (DECA), input_layer.* (ArcFace), Mixed_7c.* (FID Inception) or state_dict (e4e)")
 
 
 def main(argv=None):
@@ -480,7 +510,8 @@ def main(argv=None):
             "flame": lambda: f"FLAME with {params['v_template'].shape[0]} vertices and DECA's 68 landmarks",
             "arcface": lambda: f"ArcFace IR-SE with {len(facenets.arcface_config(params)['units'])} units",
             "deca": lambda: f"DECA E_flame, ResNet blocks {[n for _, n in facenets.deca_config(params)['layers']]}",
-            "inception": lambda: f"FID Inception-v3 ({len(fid.CONVS)} BasicConv2d, {fid.FID_DIMS}-d pool3)"}[kind]()
+            "inception": lambda: f"FID Inception-v3 ({len(fid.CONVS)} BasicConv2d, {fid.FID_DIMS}-d pool3)",
+            "e4e": lambda: "e4e encoder, W+ ({n_styles}, {w_dim})".format(**facenets.e4e_config(params))}[kind]()
     print(f"wrote {dst}: {what}, {len(params)} tensors, {n / 1e6:.1f}M parameters")
     return 0
 

@@ -1,0 +1,338 @@
+"""Reenact faces with StyleMask: the source's identity with the target's head pose and expression.
+
+    python reenact.py                                          # a generated pair (seeds 0, 1), tiny defaults on CPU
+    python reenact.py --source a.jpg --target b.jpg            # photos: FFHQ-align, invert with e4e, reenact
+    python reenact.py --source a.jpg --target clip.mp4 --alpha 0.8 --size 256   # a video (or a frame folder)
+
+Sources and targets are photos (aligned here, or pre-aligned with --aligned), W+ latent files (.pt or
+.npy, as e4e inversions are saved: (18, 512), (1, 18, 512), or one w (512,)), or, when not given, faces
+generated from --source-seed / --target-seed (truncation 0.7, the official trainer's). A target may also
+be a folder of frames or a video file: every frame is reenacted, frames where no face is found are
+reported and skipped (and counted), and the sequence is written as PNG frames and an animated GIF.
+Photos are inverted with e4e (sm.styles of facenets.e4e) as StyleMask's run_inference.py does, which
+also truncates the inverted codes with psi 0.7 (--inversion-truncation; toward the stored latent_avg here,
+toward a fresh mean_latent(4096) there). Latent files are used as they are, untruncated.
+
+--alpha is OUR EXTENSION, not the paper's: s_r = s_s + alpha · (reenact(s_s, s_t) − s_s) scales how much
+of the target is taken (0: the source, 1: Eq. 1, in between: a partial transfer).
+Outputs in --out: reenacted.png and grid.png (source | target | reenacted, the codes rendered by the
+generator, as the official grids), aligned/ crops; for sequences frames/NNNNN.png, reenacted.gif, grid.gif;
+aligned/{source,target}.npy (the W+ codes used); config.json. Without converted weights in weights/ everything runs on the tiny defaults (random generator
+and e4e, untrained mask) and says so: a pipeline check, not faces.
+"""
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import align
+import facenets as fn
+import stylemask as sm
+from stylemask import StyleMaskError
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif")
+LATENT_SUFFIXES = (".pt", ".pth", ".npy")
+
+
+@dataclass
+class Config:
+    source: str = ""          # photo or latent file; empty: generated from source_seed
+    target: str = ""          # photo, latent, folder of frames or video; empty: generated from target_seed
+    source_seed: int = 0
+    target_seed: int = 1
+    truncation: float = 0.7   # for generated faces: the official trainer's and run_inference's
+    inversion_truncation: float = 0.7  # for photos: run_inference.py keeps psi 0.7 for e4e codes too
+    alpha: float = 1.0        # our extension: 0 source, 1 Eq. 1
+    size: int = 0             # output size in pixels; 0: the generator's resolution (official: 256 for display)
+    aligned: bool = False     # photos are already FFHQ-aligned crops: no face detection, only a resize
+    fps: float = 0.0          # GIF frame rate; 0: the video's own rate, else 10
+    generator: str = ""       # converted weights; empty: weights/<name>.safetensors, else the tiny default
+    mask: str = ""
+    e4e: str = ""
+    device: str = ""          # empty: cuda when available, else cpu
+    out: str = "out/reenact"
+
+
+HELP = dict(
+    source="source face: photo (.jpg, .png, ...) or W+ latent (.pt/.npy); empty: generated from --source-seed",
+    target="target: photo, latent, folder of frames or video file (needs imageio-ffmpeg); empty: --target-seed",
+    source_seed="seed of the generated source face", target_seed="seed of the generated target face",
+    truncation="truncation psi of generated faces (official: 0.7)",
+    inversion_truncation="truncation psi applied to the e4e codes of photos, toward latent_avg (official "
+                         "run_inference.py: 0.7; 1 = the untruncated inversion)",
+    alpha="OUR EXTENSION: how much of the target's pose/expression to take, s_s + alpha·(s_r − s_s); 0 = source, 1 = Eq. 1",
+    size="output size in pixels, average-pooled (0: full generator resolution; the official code showed 256)",
+    aligned="inputs are already FFHQ-aligned face crops: skip detection (needed on the tiny defaults' images)",
+    fps="frame rate of the GIF (0: the video's rate, else 10)", generator="generator .safetensors",
+    mask="mask networks .safetensors", e4e="e4e encoder .safetensors (weights/convert.py e4e_ffhq_encode.pt)",
+    device="torch device (empty: cuda when available, else cpu)", out="output folder",
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, dest=f.name, action="store_true", help=HELP[f.name])
+        else:
+            p.add_argument(flag, dest=f.name, type=f.type, default=f.default,
+                           help=f"{HELP[f.name]} (default: {f.default!r})")
+    cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.size < 0 or cfg.fps < 0:
+        p.error("--size and --fps must not be negative")
+    return cfg
+
+
+# --- Mixing (Eq. 1 and our alpha) -----------------------------------------------------------------
+
+def mix(s_s, s_t, M, alpha=1.0):
+    """s_r = s_s + alpha · (reenact(s_s, s_t) − s_s): alpha 0 gives s_s, 1 the paper's Eq. 1 (our extension)."""
+    return sm.reenact(s_s, s_t, M, alpha=alpha)
+
+
+def render(G, M, w_s, w_t, alpha):
+    """W or W+ codes (1, [n_ws,] w_dim) of source and target -> (source, target, reenacted) images (1, 3, H, W).
+
+    S masks mix style codes; W+ masks (files with `ctrl_index`, the Table III ablation) mix W+ codes.
+    """
+    n = sm.n_ws(G)
+    w_s, w_t = (w[:, None].expand(-1, n, -1) if w.ndim == 2 else w for w in (w_s, w_t))
+    s_s, s_t = sm.styles(G, w_s), sm.styles(G, w_t)
+    if "ctrl_index" in M:
+        s_r = sm.styles(G, mix(w_s.flatten(1), w_t.flatten(1), M, alpha).view_as(w_s))
+    else:
+        s_r = mix(s_s, s_t, M, alpha)
+    return sm.synthesis(G, s_s), sm.synthesis(G, s_t), sm.synthesis(G, s_r)
+
+
+# --- Inputs: photos, latents, seeds, frame sequences ---------------------------------------------
+
+def read_latent(path, G):
+    """A W+ (1, n_ws, w_dim) or W (1, w_dim) code from a .pt (tensor) or .npy file."""
+    n, w_dim = sm.n_ws(G), sm.config(G)["w_dim"]
+    try:
+        if path.suffix == ".npy":
+            w = torch.from_numpy(np.load(path, allow_pickle=False)).float()
+        else:
+            w = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise StyleMaskError(f"{path}: not a readable latent file ({type(e).__name__})") from None
+    if isinstance(w, dict) and len(w) == 1:  # {'latent': tensor}
+        w = next(iter(w.values()))
+    if not isinstance(w, torch.Tensor):
+        raise StyleMaskError(f"{path}: holds a {type(w).__name__}, not a tensor")
+    w = w.float()
+    if w.shape in ((n, w_dim), (1, n, w_dim)):
+        return w.reshape(1, n, w_dim)
+    if w.shape in ((w_dim,), (1, w_dim)):
+        return w.reshape(1, w_dim)
+    raise StyleMaskError(f"{path}: latent of shape {tuple(w.shape)}; this generator reads W+ ({n}, {w_dim}) or w ({w_dim},)")
+
+
+class Inverter:
+    """Photo -> W+ code: FFHQ alignment (or a resize with --aligned), e4e, loaded on first use."""
+
+    def __init__(self, cfg, G, tiny, say):
+        self.cfg, self.G, self.tiny, self.say, self.E = cfg, G, tiny, say, None
+
+    def __call__(self, img, name):
+        """(H, W, 3) uint8 photo -> (W+ (1, n_ws, w_dim), aligned crop (R, R, 3) uint8) at generator resolution R."""
+        if self.E is None:
+            self.E, e4e_tiny = fn.default_e4e(self.cfg.e4e or None, G=self.G, say=lambda *_: None)
+            if e4e_tiny and not self.tiny:
+                raise StyleMaskError(f"{sm.WEIGHTS_DIR / 'e4e.safetensors'} not found: photos need the e4e encoder: "
+                                     f"python weights/convert.py e4e_ffhq_encode.pt {sm.WEIGHTS_DIR / 'e4e.safetensors'}")
+            fn.check_e4e(self.E, self.G)
+            self.E = to(self.E, self.G["latent_avg"].device)
+        R = sm.config(self.G)["resolution"]
+        if self.cfg.aligned:
+            crop = img if img.shape[:2] == (R, R) else resize(img, R)
+        else:
+            crop = align.align_face(img, R, name, self.say)
+        x = torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None].float().to(self.G["latent_avg"].device)
+        x = x / 127.5 - 1  # [-1, 1]
+        w, avg, psi = fn.e4e(self.E, x), self.G["latent_avg"], self.cfg.inversion_truncation
+        return avg + psi * (w - avg), crop  # (1, n_ws, w_dim); the official generate_image truncates W+ too
+
+
+def resize(img, R):
+    """(H, W, 3) uint8 -> (R, R, 3) uint8 with Pillow's Lanczos (pre-aligned faces of another size)."""
+    from PIL import Image
+    return np.asarray(Image.fromarray(img).resize((R, R), Image.LANCZOS))
+
+
+def seeded_w(G, seed, truncation):
+    """The w (1, w_dim) of the face generated from seed (z ~ N(0, I), truncated toward latent_avg)."""
+    z = torch.randn(1, sm.config(G)["z_dim"], generator=torch.Generator().manual_seed(seed))
+    return sm.mapping(G, z.to(G["latent_avg"].device), truncation)  # the same faces on every device
+
+
+def frames(path):
+    """(frames: iterator of (name, (H, W, 3) uint8 or None, error), count, fps or None) of a folder or video."""
+    if path.is_dir():
+        files = align.image_files(path)
+        if not files:
+            raise StyleMaskError(f"{path}: no image files (png, jpg, jpeg, bmp, webp) in the folder")
+
+        def read(p):
+            try:
+                return p.name, align.read_image(p), None
+            except StyleMaskError as e:
+                return p.name, None, str(e)
+        return (read(p) for p in files), len(files), None
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise StyleMaskError(f"{path}: reading videos needs the optional extra: pip install imageio-ffmpeg "
+                             f"(or extract the frames into a folder)") from None
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        meta = next(reader)
+    except Exception as e:
+        raise StyleMaskError(f"{path}: not a readable video ({type(e).__name__})") from None
+    W, H = meta["size"]
+    count = imageio_ffmpeg.count_frames_and_secs(str(path))[0]
+    gen = ((f"frame {i:05d}", np.frombuffer(b, np.uint8).reshape(H, W, 3), None) for i, b in enumerate(reader))
+    return gen, count, meta.get("fps")
+
+
+def is_sequence(path):
+    return path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES
+
+
+# --- Outputs --------------------------------------------------------------------------------------
+
+def to(P, device):
+    """A parameter dict on device."""
+    return {k: v.to(device) for k, v in P.items()}
+
+
+def pooled(img, size):
+    """(B, 3, H, W) -> (B, 3, size, size) by average pooling (size 0: unchanged)."""
+    return img if not size or img.shape[-1] == size else F.adaptive_avg_pool2d(img, size)
+
+
+def write_gif(path, images, fps):
+    """(H, W, 3) uint8 frames -> a looping animated GIF (Pillow's encoder), written atomically."""
+    from PIL import Image
+    pics = [Image.fromarray(im) for im in images]
+    tmp = path.with_name(f".{path.name}.tmp")
+    pics[0].save(tmp, format="GIF", save_all=True, append_images=pics[1:], duration=int(round(1000 / fps)), loop=0)
+    tmp.replace(path)
+
+
+def write_image(path, img):
+    sm.write_png(path, torch.from_numpy(np.array(img)) if isinstance(img, np.ndarray) else img)
+
+
+# --- Main ------------------------------------------------------------------------------------------
+
+def main(argv=None, say=print):
+    cfg = parse_args(argv)
+    try:
+        with torch.no_grad():  # scoped: importers and tests keep autograd on
+            return run(cfg, say)
+    except StyleMaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(cfg, say=print):
+    out = Path(cfg.out)
+    G, tiny = sm.default_generator(cfg.generator or None, say=lambda *_: None)
+    if cfg.mask:
+        M = sm.load(cfg.mask)
+    elif (sm.WEIGHTS_DIR / "masknet.safetensors").is_file():
+        M = sm.default_mask(sum(L.dim for L in sm.style_layout(G)))
+    elif tiny:
+        M = sm.init_mask(G, seed=0)
+    else:
+        raise StyleMaskError(f"{sm.WEIGHTS_DIR / 'masknet.safetensors'} not found: convert StyleMask's checkpoint "
+                             f"(python weights/convert.py mask_network_1024.pt weights/masknet.safetensors) or pass --mask")
+    sm.check_mask(M, G)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    G, M = to(G, device), to(M, device)
+    if tiny:
+        say("note: no converted weights in weights/: using the TINY defaults (random generator and e4e, UNTRAINED "
+            "mask). This checks the pipeline; the pictures are not faces. See weights/README.md.")
+    invert = Inverter(cfg, G, tiny, say)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def code(path, seed, role):
+        if not path:
+            return seeded_w(G, seed, cfg.truncation)
+        p = Path(path)
+        if not p.is_file():
+            raise StyleMaskError(f"{p}: no such file (--{role})")
+        if p.suffix.lower() in LATENT_SUFFIXES:
+            return read_latent(p, G).to(device)
+        w, crop = invert(align.read_image(p), p.name)
+        (out / "aligned").mkdir(exist_ok=True)
+        write_image(out / "aligned" / f"{role}.png", crop)
+        np.save(out / "aligned" / f"{role}.npy", w[0].cpu().numpy())  # the W+ code used: --source/--target it again
+        return w
+
+    w_s = code(cfg.source, cfg.source_seed, "source")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    if not (cfg.target and is_sequence(Path(cfg.target))):
+        src, tgt, rea = render(G, M, w_s, code(cfg.target, cfg.target_seed, "target"), cfg.alpha)
+        write_image(out / "reenacted.png", sm.to_uint8(pooled(rea, cfg.size))[0])
+        write_image(out / "grid.png", sm.image_grid([src, tgt, rea], cfg.size or None))
+        say(f"wrote {out / 'reenacted.png'} and {out / 'grid.png'} (source | target | reenacted), "
+            f"{cfg.size or sm.config(G)['resolution']} px, alpha {cfg.alpha}")
+        return 0
+
+    target = Path(cfg.target)
+    if not target.exists():
+        raise StyleMaskError(f"{target}: no such file or folder (--target)")
+    seq, count, video_fps = frames(target)
+    notes = set()  # say each kind of note once per sequence ("N faces found" would repeat every frame)
+
+    def once(msg):
+        kind = msg.split(": ", 2)[-1].split(",")[0]
+        if kind not in notes:
+            notes.add(kind)
+            tqdm.write(msg + " (said once for the sequence)")
+    invert.say = once
+    (out / "frames").mkdir(exist_ok=True)
+    done, skipped, reenacted_frames, grid_frames = 0, [], [], []
+    for name, img, err in tqdm(seq, total=count, desc="reenact", unit="frame"):
+        try:
+            if err:
+                raise StyleMaskError(err)
+            w_t, _ = invert(img, name)
+        except StyleMaskError as e:
+            if "optional extra" in str(e) or "not found: " in str(e):  # a setup problem, not a bad frame
+                raise
+            tqdm.write(f"skipped {e}")
+            skipped.append(name)
+            continue
+        src, tgt, rea = render(G, M, w_s, w_t, cfg.alpha)
+        frame = sm.to_uint8(pooled(rea, cfg.size))[0]
+        write_image(out / "frames" / f"{done:05d}.png", frame)
+        reenacted_frames.append(frame.numpy())  # to_uint8 returns CPU tensors
+        grid_frames.append(sm.image_grid([src, tgt, rea], min(cfg.size or 256, 256)).numpy())
+        done += 1
+    total = done + len(skipped)
+    if not done:
+        raise StyleMaskError(f"{target}: no face found in any of its {total} frames")
+    fps = cfg.fps or video_fps or 10.0
+    write_gif(out / "reenacted.gif", reenacted_frames, fps)
+    write_gif(out / "grid.gif", grid_frames, fps)
+    say(f"reenacted {done} of {total} frames" + (f"; skipped {len(skipped)} (no face / unreadable): "
+                                                   f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}"
+                                                   if skipped else "")
+        + f"; wrote {out / 'frames'}/, {out / 'reenacted.gif'}, {out / 'grid.gif'} at {fps:g} fps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
