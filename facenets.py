@@ -495,15 +495,8 @@ def tiny_deca(seed=0):
 
 
 def _default(path, name, tiny, official, say):
-    """(params, is_tiny): the file at path; with no path weights/<name>, else the tiny default."""
-    if path:  # asked for by name: it must be there
-        return load(path), False
-    path = sm.WEIGHTS_DIR / name  # read at call time, so that one setting moves every default
-    if path.is_file():
-        return load(path), False
-    say(f"note: {path} not found: using the TINY random default (a pipeline check, not a face network). "
-        f"For real weights: python weights/convert.py {official} {path}")
-    return tiny(), True
+    """(params, is_tiny): sm.default_weights with this module's loader."""
+    return sm.default_weights(name, tiny, official + " {path}", path, say, loader=load)
 
 
 def default_arcface(path=None, say=print):

@@ -809,28 +809,32 @@ def tiny_flame(seed=0):
     return Fl
 
 
+def default_weights(name, tiny, source, path=None, say=print, loader=None):
+    """(params, is_tiny): the file at path (it must exist); with no path weights/<name>, else tiny().
+
+    The one rule behind every script's defaults; `source` is the official file (and flags) that
+    weights/convert.py turns into weights/<name>, quoted in the note when the tiny default is used.
+    """
+    loader = loader or load
+    if path:  # asked for by name: it must be there
+        return loader(path), False
+    path = WEIGHTS_DIR / name  # read at call time, so that one setting moves every default
+    if path.is_file():
+        return loader(path), False
+    say(f"note: {path} not found: using the TINY random default (a pipeline check, not a face model). "
+        f"For real weights: python weights/convert.py {source.format(path=path)}")
+    return tiny(), True
+
+
 def default_generator(path=None, say=print):
     """(G, is_tiny): the generator at path; with no path weights/generator.safetensors, else the tiny default."""
-    if path:  # asked for by name: it must be there
-        return load(path), False
-    path = WEIGHTS_DIR / "generator.safetensors"
-    if path.is_file():
-        return load(path), False
-    say(f"note: {path} not found: using the TINY random default generator (a pipeline check, not "
-        f"faces). For real weights: python weights/convert.py stylegan2-ffhq-config-f.pt {path}")
-    return tiny_generator(), True
+    return default_weights("generator.safetensors", tiny_generator, "stylegan2-ffhq-config-f.pt {path}", path, say)
 
 
 def default_flame(path=None, say=print):
     """(Fl, is_tiny): the FLAME file at path; with no path weights/flame.safetensors, else tiny_flame()."""
-    if path:
-        return load(path), False
-    path = WEIGHTS_DIR / "flame.safetensors"
-    if path.is_file():
-        return load(path), False
-    say(f"note: {path} not found: using the TINY default 3DMM (a test double, not FLAME). For FLAME: "
-        f"python weights/convert.py generic_model.pkl {path} --landmarks landmark_embedding.npy")
-    return tiny_flame(), True
+    return default_weights("flame.safetensors", tiny_flame,
+                           "generic_model.pkl {path} --landmarks landmark_embedding.npy", path, say)
 
 
 _DEFAULT_MASKS = {}
