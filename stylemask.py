@@ -226,9 +226,12 @@ def synthesis(G, s, noise="const", generator=None):
     D = layout[-1].offset + layout[-1].dim
     if s.ndim != 2 or s.shape[1] != D:
         raise StyleMaskError(f"synthesis: s must be (B, {D}) for this generator, got {tuple(s.shape)}")
-    noises = iter(_noise_inputs(G, noise, s.shape[0], generator))
+    noises = _noise_inputs(G, noise, s.shape[0], generator)
     clamp = float(G["conv_clamp"]) if "conv_clamp" in G else None  # NVlabs-converted files only
     x = G["input.input"].expand(s.shape[0], -1, -1, -1)  # (B, C, 4, 4)
+    if kernels.fast_cpu(s):  # the same network on the fast CPU ops; STYLEMASK_FAST=0 runs the loop below
+        return _synthesis_cpu(G, s, layout, noises, clamp, x)
+    noises = iter(noises)
     img = None
     for L in layout:
         s_l = s[:, L.offset:L.offset + L.dim]  # (B, dim)
@@ -251,6 +254,49 @@ def synthesis(G, s, noise="const", generator=None):
                 y = y + kernels.upfirdn2d(img, G[f"{L.name}.upsample.kernel"], up=2, pad=(2, 1, 2, 1))
             img = y
     return img
+
+
+def _synthesis_cpu(G, s, layout, noises, clamp, x, img=None):
+    """synthesis from layout[0] on the fast CPU ops (kernels.modconv_cpu): the same image up to rounding.
+
+    Differences from the loop in `synthesis`, each exact in real arithmetic and measured in
+    kernels/bench.py: the equalized-lr scale multiplies s, not the weight; the layer bias and the
+    activation gain √2 go into the convolution (lrelu(√2·z) = √2·lrelu(z)); noise and leaky ReLU update
+    the fresh conv output in place; activations from 32×32 up are channels-last; and once a conv layer's
+    activations outgrow its weights, each sample runs the remaining layers alone, so that every large
+    layer modulates weights, not activations, and no batch is ever copied together. glibc keeps freed
+    blocks for reuse (kernels.keep_freed_memory).
+    """
+    kernels.keep_freed_memory()
+    for i, L in enumerate(layout):
+        weight = G[f"{L.name}.conv.weight"][0]  # (Cout, Cin, k, k)
+        # the equalized-lr scale 1/sqrt(Cin·k·k) scales s instead of the big weight: (w·c)·s = w·(c·s)
+        s_l = s[:, L.offset:L.offset + L.dim] * (1 / math.sqrt(weight[0].numel()))  # (B, dim)
+        if L.kind == "conv" and s.shape[0] > 1 and kernels.modulates_weights(x, weight, s_l):
+            return torch.cat([_synthesis_cpu(G, s[b:b + 1], layout[i:], [_sample(n, b) for n in noises], clamp,
+                                             x[b:b + 1], _sample(img, b)) for b in range(s.shape[0])])
+        if L.kind == "conv":
+            x = kernels.modconv_cpu(x, weight, s_l, up=L.up, fir=G.get(f"{L.name}.conv.blur.kernel"),
+                                    bias=G[f"{L.name}.activate.bias"] * SQRT2, gain=SQRT2)  # (B, C, r, r)
+            n, noises = noises[0], noises[1:]
+            if n is not None:  # (not addcmul_(n, w): its three-way broadcast is 2× slower here)
+                x.add_(n * (G[f"{L.name}.noise.weight"] * SQRT2))
+            F.leaky_relu_(x, 0.2)  # = √2 · lrelu(conv + noise + bias)
+            if clamp is not None:
+                x = x.clamp(-clamp, clamp)  # not in place: the leaky ReLU's backward reads its output
+        else:
+            y = kernels.modconv_cpu(x, weight, s_l, demodulate=False, bias=G[f"{L.name}.bias"].flatten())
+            if clamp is not None:
+                y = y.clamp(-clamp, clamp)
+            if img is not None:  # the 2× up-FIR of the running image, as one depthwise transposed conv
+                y.add_(kernels.upfirdn2d_cpu(img, G[f"{L.name}.upsample.kernel"], up=2, pad=(2, 1, 2, 1)))
+            img = y
+    return img.contiguous()  # (B, 3, H, W), NCHW as the reference returns it
+
+
+def _sample(t, b):
+    """Sample b of a batched tensor; None and shared (batch-1) tensors as they are."""
+    return t if t is None or t.shape[0] == 1 else t[b:b + 1]
 
 
 def generate(G, z, truncation=1.0, w_avg=None, noise="const", generator=None):

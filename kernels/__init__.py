@@ -1,12 +1,14 @@
 """StyleGAN2's two heavy ops behind fixed signatures: `modconv` and `upfirdn2d`.
 
 Each op lives in its own file in teaching order: `<op>_ref` (plain PyTorch, the specification),
-`_<op>_kernel` (Triton), `_<op>_triton` (launcher), an autograd Function, and the public `<op>`,
-which dispatches (kernels/dispatch.py): Triton for CUDA tensors, the reference for CPU tensors,
-STYLEMASK_BACKEND=torch|triton to force one. Importing this package compiles nothing and needs no GPU.
+`<op>_cpu` (the same math arranged for CPUs), `_<op>_kernel` (Triton), `_<op>_triton` (launcher), an
+autograd Function, and the public `<op>`, which dispatches (kernels/dispatch.py): Triton for CUDA
+tensors, the fast CPU variant for CPU tensors (STYLEMASK_FAST=0: the reference), STYLEMASK_BACKEND=
+torch|triton to force one. Importing this package compiles nothing and needs no GPU.
 """
-from .dispatch import BACKENDS, resolve
-from .modconv import modconv, modconv_ref
-from .upfirdn2d import upfirdn2d, upfirdn2d_ref
+from .dispatch import BACKENDS, fast_cpu, keep_freed_memory, resolve
+from .modconv import modconv, modconv_cpu, modconv_ref, modulates_weights
+from .upfirdn2d import upfirdn2d, upfirdn2d_cpu, upfirdn2d_ref
 
-__all__ = ["BACKENDS", "resolve", "modconv", "modconv_ref", "upfirdn2d", "upfirdn2d_ref"]
+__all__ = ["BACKENDS", "fast_cpu", "keep_freed_memory", "resolve", "modconv", "modconv_cpu", "modconv_ref",
+           "modulates_weights", "upfirdn2d", "upfirdn2d_cpu", "upfirdn2d_ref"]

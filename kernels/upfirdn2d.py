@@ -5,16 +5,17 @@ StyleGAN2 resamples with it: the [1,3,3,1] blur after every up-sampling convolut
 rosinality's `upfirdn2d_native` (the same op): a *true* convolution (filter flipped) unless
 `flip_filter=True`, padding given as (x0, x1, y0, y1), negative padding crops.
 
-In teaching order: `upfirdn2d_ref`, the plain-PyTorch specification; `_upfirdn2d_kernel`, the
-Triton kernel (one program per output tile, a direct loop over the filter taps); its launcher; the
-autograd Function (the backward is upfirdn2d again); and the public `upfirdn2d` that dispatches.
+In teaching order: `upfirdn2d_ref`, the plain-PyTorch specification; `upfirdn2d_cpu`, the same op
+without zero-stuffing for CPUs; `_upfirdn2d_kernel`, the Triton kernel (one program per output tile, a
+direct loop over the filter taps); its launcher; the autograd Function (the backward is upfirdn2d
+again); and the public `upfirdn2d` that dispatches.
 """
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dispatch import resolve
+from .dispatch import fast_cpu, resolve
 
 
 def upfirdn2d_ref(x, f, up=1, down=1, pad=(0, 0, 0, 0), flip_filter=False, gain=1.0):
@@ -54,6 +55,43 @@ def upfirdn2d_ref(x, f, up=1, down=1, pad=(0, 0, 0, 0), flip_filter=False, gain=
     x = F.conv2d(x, w, groups=C)
     # 4. decimate
     return x[:, :, ::down, ::down]
+
+
+# --- Fast CPU variant -------------------------------------------------------------------------------
+
+def upfirdn2d_cpu(x, f, up=1, down=1, pad=(0, 0, 0, 0), flip_filter=False, gain=1.0):
+    """upfirdn2d_ref without zero-stuffing: one depthwise (transposed) convolution per call.
+
+    up = 1: pad, then a depthwise convolution with stride `down`. up > 1: a depthwise *transposed*
+    convolution with stride `up` multiplies only the real pixels (its polyphase form: for up = 2 and a
+    4-tap filter, 2 taps per phase and axis instead of 4 over mostly zeros); its padding / output_padding
+    give the (y0, y1) window when they can, else the full output is padded or cropped. Same args and
+    shapes as `upfirdn2d_ref`.
+    """
+    B, C, H, W = x.shape
+    x0, x1, y0, y1 = pad
+    kh, kw = f.shape
+    f = f.to(x.dtype) * gain
+    if up == 1:  # conv2d correlates: flip for a true convolution
+        w = (f if flip_filter else f.flip([0, 1]))[None, None].expand(C, 1, kh, kw)
+        return F.conv2d(_pad_or_crop(x, x0, x1, y0, y1), w, groups=C, stride=down)
+    # conv_transpose2d(stride=up, padding=p) gives y[n] = Σ x[i]·w[t] over n = i·up + t − p: the true
+    # convolution of the zero-stuffed x with w when p = k − 1 − y0, and its window ends at y1 when
+    # output_padding = y1 − y0 + up − 1 (which must lie in [0, up)).
+    w = (f.flip([0, 1]) if flip_filter else f)[None, None].expand(C, 1, kh, kw)
+    p, op = (kh - 1 - y0, kw - 1 - x0), (y1 - y0 + up - 1, x1 - x0 + up - 1)
+    if min(p) >= 0 and all(0 <= o < up for o in op):
+        y = F.conv_transpose2d(x, w, stride=up, padding=p, output_padding=op, groups=C)
+    else:  # the full transposed convolution (pad (k − 1, k − up)), then pad or crop to the window
+        y = F.conv_transpose2d(x, w, stride=up, groups=C)
+        y = _pad_or_crop(y, x0 - (kw - 1), x1 - (kw - up), y0 - (kh - 1), y1 - (kh - up))
+    return y[:, :, ::down, ::down] if down > 1 else y
+
+
+def _pad_or_crop(x, x0, x1, y0, y1):
+    """Zero-pad the last two axes by the positive amounts, crop by the negative ones (upfirdn2d_ref's step 2)."""
+    x = F.pad(x, [max(x0, 0), max(x1, 0), max(y0, 0), max(y1, 0)]) if max(x0, x1, y0, y1) > 0 else x
+    return x[:, :, max(-y0, 0): x.shape[2] - max(-y1, 0), max(-x0, 0): x.shape[3] - max(-x1, 0)]
 
 
 # --- Triton kernel ----------------------------------------------------------------------------------
@@ -149,4 +187,6 @@ def upfirdn2d(x, f, up=1, down=1, pad=(0, 0, 0, 0), flip_filter=False, gain=1.0,
     """Upsample, FIR-filter, downsample; see `upfirdn2d_ref` for the steps and shapes."""
     if resolve(x, impl) == "triton":
         return _Upfirdn2d.apply(x, f, up, down, tuple(pad), flip_filter, gain)
+    if fast_cpu(x, impl):
+        return upfirdn2d_cpu(x, f, up=up, down=down, pad=pad, flip_filter=flip_filter, gain=gain)
     return upfirdn2d_ref(x, f, up=up, down=down, pad=pad, flip_filter=flip_filter, gain=gain)
