@@ -15,8 +15,9 @@ best of --reps runs after a warm-up, for both (on a shared machine other process
 Paths: `fast` is the default dispatch (the fast CPU ops on a CPU, Triton on a GPU); `ref` is the plain
 reference (STYLEMASK_BACKEND=torch STYLEMASK_FAST=0); `triton` forces the Triton kernels. The per-layer
 table splits each layer's time into conv (modulation + convolution), FIR (the [1,3,3,1] resampling: the
-blur of the up-sampling conv, the 2× up-FIR of the ToRGB skip) and other (noise, bias, activation, skip add),
-each piece timed alone on the layer's shapes. Weights are random, in the official layout; nothing is
+blur of the up-sampling conv, on the fast path with the interleave of its polyphase outputs, and the 2×
+up-FIR of the ToRGB skip) and other (noise, bias, activation, skip add), each piece timed alone on the
+layer's shapes. Weights are random, in the official layout; nothing is
 downloaded. Torch uses the machine's default thread count. Exits 0 everywhere.
 """
 import argparse
