@@ -115,7 +115,7 @@ def test_gradients_flow_through_both_ops():
 def test_dispatch_is_explicit(monkeypatch):
     x = torch.zeros(1, 1, 4, 4)
     monkeypatch.delenv("STYLEMASK_BACKEND", raising=False)
-    assert kernels.resolve(x) == "torch"  # auto: the reference for CPU tensors
+    assert kernels.resolve(x) == "torch"  # auto: PyTorch ops for CPU tensors
     monkeypatch.setenv("STYLEMASK_BACKEND", "triton")
     assert kernels.resolve(x, impl="torch") == "torch"  # an explicit impl wins over the environment
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
