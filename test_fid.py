@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import facenets as fn
+from test_facenets import randomize
 import fid
 import stylemask as sm
 from weights import convert
@@ -150,19 +151,9 @@ class FIDInception(nn.Module):
 
 
 def random_state(module, seed):
-    """Random values for every tensor of module (He-normal weights, positive running_var), in place; eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for k, v in module.state_dict().items():
-            if k.endswith("num_batches_tracked"):
-                v.fill_(1000)
-            elif k.endswith("running_var"):
-                v.copy_(0.5 + torch.rand(v.shape, generator=gen))
-            elif v.ndim > 1:
-                v.copy_(torch.randn(v.shape, generator=gen) * math.sqrt(2 / v[0].numel()))
-            else:
-                v.copy_(torch.randn(v.shape, generator=gen) * 0.2 + (1.0 if k.endswith("bn.weight") else 0.0))
-    return module.eval()
+    """Random values for every tensor of module, in place; eval mode (test_facenets.randomize: He-normal
+    weights, positive running_var, BatchNorm weights around 1)."""
+    return randomize(module, seed)
 
 
 def build(seed=0, tf=True):
