@@ -22,6 +22,7 @@ differs from the code for the conv layers; the weights were trained with the cod
 import json
 import math
 import os
+import sys
 from collections import namedtuple
 from pathlib import Path
 
@@ -42,6 +43,15 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 class StyleMaskError(ValueError):
     """A problem with the user's input (file, shape, value) that a one-line message explains."""
+
+
+def run_script(main):
+    """A script's exit code: main()'s, or 2 after printing a StyleMaskError as one `error:` line."""
+    try:
+        return main()
+    except StyleMaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def stylegan2_channels(resolution, channel_multiplier=2):

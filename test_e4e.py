@@ -14,6 +14,7 @@ from torch.testing import assert_close
 
 import facenets as fn
 import stylemask as sm
+from test_facenets import randomize
 from weights import convert
 
 
@@ -126,21 +127,8 @@ def build(seed, **kw):
     """Encoder4Editing(**kw) with random weights (He-normal, BN stats random, positive variances), eval mode."""
     with torch.device("meta"):
         module = Encoder4Editing(**kw)
-    module = module.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for k, v in module.state_dict().items():
-            if k.endswith("num_batches_tracked"):
-                v.fill_(70000)
-            elif k.endswith("running_var"):
-                v.copy_(0.5 + torch.rand(v.shape, generator=gen))
-            elif k.endswith("linear.weight") or k == "latent_avg":  # EqualLinear's N(0, 1); a latent
-                v.copy_(torch.randn(v.shape, generator=gen))
-            elif v.ndim > 1:
-                v.copy_(torch.randn(v.shape, generator=gen) * math.sqrt(2 / v[0].numel()))
-            else:
-                v.copy_(torch.randn(v.shape, generator=gen) * 0.2 + (1.0 if k.endswith("weight") else 0.0))
-    return module.eval()
+    module = module.to_empty(device="cpu")  # EqualLinear's weights are N(0, 1); so is a latent
+    return randomize(module, seed, unit_normal=lambda k: k.endswith("linear.weight") or k == "latent_avg")
 
 
 def close(got, want):

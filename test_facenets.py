@@ -132,8 +132,9 @@ class ResnetEncoder(nn.Module):
         return self.layers(self.encoder(x))
 
 
-def randomize(module, seed):
-    """Random weights for every tensor of module (He-normal weights, positive running_var), eval mode."""
+def randomize(module, seed, unit_normal=lambda key: False):
+    """Random weights for every tensor of module (He-normal weights, positive running_var; N(0, 1) for
+    the keys unit_normal picks), eval mode."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for k, v in module.state_dict().items():
@@ -141,6 +142,8 @@ def randomize(module, seed):
                 v.fill_(70000)
             elif k.endswith("running_var"):
                 v.copy_(0.5 + torch.rand(v.shape, generator=gen))
+            elif unit_normal(k):
+                v.copy_(torch.randn(v.shape, generator=gen))
             elif v.ndim > 1:
                 v.copy_(torch.randn(v.shape, generator=gen) * math.sqrt(2 / v[0].numel()))
             else:

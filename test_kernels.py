@@ -42,6 +42,16 @@ def upfirdn_loop(x, f, up, down, pad, flip_filter=False, gain=1.0):
     return out[:, :, ::down, ::down]
 
 
+def upfirdn2d_inputs(seed, B, C, H, W, up, kh, kw, pad, rand=_rand):
+    """(generator, x, f) for one upfirdn2d case, drawn from rand; None where no output pixel is fully
+    covered by the filter (nothing to compare). Shared by the upfirdn2d tests of every variant."""
+    x0, x1, y0, y1 = pad
+    if H * up + y0 + y1 < kh or W * up + x0 + x1 < kw:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return g, rand(g, B, C, H, W), rand(g, kh, kw)
+
+
 @given(seed=st.integers(0, 2**16), B=st.integers(1, 2), C=st.integers(1, 3), H=st.integers(1, 6),
        W=st.integers(1, 6), up=st.integers(1, 3), down=st.integers(1, 3), kh=st.integers(1, 4),
        kw=st.integers(1, 4), pad=st.tuples(*[st.integers(-2, 4)] * 4), flip=st.booleans(),
@@ -49,11 +59,10 @@ def upfirdn_loop(x, f, up, down, pad, flip_filter=False, gain=1.0):
 @example(seed=0, B=1, C=2, H=4, W=4, up=2, down=1, kh=4, kw=4, pad=(2, 1, 2, 1), flip=False, gain=1.0)  # skip-image 2× upsample
 @example(seed=1, B=2, C=3, H=5, W=5, up=1, down=2, kh=4, kw=4, pad=(1, 1, 1, 1), flip=False, gain=1.0)  # 2× downsample
 def test_upfirdn2d_ref_matches_pixel_loop(seed, B, C, H, W, up, down, kh, kw, pad, flip, gain):
-    x0, x1, y0, y1 = pad
-    if H * up + y0 + y1 < kh or W * up + x0 + x1 < kw:
-        return  # no fully-covered output pixel: nothing to compare
-    g = torch.Generator().manual_seed(seed)
-    x, f = _rand(g, B, C, H, W), _rand(g, kh, kw)
+    case = upfirdn2d_inputs(seed, B, C, H, W, up, kh, kw, pad)
+    if case is None:
+        return
+    _, x, f = case
     got = upfirdn2d_ref(x, f, up=up, down=down, pad=pad, flip_filter=flip, gain=gain)
     assert_close(got, torch.from_numpy(upfirdn_loop(x, f, up, down, pad, flip, gain)))
 

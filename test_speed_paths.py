@@ -18,13 +18,10 @@ import kernels
 import stylemask as sm
 from kernels.modconv import modconv_cpu, modconv_ref
 from kernels.upfirdn2d import upfirdn2d_cpu, upfirdn2d_ref
-from test_stylemask import SMALL
+from test_kernels import _rand, upfirdn2d_inputs
+from test_stylemask import SMALL, G, tiny  # noqa: F401 (fixtures)
 
 BLUR = torch.outer(torch.tensor([1.0, 3, 3, 1]), torch.tensor([1.0, 3, 3, 1])).double() / 64 * 4  # × up²
-
-
-def _rand(gen, *shape):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
 
 def _grads(y, inputs, dy):
@@ -54,11 +51,11 @@ def _layout(name):
 @example(seed=2, B=1, C=2, H=3, W=5, up=2, down=1, kh=3, kw=2, pad=(4, -1, 0, 3), flip=True, gain=4.0)  # window beyond
 # what conv_transpose2d's padding can express: the full output, then pad/crop
 def test_upfirdn2d_cpu_matches_reference(seed, B, C, H, W, up, down, kh, kw, pad, flip, gain):
-    x0, x1, y0, y1 = pad
-    if H * up + y0 + y1 < kh or W * up + x0 + x1 < kw:
-        return  # empty output
-    g = torch.Generator().manual_seed(seed)
-    x, f = _rand(g, B, C, H, W).requires_grad_(), _rand(g, kh, kw)
+    case = upfirdn2d_inputs(seed, B, C, H, W, up, kh, kw, pad)
+    if case is None:
+        return
+    g, x, f = case
+    x.requires_grad_()
     args = dict(up=up, down=down, pad=pad, flip_filter=flip, gain=gain)
     y, y_ref = upfirdn2d_cpu(x, f, **args), upfirdn2d_ref(x, f, **args)
     assert_close(y, y_ref)
@@ -152,19 +149,9 @@ def _both_paths(monkeypatch, G, s, grad, noise="const"):
     return out
 
 
-@pytest.fixture(scope="module")
-def small():
-    return sm.random_generator(SMALL, seed=1)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return sm.tiny_generator()
-
-
 @pytest.mark.parametrize("B", [1, 3])    # batch 1: weights modulated everywhere; 3: batched, then per sample
 @pytest.mark.parametrize("grad", [False, True])  # with autograd: activations modulated (cheaper backward)
-@pytest.mark.parametrize("name", ["tiny", "small"])
+@pytest.mark.parametrize("name", ["tiny", "G"])
 def test_synthesis_fast_path_equals_reference(monkeypatch, request, name, B, grad):
     G = request.getfixturevalue(name)
     z = torch.randn(B, G["style.1.weight"].shape[1], generator=torch.Generator().manual_seed(B))
@@ -177,19 +164,19 @@ def test_synthesis_fast_path_equals_reference(monkeypatch, request, name, B, gra
 
 
 @pytest.mark.parametrize("noise", ["random", "none", "list"])
-def test_synthesis_fast_path_noise_modes_per_sample(monkeypatch, small, noise):
+def test_synthesis_fast_path_noise_modes_per_sample(monkeypatch, G, noise):
     # At batch > 1 the fast path runs the high-res layers one sample at a time: per-sample noise must follow.
     B = 3
-    s = sm.styles(small, sm.mapping(small, torch.randn(B, 16, generator=torch.Generator().manual_seed(5))))
+    s = sm.styles(G, sm.mapping(G, torch.randn(B, 16, generator=torch.Generator().manual_seed(5))))
     if noise == "list":
-        noise = [torch.randn(B, 1, *small[f"noises.noise_{i}"].shape[2:], generator=torch.Generator().manual_seed(i))
+        noise = [torch.randn(B, 1, *G[f"noises.noise_{i}"].shape[2:], generator=torch.Generator().manual_seed(i))
                  for i in range(7)]
-    (img, _), (img_ref, _) = _both_paths(monkeypatch, small, s, False, noise=noise)
+    (img, _), (img_ref, _) = _both_paths(monkeypatch, G, s, False, noise=noise)
     assert (img - img_ref).abs().max() <= 1e-4
 
 
-def test_synthesis_fast_path_with_conv_clamp(monkeypatch, small):
-    G = dict(small, conv_clamp=torch.tensor(0.5))  # NVlabs-converted generators clamp every layer
+def test_synthesis_fast_path_with_conv_clamp(monkeypatch, G):
+    G = dict(G, conv_clamp=torch.tensor(0.5))  # NVlabs-converted generators clamp every layer
     s = sm.styles(G, sm.mapping(G, torch.randn(2, 16, generator=torch.Generator().manual_seed(7))))
     for grad in (False, True):
         (img, ds), (img_ref, ds_ref) = _both_paths(monkeypatch, G, s, grad)

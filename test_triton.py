@@ -12,6 +12,7 @@ import kernels
 import stylemask as sm
 from kernels.modconv import modconv_ref
 from kernels.upfirdn2d import upfirdn2d_ref
+from test_kernels import upfirdn2d_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLUR = torch.outer(torch.tensor([1.0, 3, 3, 1]), torch.tensor([1.0, 3, 3, 1])) / 64 * 4  # × up²
@@ -28,11 +29,11 @@ def _rand(gen, *shape):
 @example(seed=0, B=1, C=3, H=4, W=4, up=2, down=1, kh=4, kw=4, pad=(2, 1, 2, 1), flip=False, gain=1.0)  # ToRGB skip 2× up
 @example(seed=1, B=2, C=3, H=9, W=9, up=1, down=1, kh=4, kw=4, pad=(1, 1, 1, 1), flip=False, gain=1.0)  # blur after conv0_up
 def test_upfirdn2d_triton_matches_reference(seed, B, C, H, W, up, down, kh, kw, pad, flip, gain):
-    x0, x1, y0, y1 = pad
-    if H * up + y0 + y1 < kh or W * up + x0 + x1 < kw:
-        return  # empty output
-    g = torch.Generator().manual_seed(seed)
-    x, f = _rand(g, B, C, H, W).requires_grad_(), _rand(g, kh, kw)
+    case = upfirdn2d_inputs(seed, B, C, H, W, up, kh, kw, pad, rand=_rand)
+    if case is None:
+        return
+    g, x, f = case
+    x.requires_grad_()
     args = dict(up=up, down=down, pad=pad, flip_filter=flip, gain=gain)
     y = kernels.upfirdn2d(x, f, **args, impl="triton")
     y_ref = upfirdn2d_ref(x, f, **args)
