@@ -17,10 +17,8 @@ pairs, and one table reports per method:
 Rows "source" (no reenactment) and "target" (the target image itself) need no training and bound
 every metric. Outputs in --out: a markdown table (also printed), results.json, grid.png.
 """
-import argparse
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +27,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import facenets as fn
+import fid
 import stylemask as sm
+import weights
+from cli import pooled
 
 
 @dataclass
@@ -71,14 +73,8 @@ HELP = dict(
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=f.type, default=f.default,
-                       help=f"{HELP[f.name]} (default: {f.default!r})")
-    cfg = Config(**vars(p.parse_args(argv)))
-    if cfg.pairs < 0 or cfg.batch < 0:
-        p.error("--pairs and --batch must not be negative")
-    return cfg
+    return cli.parse_config(Config, HELP, argv, description=__doc__, check=lambda cfg: (
+        "--pairs and --batch must not be negative" if cfg.pairs < 0 or cfg.batch < 0 else None))
 
 
 # --- Metrics: small pure functions, one per column ------------------------------------------------
@@ -118,69 +114,54 @@ def nme(l_r, l_gt):
 
 # --- Networks, pairs and supervision ------------------------------------------------------------
 
-def load_masks(cfg, G, tiny, say=print):
-    """{method name: mask networks}: the trained mask, then any ablation checkpoints given."""
-    path = Path(cfg.mask) if cfg.mask else sm.WEIGHTS_DIR / "masknet.safetensors"
-    if path.is_file() or cfg.mask:
-        masks = {"StyleMask": sm.load(path)}
-    elif tiny:
-        say("note: no mask weights: the tiny run evaluates an UNTRAINED, seeded mask (train one with train.py)")
-        masks = {"StyleMask (untrained)": sm.init_mask(G, seed=cfg.seed)}
-    else:
-        raise sm.StyleMaskError(f"{path} not found: convert StyleMask's checkpoint with "
-                                f"`python weights/convert.py mask_network_1024.pt {path}` or pass --mask")
+def load_nets(cfg, say=print):
+    """(nets, tiny): generator, ArcFace, DECA, FLAME, the mask networks of every method and FID's Inception,
+    all by weights' one default rule ({method name: mask} under "masks")."""
+    nets, defaulted = weights.load_all(["generator", "arcface", "deca", "flame", "masknet", "inception"], say=say,
+                                       generator=cfg.generator, arcface=cfg.arcface, deca=cfg.deca, flame=cfg.flame,
+                                       masknet=cfg.mask, inception=cfg.inception)
+    masks = {"StyleMask (untrained)" if "masknet" in defaulted else "StyleMask": nets.pop("masknet")}
     for name, p in (("global mask", cfg.global_mask), ("w/o cycle loss", cfg.no_cycle_mask), ("W+ space", cfg.w_mask)):
         if p:
-            masks[name] = sm.load(p)
-    for M in masks.values():
-        sm.check_mask(M, G)
-    return masks
+            masks[name] = weights.read(p, "masknet")
+            try:
+                weights.layout.check_mask(masks[name], nets["generator"])
+            except sm.StyleMaskError as e:
+                raise sm.StyleMaskError(f"{p}: {e}") from None
+    nets["masks"] = masks
+    return nets, "generator" in defaulted
 
 
-def reenacted(G, w_s, w_t, s_s, s_t, M):
-    """The reenacted image of mask M: S masks mix style codes, W+ masks (`ctrl_index`) mix W+ codes."""
-    if "ctrl_index" not in M:
-        return sm.synthesis(G, sm.reenact(s_s, s_t, M))
-    B, n = w_s.shape[0], sm.n_ws(G)
-    wp = [w[:, None].expand(-1, n, -1).reshape(B, -1) for w in (w_s, w_t)]  # flattened W+ codes
-    return sm.synthesis(G, sm.styles(G, sm.reenact(*wp, M).view(B, n, -1)))
-
-
-def supervise(A, D, Fl, img):
+def supervise(nets, img):
     """Everything the metrics read from an image: DECA params, Euler angles, ArcFace features, landmarks."""
-    p = fn.deca_params(D, img)
+    A, deca, Fl = nets["arcface"], nets["deca"], nets["flame"]
+    p = fn.deca_params(deca, img)
     out = sm.flame(Fl, p["shape"], p["exp"], p["pose"])
     lmk = sm.project(out["landmarks3d"], sm.fixed_camera(img.shape[0], img.dtype, img.device))
     return dict(p=p, f=fn.identity(A, img), l3d=lmk)
 
 
-def pooled(img):
-    """Images at 256×256, as the official code feeds every network."""
-    return img if img.shape[-1] == 256 else F.adaptive_avg_pool2d(img, 256)
-
-
-def expression_ranges(G, D, n, seed, batch, truncation):
+def expression_ranges(G, deca, n, seed, batch, truncation):
     """Min/max over n generated images of yaw, pitch, roll, jaw, exp_0..49 (extract_statistics.py) -> (54, 2)."""
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for i in tqdm(range(0, n, batch), desc="expression ranges", unit="batch", leave=False):
         z = torch.randn(min(batch, n - i), G["style.1.weight"].shape[1], generator=gen).to(G["style.1.weight"])
-        p = fn.deca_params(D, pooled(sm.synthesis(G, sm.styles(G, sm.mapping(G, z, truncation)))))
+        p = fn.deca_params(deca, pooled(sm.synthesis(G, sm.styles(G, sm.mapping(G, z, truncation)))))
         rows.append(torch.cat([p["euler"], p["pose"][:, 3:4], p["exp"]], 1))
     stats = torch.cat(rows).double()
     return torch.stack([stats.min(0).values, stats.max(0).values], 1)  # (54, 2)
 
 
-def load_ranges(cfg, G, D, tiny, batch, out, say=print):
-    """The expression ranges: --ranges, weights/expression_ranges.json, else computed now and saved."""
-    path = Path(cfg.ranges) if cfg.ranges else sm.WEIGHTS_DIR / "expression_ranges.json"
-    if path.is_file() and not tiny:
+def load_ranges(cfg, G, deca, tiny, batch, out, say=print):
+    """The expression ranges by weights' default rule: --ranges, else weights/expression_ranges.json (converted
+    weights only: they belong to the real generator), else computed now and saved in --out."""
+    path = weights.find("expression_ranges.json", cfg.ranges or None)
+    if path and (cfg.ranges or not tiny):
         return torch.tensor(json.loads(path.read_text())["ranges"], dtype=torch.float64), str(path)
-    if cfg.ranges:
-        raise sm.StyleMaskError(f"{path}: no such file (write one with eval.py: it saves expression_ranges.json)")
     n = cfg.range_samples or (64 if tiny else 2000)
     say(f"note: computing the expression ranges from {n} generated images (as extract_statistics.py)")
-    ranges = expression_ranges(G, D, n, cfg.seed + 7919, batch, cfg.truncation)
+    ranges = expression_ranges(G, deca, n, cfg.seed + 7919, batch, cfg.truncation)
     labels = ["yaw", "pitch", "roll", "jaw"] + [f"exp_{i:02d}" for i in range(50)]
     (out / "expression_ranges.json").write_text(json.dumps(
         {"samples": n, "truncation": cfg.truncation, "labels": labels, "ranges": ranges.tolist()}, indent=1) + "\n")
@@ -189,9 +170,9 @@ def load_ranges(cfg, G, D, tiny, batch, out, say=print):
 
 # --- The evaluation loop -----------------------------------------------------------------------
 
-def evaluate(cfg, nets, masks, ranges, inception, grid_pairs):
+def evaluate(cfg, nets, ranges, grid_pairs):
     """Per-method metric sums over the pairs, Inception features for FID, and the grid's images."""
-    G, A, D, Fl = nets
+    G, Fl, masks, inception = nets["generator"], nets["flame"], nets["masks"], nets["inception"]
     z_dim = G["style.1.weight"].shape[1]
     gen = torch.Generator().manual_seed(cfg.seed)
     z_s = torch.randn(cfg.pairs, z_dim, generator=gen)
@@ -205,14 +186,14 @@ def evaluate(cfg, nets, masks, ranges, inception, grid_pairs):
         w_s, w_t = sm.mapping(G, zs, cfg.truncation), sm.mapping(G, zt, cfg.truncation)
         s_s, s_t = sm.styles(G, w_s), sm.styles(G, w_t)
         img_s, img_t = pooled(sm.synthesis(G, s_s)), pooled(sm.synthesis(G, s_t))
-        sup_s, sup_t = supervise(A, D, Fl, img_s), supervise(A, D, Fl, img_t)
+        sup_s, sup_t = supervise(nets, img_s), supervise(nets, img_t)
         p_gt = sm.flame(Fl, sup_s["p"]["shape"], sup_t["p"]["exp"], sup_t["p"]["pose"])  # Eq. 2 ground truth
         l_gt = sm.project(p_gt["landmarks3d"], sm.fixed_camera(zs.shape[0], img_s.dtype, img_s.device))
         images = {"source": img_s, "target": img_t}
         for name, M in masks.items():
-            images[name] = pooled(reenacted(G, w_s, w_t, s_s, s_t, M))
+            images[name] = pooled(sm.synthesis(G, sm.reenact_w(G, w_s, w_t, M)))
         for name in methods:
-            sup_r = sup_s if name == "source" else sup_t if name == "target" else supervise(A, D, Fl, images[name])
+            sup_r = sup_s if name == "source" else sup_t if name == "target" else supervise(nets, images[name])
             pr, pt = sup_r["p"], sup_t["p"]
             acc = sums[name]
             acc["csim"] += float(csim(sup_r["f"], sup_s["f"]).sum())
@@ -222,16 +203,13 @@ def evaluate(cfg, nets, masks, ranges, inception, grid_pairs):
                                                             pt["exp"], ranges.to(pr["exp"])).sum())
             acc["nme"] += float(nme(sup_r["l3d"], l_gt).sum())
             if inception is not None:
-                import fid
                 feats[name].append(fid.features(inception, images[name]).double().cpu())
             if sum(t.shape[0] for t in grid[name]) < grid_pairs:
                 grid[name].append(images[name][:grid_pairs].cpu())
         if inception is not None:
-            import fid
             feats["reference"] += [fid.features(inception, img_s).double().cpu(), fid.features(inception, img_t).double().cpu()]
     results = {m: {k: v / cfg.pairs for k, v in sums[m].items()} for m in methods}
     if inception is not None:
-        import fid
         ref = fid.statistics(torch.cat(feats["reference"]).numpy())
         for m in methods:
             results[m]["fid"] = float(fid.frechet_distance(*fid.statistics(torch.cat(feats[m]).numpy()), *ref))
@@ -253,34 +231,31 @@ def main(argv=None):
     cfg = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.seed)
-    G, A, D, Fl, tiny = fn.load_all(cfg.generator, cfg.arcface, cfg.deca, cfg.flame)
-    masks = load_masks(cfg, G, tiny)
-    import fid
-    inception = fid.default_inception(cfg.inception or None)
+    nets, tiny = load_nets(cfg)
     cfg.pairs = cfg.pairs or (32 if tiny else 5000)
     cfg.batch = cfg.batch or (16 if device == "cuda" else 8)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    to = lambda P: {k: v.to(device) for k, v in P.items()}  # noqa: E731
-    nets = tuple(to(P) for P in (G, A, D, Fl))
-    masks = {k: to(M) for k, M in masks.items()}
-    inception = to(inception) if inception is not None else None
+    nets = {k: ({m: cli.to_device(M, device) for m, M in P.items()} if k == "masks" else
+                cli.to_device(P, device) if P is not None else None) for k, P in nets.items()}
     with torch.no_grad():
-        ranges, ranges_src = load_ranges(cfg, nets[0], nets[2], tiny, cfg.batch, out)
-        results, grid = evaluate(cfg, nets, masks, ranges, inception, cfg.grid_pairs)
-    table = markdown_table(results, inception is not None)
+        ranges, ranges_src = load_ranges(cfg, nets["generator"], nets["deca"], tiny, cfg.batch, out)
+        results, grid = evaluate(cfg, nets, ranges, cfg.grid_pairs)
+    has_fid = nets["inception"] is not None
+    table = markdown_table(results, has_fid)
     title = (f"{cfg.pairs} pairs, seed {cfg.seed}, truncation {cfg.truncation}"
              + (" — TINY DEFAULTS, pipeline check only" if tiny else ""))
     (out / "table.md").write_text(f"{title}\n\n{table}\n")
-    settings = dict(dataclasses.asdict(cfg), tiny_default=tiny, device=device, generator_config=sm.config(G),
+    settings = dict(dataclasses.asdict(cfg), tiny_default=tiny, device=device,
+                    generator_arch=sm.architecture(nets["generator"]),
                     expression_ranges=ranges_src, nme_normaliser="outer-eye-corner distance (landmarks 36, 45) "
                     "of the ground-truth 3-D landmarks", fid_reference="the generated sources and targets"
-                    if inception is not None else "n/a: no weights/inception.safetensors")
+                    if has_fid else "n/a: no weights/inception.safetensors")
     (out / "results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
-    sm.write_png(out / "grid.png", sm.image_grid(list(grid.values()), cfg.size or None))
+    cli.write_png(out / "grid.png", cli.image_grid(list(grid.values()), cfg.size or None))
     print(f"{title}\n\n{table}\n\ncolumns of {out / 'grid.png'}: {' | '.join(grid)}; numbers in {out / 'results.json'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(sm.run_script(main))
+    sys.exit(cli.run_script(main))

@@ -9,7 +9,6 @@ ports the 2015 TensorFlow graph, with its weights `pt_inception-2015-12-05-67268
     features()            `InceptionV3(resize_input=True, normalize_input=True).forward` on our [-1, 1] images
     statistics()          `calculate_activation_statistics`: mean and np.cov(rowvar=False), float64
     frechet_distance()    `calculate_frechet_distance`: scipy.linalg.sqrtm, the eps fallback, the imaginary check
-    Loading               files written by weights/convert.py (kind 'inception'); there is no tiny default
 
 Where the TensorFlow graph differs from torchvision's Inception-v3 (and pytorch-fid follows it): the
 3×3 average pools of the A, C and first E blocks average over valid pixels only (count_include_pad=False),
@@ -17,6 +16,9 @@ and the last E block (Mixed_7c) max-pools in its pool branch. Every BasicConv2d 
 BatchNorm (eps 1e-3, running statistics) -> ReLU. Parameters are the state dict's tensors with their
 official names (`Mixed_6b.branch7x7dbl_3.conv.weight`, `Mixed_7c.branch_pool.bn.running_var`, `fc.weight`),
 minus BatchNorm's num_batches_tracked.
+
+Not here: the checkpoint layout, its check and loading (`weights/`; FID has no embedded default, since
+a random Inception would give meaningless numbers).
 
 Shapes: B batch, H, W image size, N samples, D feature dims (2048). Generator images are (B, 3, H, W) RGB
 in [-1, 1].
@@ -30,8 +32,6 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-import facenets
-import stylemask as sm
 from stylemask import StyleMaskError
 
 BN_EPS = 1e-3  # BasicConv2d's BatchNorm2d(eps=0.001), TensorFlow's
@@ -99,23 +99,6 @@ def _all_convs():
 
 
 CONVS = _all_convs()  # 94 BasicConv2d layers
-
-
-def inception_shapes():
-    """Every tensor of the FID Inception, name -> shape, in pytorch-fid's state-dict layout (fc included)."""
-    shapes = {}
-    for name, c in CONVS.items():
-        shapes[f"{name}.conv.weight"] = (c.c_out, c.c_in, *c.kernel)
-        shapes.update(facenets._bn_shapes(f"{name}.bn", c.c_out))
-    shapes["fc.weight"], shapes["fc.bias"] = (N_CLASSES, FID_DIMS), (N_CLASSES,)
-    return shapes
-
-
-def check_inception(I):
-    """Raise StyleMaskError unless I has exactly the FID Inception's tensors and shapes, all finite."""
-    if "Conv2d_1a_3x3.conv.weight" not in I:
-        raise StyleMaskError("not the FID Inception-v3: no Conv2d_1a_3x3.* tensors")
-    facenets._check(I, inception_shapes(), "FID Inception-v3")
 
 
 # --- The network -------------------------------------------------------------------------------------
@@ -253,22 +236,3 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, say=print):
                                  f"{np.max(np.abs(covmean.imag)):.3g}: are both covariances positive semi-definite?")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-# --- Loading -------------------------------------------------------------------------------------------
-
-def load(path, device="cpu"):
-    """Read an FID Inception file written by weights/convert.py (kind 'inception'), checking it fully."""
-    return sm.load(path, device, check=check_inception)
-
-
-def default_inception(path=None, say=print):
-    """The FID Inception at path; with no path weights/inception.safetensors, else None (no tiny stand-in)."""
-    if path:  # asked for by name: it must be there
-        return load(path)
-    path = sm.WEIGHTS_DIR / "inception.safetensors"  # read at call time, so that one setting moves every default
-    if path.is_file():
-        return load(path)
-    say(f"note: {path} not found: FID is not computed (it needs the real FID Inception weights; a random "
-        f"network would give meaningless numbers). To compute it: python weights/convert.py {FID_WEIGHTS} {path}")
-    return None

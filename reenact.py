@@ -9,7 +9,7 @@ Sources and targets are photos (aligned here, or pre-aligned with --aligned), W+
 generated from --source-seed / --target-seed (truncation 0.7, the official trainer's). A target may also
 be a folder of frames or a video file: every frame is reenacted, frames where no face is found are
 reported and skipped (and counted), and the sequence is written as PNG frames and an animated GIF.
-Photos are inverted with e4e (sm.styles of facenets.e4e) as StyleMask's run_inference.py does, which
+Photos are inverted with e4e (sm.styles of e4e.e4e) as StyleMask's run_inference.py does, which
 also truncates the inverted codes with psi 0.7 (--inversion-truncation; toward the stored latent_avg here,
 toward a fresh mean_latent(4096) there). Latent files are used as they are, untruncated.
 
@@ -20,7 +20,6 @@ generator, as the official grids), aligned/ crops; for sequences frames/NNNNN.pn
 aligned/{source,target}.npy (the W+ codes used); config.json. Without converted weights in weights/ everything runs on the tiny defaults (random generator
 and e4e, untrained mask) and says so: a pipeline check, not faces.
 """
-import argparse
 import dataclasses
 import json
 import sys
@@ -29,12 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import align
-import facenets as fn
+import cli
+import e4e
 import stylemask as sm
+import weights
+from cli import pooled
 from stylemask import StyleMaskError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif")
@@ -71,53 +72,32 @@ HELP = dict(
     size="output size in pixels, average-pooled (0: full generator resolution; the official code showed 256)",
     aligned="inputs are already FFHQ-aligned face crops: skip detection (needed on the tiny defaults' images)",
     fps="frame rate of the GIF (0: the video's rate, else 10)", generator="generator .safetensors",
-    mask="mask networks .safetensors", e4e="e4e encoder .safetensors (weights/convert.py e4e_ffhq_encode.pt)",
+    mask="mask networks .safetensors", e4e="e4e encoder .safetensors (python -m weights.convert e4e_ffhq_encode.pt ...)",
     device="torch device (empty: cuda when available, else cpu)", out="output folder",
 )
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            p.add_argument(flag, dest=f.name, action="store_true", help=HELP[f.name])
-        else:
-            p.add_argument(flag, dest=f.name, type=f.type, default=f.default,
-                           help=f"{HELP[f.name]} (default: {f.default!r})")
-    cfg = Config(**vars(p.parse_args(argv)))
-    if cfg.size < 0 or cfg.fps < 0:
-        p.error("--size and --fps must not be negative")
-    return cfg
+    return cli.parse_config(Config, HELP, argv, description=__doc__, check=lambda cfg: (
+        "--size and --fps must not be negative" if cfg.size < 0 or cfg.fps < 0 else None))
 
 
 # --- Mixing (Eq. 1 and our alpha) -----------------------------------------------------------------
 
-def mix(s_s, s_t, M, alpha=1.0):
-    """s_r = s_s + alpha · (reenact(s_s, s_t) − s_s): alpha 0 gives s_s, 1 the paper's Eq. 1 (our extension)."""
-    return sm.reenact(s_s, s_t, M, alpha=alpha)
-
-
 def render(G, M, w_s, w_t, alpha):
     """W or W+ codes (1, [n_ws,] w_dim) of source and target -> (source, target, reenacted) images (1, 3, H, W).
 
-    S masks mix style codes; W+ masks (files with `ctrl_index`, the Table III ablation) mix W+ codes.
+    s_r = s_s + alpha · (reenact(s_s, s_t) − s_s), in the mask's space (S, or W+ for the Table III ablation).
     """
-    n = sm.n_ws(G)
-    w_s, w_t = (w[:, None].expand(-1, n, -1) if w.ndim == 2 else w for w in (w_s, w_t))
-    s_s, s_t = sm.styles(G, w_s), sm.styles(G, w_t)
-    if "ctrl_index" in M:
-        s_r = sm.styles(G, mix(w_s.flatten(1), w_t.flatten(1), M, alpha).view_as(w_s))
-    else:
-        s_r = mix(s_s, s_t, M, alpha)
-    return sm.synthesis(G, s_s), sm.synthesis(G, s_t), sm.synthesis(G, s_r)
+    s_r = sm.reenact_w(G, w_s, w_t, M, alpha)
+    return sm.synthesis(G, sm.styles(G, w_s)), sm.synthesis(G, sm.styles(G, w_t)), sm.synthesis(G, s_r)
 
 
 # --- Inputs: photos, latents, seeds, frame sequences ---------------------------------------------
 
 def read_latent(path, G):
     """A W+ (1, n_ws, w_dim) or W (1, w_dim) code from a .pt (tensor) or .npy file."""
-    n, w_dim = sm.n_ws(G), sm.config(G)["w_dim"]
+    n, w_dim = sm.n_ws(G), sm.architecture(G)["w_dim"]
     try:
         if path.suffix == ".npy":
             w = torch.from_numpy(np.load(path, allow_pickle=False)).float()
@@ -146,21 +126,32 @@ class Inverter:
     def __call__(self, img, name):
         """(H, W, 3) uint8 photo -> (W+ (1, n_ws, w_dim), aligned crop (R, R, 3) uint8) at generator resolution R."""
         if self.E is None:
-            self.E, e4e_tiny = fn.default_e4e(self.cfg.e4e or None, G=self.G, say=lambda *_: None)
-            if e4e_tiny and not self.tiny:
-                raise StyleMaskError(f"{sm.WEIGHTS_DIR / 'e4e.safetensors'} not found: photos need the e4e encoder: "
-                                     f"python weights/convert.py e4e_ffhq_encode.pt {sm.WEIGHTS_DIR / 'e4e.safetensors'}")
-            fn.check_e4e(self.E, self.G)
-            self.E = to(self.E, self.G["latent_avg"].device)
-        R = sm.config(self.G)["resolution"]
+            self.E = self.load()
+        R = sm.architecture(self.G)["resolution"]
         if self.cfg.aligned:
             crop = img if img.shape[:2] == (R, R) else resize(img, R)
         else:
             crop = align.align_face(img, R, name, self.say)
         x = torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None].float().to(self.G["latent_avg"].device)
         x = x / 127.5 - 1  # [-1, 1]
-        w, avg, psi = fn.e4e(self.E, x), self.G["latent_avg"], self.cfg.inversion_truncation
+        w, avg, psi = e4e.e4e(self.E, x), self.G["latent_avg"], self.cfg.inversion_truncation
         return avg + psi * (w - avg), crop  # (1, n_ws, w_dim); the official generate_image truncates W+ too
+
+    def load(self):
+        """The e4e encoder by weights' default rule, of the same origin as the generator (converted or tiny)."""
+        if self.tiny:
+            nets, _ = weights.load_all(["generator", "e4e"], say=lambda *_: None, e4e=self.cfg.e4e)
+            E = nets["e4e"]
+        elif self.cfg.e4e or weights.find(weights.KINDS["e4e"].file):
+            E, _ = weights.load("e4e", self.cfg.e4e or None)
+        else:
+            raise StyleMaskError(f"{weights.DIR / 'e4e.safetensors'} not found: photos need the e4e encoder: "
+                                 f"{weights.convert_command('e4e')}")
+        try:
+            weights.layout.check_e4e(E, self.G)
+        except StyleMaskError as e:
+            raise StyleMaskError(f"{self.cfg.e4e or weights.DIR / 'e4e.safetensors'}: {e}") from None
+        return cli.to_device(E, self.G["latent_avg"].device)
 
 
 def resize(img, R):
@@ -171,7 +162,7 @@ def resize(img, R):
 
 def seeded_w(G, seed, truncation):
     """The w (1, w_dim) of the face generated from seed (z ~ N(0, I), truncated toward latent_avg)."""
-    z = torch.randn(1, sm.config(G)["z_dim"], generator=torch.Generator().manual_seed(seed))
+    z = torch.randn(1, sm.architecture(G)["z_dim"], generator=torch.Generator().manual_seed(seed))
     return sm.mapping(G, z.to(G["latent_avg"].device), truncation)  # the same faces on every device
 
 
@@ -208,61 +199,27 @@ def is_sequence(path):
     return path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES
 
 
-# --- Outputs --------------------------------------------------------------------------------------
-
-def to(P, device):
-    """A parameter dict on device."""
-    return {k: v.to(device) for k, v in P.items()}
-
-
-def pooled(img, size):
-    """(B, 3, H, W) -> (B, 3, size, size) by average pooling (size 0: unchanged)."""
-    return img if not size or img.shape[-1] == size else F.adaptive_avg_pool2d(img, size)
-
-
-def write_gif(path, images, fps):
-    """(H, W, 3) uint8 frames -> a looping animated GIF (Pillow's encoder), written atomically."""
-    from PIL import Image
-    pics = [Image.fromarray(im) for im in images]
-    tmp = path.with_name(f".{path.name}.tmp")
-    pics[0].save(tmp, format="GIF", save_all=True, append_images=pics[1:], duration=int(round(1000 / fps)), loop=0)
-    tmp.replace(path)
-
-
-def write_image(path, img):
-    sm.write_png(path, torch.from_numpy(np.array(img)) if isinstance(img, np.ndarray) else img)
-
-
 # --- Main ------------------------------------------------------------------------------------------
 
 def main(argv=None, say=print):
-    cfg = parse_args(argv)
-    try:
+    def scoped(argv):
+        cfg = parse_args(argv)
         with torch.no_grad():  # scoped: importers and tests keep autograd on
             return run(cfg, say)
-    except StyleMaskError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run_script(scoped, argv)
 
 
 def run(cfg, say=print):
     out = Path(cfg.out)
-    G, tiny = sm.default_generator(cfg.generator or None, say=lambda *_: None)
-    if cfg.mask:
-        M = sm.load(cfg.mask)
-    elif (sm.WEIGHTS_DIR / "masknet.safetensors").is_file():
-        M = sm.default_mask(sum(L.dim for L in sm.style_layout(G)))
-    elif tiny:
-        M = sm.init_mask(G, seed=0)
-    else:
-        raise StyleMaskError(f"{sm.WEIGHTS_DIR / 'masknet.safetensors'} not found: convert StyleMask's checkpoint "
-                             f"(python weights/convert.py mask_network_1024.pt weights/masknet.safetensors) or pass --mask")
-    sm.check_mask(M, G)
+    nets, defaulted = weights.load_all(["generator", "masknet"], say=lambda *_: None, generator=cfg.generator,
+                                       masknet=cfg.mask)
+    tiny = "generator" in defaulted
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    G, M = to(G, device), to(M, device)
+    G, M = cli.to_device(nets["generator"], device), cli.to_device(nets["masknet"], device)
     if tiny:
-        say("note: no converted weights in weights/: using the TINY defaults (random generator and e4e, UNTRAINED "
-            "mask). This checks the pipeline; the pictures are not faces. See weights/README.md.")
+        say("note: no converted weights in weights/: using the TINY defaults (random generator and e4e"
+            + (", UNTRAINED mask" if "masknet" in defaulted else "") + "). This checks the pipeline; the pictures "
+            "are not faces. See weights/README.md.")
     invert = Inverter(cfg, G, tiny, say)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -276,7 +233,7 @@ def run(cfg, say=print):
             return read_latent(p, G).to(device)
         w, crop = invert(align.read_image(p), p.name)
         (out / "aligned").mkdir(exist_ok=True)
-        write_image(out / "aligned" / f"{role}.png", crop)
+        cli.write_png(out / "aligned" / f"{role}.png", crop)
         np.save(out / "aligned" / f"{role}.npy", w[0].cpu().numpy())  # the W+ code used: --source/--target it again
         return w
 
@@ -284,10 +241,10 @@ def run(cfg, say=print):
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     if not (cfg.target and is_sequence(Path(cfg.target))):
         src, tgt, rea = render(G, M, w_s, code(cfg.target, cfg.target_seed, "target"), cfg.alpha)
-        write_image(out / "reenacted.png", sm.to_uint8(pooled(rea, cfg.size))[0])
-        write_image(out / "grid.png", sm.image_grid([src, tgt, rea], cfg.size or None))
+        cli.write_png(out / "reenacted.png", cli.to_uint8(pooled(rea, cfg.size))[0])
+        cli.write_png(out / "grid.png", cli.image_grid([src, tgt, rea], cfg.size or None))
         say(f"wrote {out / 'reenacted.png'} and {out / 'grid.png'} (source | target | reenacted), "
-            f"{cfg.size or sm.config(G)['resolution']} px, alpha {cfg.alpha}")
+            f"{cfg.size or sm.architecture(G)['resolution']} px, alpha {cfg.alpha}")
         return 0
 
     target = Path(cfg.target)
@@ -316,17 +273,17 @@ def run(cfg, say=print):
             skipped.append(name)
             continue
         src, tgt, rea = render(G, M, w_s, w_t, cfg.alpha)
-        frame = sm.to_uint8(pooled(rea, cfg.size))[0]
-        write_image(out / "frames" / f"{done:05d}.png", frame)
+        frame = cli.to_uint8(pooled(rea, cfg.size))[0]
+        cli.write_png(out / "frames" / f"{done:05d}.png", frame)
         reenacted_frames.append(frame.numpy())  # to_uint8 returns CPU tensors
-        grid_frames.append(sm.image_grid([src, tgt, rea], min(cfg.size or 256, 256)).numpy())
+        grid_frames.append(cli.image_grid([src, tgt, rea], min(cfg.size or 256, 256)).numpy())
         done += 1
     total = done + len(skipped)
     if not done:
         raise StyleMaskError(f"{target}: no face found in any of its {total} frames")
     fps = cfg.fps or video_fps or 10.0
-    write_gif(out / "reenacted.gif", reenacted_frames, fps)
-    write_gif(out / "grid.gif", grid_frames, fps)
+    cli.write_gif(out / "reenacted.gif", reenacted_frames, fps)
+    cli.write_gif(out / "grid.gif", grid_frames, fps)
     say(f"reenacted {done} of {total} frames" + (f"; skipped {len(skipped)} (no face / unreadable): "
                                                    f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}"
                                                    if skipped else "")

@@ -1,30 +1,30 @@
 """StyleMask (Bounareli et al., FG 2023): face reenactment by masking and mixing StyleGAN2 style codes.
 
-One readable module, in paper order. Everything is a pure function over a flat
-`dict[str, Tensor]` read from safetensors; tensor names are those of the rosinality-format
-checkpoint StyleMask distributes (`style.{k}.weight`, `convs.{i}.conv.modulation.weight`,
-`noises.noise_{i}`, ...), so every tensor greps back to the official file.
+The model, and only the model, in paper order. Everything is a pure function over a flat
+`dict[str, Tensor]` of parameters; tensor names are those of the rosinality-format checkpoint
+StyleMask distributes (`style.{k}.weight`, `convs.{i}.conv.modulation.weight`, `noises.noise_{i}`,
+...), so every tensor greps back to the official file.
 
-    Glossary        shapes: B batch, C channels, H, W image size, D style dims, L style layers
+    Glossary        shapes and names used throughout; the architecture tables
     Mapping         Sect. III-A          rosinality `Generator.style`, NVlabs `MappingNetwork`
     Style space     Sect. III-A, Tab. VI StyleMask `encoder` (stylespace_utils.py), S of Wu et al.
     Synthesis       Sect. III-A          rosinality `Generator.forward`, StyleMask `decoder`
     Mask networks   Sect. III-B a, Fig. 7 StyleMask `MaskPredictor`, `Trainer.get_shifted_image`
     Reenact         Eq. 1                StyleMask `generate_new_stylespace`
-    Loading         safetensors I/O, the default weights, the tiny embedded default
+    3DMM            Eq. 2                DECA `FLAME.py`, `lbs.py`; DECA's camera
+    Losses          Eq. 3-8              StyleMask `trainer.py`, `run_trainer.py`
 
 The style code is a first-class value: `styles(G, w)` gives the flat code s (B, D) in StyleSpace
 order (conv, ToRGB, conv0_up, conv1, ToRGB, ...), `synthesis(G, s)` renders it. The W+ index of
 each layer is the one the official generators use (rosinality and NVlabs agree): the ToRGB of a
 block shares its w with the next block's up-sampling conv. (The W+ column of the paper's Table VI
 differs from the code for the conv layers; the weights were trained with the code, so we follow it.)
+
+Not here, by design: reading or writing files, default weights and seeded stand-ins (`weights/`),
+the supervision networks (`facenets.py`, `e4e.py`, `fid.py`), images and command lines (`cli.py`).
 """
-import json
 import math
-import os
-import sys
 from collections import namedtuple
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,26 +32,18 @@ import torch.nn.functional as F
 import kernels
 
 # --- Glossary ----------------------------------------------------------------------------------
+# Shapes: B batch, C channels, H, W image size, D style dims (the width of s), L style layers.
 # z (B, z_dim) latent, w (B, w_dim) or W+ (B, n_ws, w_dim), s (B, D) style code (all layers,
 # StyleSpace order), s_s / s_t source / target codes, ds = Δs = s_s − s_t, m (B, D_ctrl) mask over
-# the controlled channels, s_r reenacted code (Eq. 1).
+# the controlled channels, s_r reenacted code (Eq. 1). G generator parameters, M mask networks,
+# Fl FLAME; `arch` is a generator's architecture (resolution, dims, channels), read off G's shapes.
 
 SQRT2 = math.sqrt(2.0)
 LR_MLP = 0.01  # equalized-lr multiplier of the mapping network (StyleGAN2's lr_mlp / lr_multiplier)
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 class StyleMaskError(ValueError):
     """A problem with the user's input (file, shape, value) that a one-line message explains."""
-
-
-def run_script(main):
-    """A script's exit code: main()'s, or 2 after printing a StyleMaskError as one `error:` line."""
-    try:
-        return main()
-    except StyleMaskError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 def stylegan2_channels(resolution, channel_multiplier=2):
@@ -62,8 +54,8 @@ def stylegan2_channels(resolution, channel_multiplier=2):
     return {r: c for r, c in table.items() if r <= resolution}
 
 
-# Named model sizes, matched exactly by `config(G)`.
-CONFIGS = {
+# Named model sizes, matched exactly by `architecture(G)`.
+ARCHS = {
     "ffhq-1024": dict(resolution=1024, z_dim=512, w_dim=512, n_mlp=8, channels=stylegan2_channels(1024)),
     "ffhq-256": dict(resolution=256, z_dim=512, w_dim=512, n_mlp=8, channels=stylegan2_channels(256)),
     # The embedded default: the real architecture at 256×256 (so n = 12 controlled layers exist and
@@ -73,59 +65,30 @@ CONFIGS = {
 }
 
 
-def config(G):
+def architecture(G):
     """The architecture of generator G, read off its tensor shapes (resolution, dims, channels)."""
     try:
         w_dim, z_dim = G["style.1.weight"].shape
-        n_mlp = config_n_mlp(G)
+        depth = n_mlp(G)
         channels = {4: G["input.input"].shape[1]}
         n_blocks = sum(1 for k in G if k.startswith("to_rgbs.") and k.endswith(".conv.weight"))
         for j in range(n_blocks):
             channels[8 * 2 ** j] = G[f"convs.{2 * j}.conv.weight"].shape[1]
     except KeyError as e:
         raise StyleMaskError(f"not a StyleGAN2 generator: tensor {e.args[0]!r} is missing") from None
-    return dict(resolution=4 * 2 ** n_blocks, z_dim=int(z_dim), w_dim=int(w_dim), n_mlp=n_mlp,
+    return dict(resolution=4 * 2 ** n_blocks, z_dim=int(z_dim), w_dim=int(w_dim), n_mlp=depth,
                 channels={r: int(c) for r, c in channels.items()})
 
 
-def config_name(cfg):
-    """The CONFIGS name of cfg, or 'custom'."""
-    return next((n for n, c in CONFIGS.items() if c == cfg), "custom")
+def arch_name(arch):
+    """The ARCHS name of arch, or 'custom'."""
+    return next((n for n, a in ARCHS.items() if a == arch), "custom")
 
 
-def generator_shapes(cfg):
-    """Every tensor of a generator with architecture cfg, name -> shape, in the official layout."""
-    ch, w_dim = cfg["channels"], cfg["w_dim"]
-    shapes = {}
-    for k in range(1, cfg["n_mlp"] + 1):
-        d_in = cfg["z_dim"] if k == 1 else w_dim
-        shapes[f"style.{k}.weight"], shapes[f"style.{k}.bias"] = (w_dim, d_in), (w_dim,)
-    shapes["input.input"] = (1, ch[4], 4, 4)
-    for L in style_layout(cfg):
-        c_out = 3 if L.kind == "torgb" else ch[L.res]
-        k = 1 if L.kind == "torgb" else 3
-        shapes[f"{L.name}.conv.weight"] = (1, c_out, L.dim, k, k)
-        shapes[f"{L.name}.conv.modulation.weight"] = (L.dim, w_dim)
-        shapes[f"{L.name}.conv.modulation.bias"] = (L.dim,)
-        if L.kind == "conv":
-            shapes[f"{L.name}.noise.weight"] = (1,)
-            shapes[f"{L.name}.activate.bias"] = (c_out,)
-            if L.up == 2:
-                shapes[f"{L.name}.conv.blur.kernel"] = (4, 4)
-        else:
-            shapes[f"{L.name}.bias"] = (1, 3, 1, 1)
-            if L.res > 4:
-                shapes[f"{L.name}.upsample.kernel"] = (4, 4)
-    for i in range(n_conv_layers(cfg)):
-        r = 2 ** ((i + 5) // 2)  # rosinality: noise_i sits at resolution 2^((i + 5) // 2)
-        shapes[f"noises.noise_{i}"] = (1, 1, r, r)
-    shapes["latent_avg"] = (w_dim,)
-    return shapes
-
-
-def n_conv_layers(cfg):
+def n_conv_layers(arch):
     """Number of conv (not ToRGB) layers: 17 for 1024×1024."""
-    return 2 * int(math.log2(cfg["resolution"])) - 3
+    return 2 * int(math.log2(arch["resolution"])) - 3
+
 
 
 # --- Mapping network -------------------------------------------------------------------------------
@@ -137,7 +100,7 @@ def mapping(G, z, truncation=1.0, w_avg=None):
     w = w_avg + truncation · (w − w_avg). StyleMask trains and evaluates with truncation 0.7.
     """
     x = z * torch.rsqrt(z.square().mean(1, keepdim=True) + 1e-8)  # PixelNorm
-    for k in range(1, config_n_mlp(G) + 1):
+    for k in range(1, n_mlp(G) + 1):
         W, b = G[f"style.{k}.weight"], G[f"style.{k}.bias"]
         x = F.linear(x, W * (LR_MLP / math.sqrt(W.shape[1])))
         x = F.leaky_relu(x + b * LR_MLP, 0.2) * SQRT2  # fused bias + leaky ReLU with gain √2
@@ -147,7 +110,7 @@ def mapping(G, z, truncation=1.0, w_avg=None):
     return x
 
 
-def config_n_mlp(G):
+def n_mlp(G):
     """Depth of the mapping network of G."""
     return sum(1 for k in G if k.startswith("style.") and k.endswith(".weight"))
 
@@ -165,15 +128,14 @@ Layer.__doc__ = """One style layer: official module name, 'conv' | 'torgb', reso
 offset and width of its slice of the flat code s, up-sampling factor (2 for conv0_up)."""
 
 
-def _cfg(G):
-    """G's architecture; G may be a generator's parameters or already a config."""
-    return G if "resolution" in G else config(G)
+def _arch(G):
+    """G's architecture; G may be a generator's parameters or already an architecture."""
+    return G if "resolution" in G else architecture(G)
 
 
 def style_layout(G):
-    """The per-layer table of the flat style code (Table VI order); G is a generator or a config."""
-    cfg = _cfg(G)
-    ch = cfg["channels"]
+    """The per-layer table of the flat style code (Table VI order); G is a generator or an architecture."""
+    ch = _arch(G)["channels"]
     rows = [("conv1", "conv", 4, 0, ch[4], 1), ("to_rgb1", "torgb", 4, 1, ch[4], 1)]
     for j, r in enumerate(sorted(ch)[1:]):
         c_in = ch[r // 2]
@@ -209,14 +171,14 @@ def styles(G, w):
 
 # --- Synthesis network ------------------------------------------------------------------------------
 
-def _noise_inputs(G, noise, B, generator):
+def _noise_inputs(G, noise, B, rng):
     """The per-conv-layer noise images: const buffers, fresh seeded draws, zeros or given tensors."""
-    n = n_conv_layers(config(G))
+    n = n_conv_layers(architecture(G))
     const = [G[f"noises.noise_{i}"] for i in range(n)]  # (1, 1, r, r)
     if noise == "const":
         return const
     if noise == "random":
-        return [torch.randn((B, 1) + c.shape[2:], generator=generator).to(c) for c in const]
+        return [torch.randn((B, 1) + c.shape[2:], generator=rng).to(c) for c in const]
     if noise == "none":
         return [None] * n
     if isinstance(noise, (list, tuple)) and len(noise) == n:
@@ -224,19 +186,19 @@ def _noise_inputs(G, noise, B, generator):
     raise StyleMaskError(f"synthesis: noise must be 'const', 'random', 'none' or a list of {n} tensors")
 
 
-def synthesis(G, s, noise="const", generator=None):
+def synthesis(G, s, noise="const", rng=None):
     """s (B, D) -> image (B, 3, H, W) in the official generator's value range (no clamping).
 
     The 'skip' architecture of config-f: per block a 2× up-sampling modulated conv, a modulated
     conv, and a ToRGB whose output is added to the up-sampled image of the previous block.
-    noise: 'const' (the noise buffers in G, as StyleMask uses them), 'random' (drawn from
-    `generator`), 'none', or a list with one (B or 1, 1, r, r) tensor per conv layer.
+    noise: 'const' (the noise buffers in G, as StyleMask uses them), 'random' (drawn from the
+    torch.Generator `rng`), 'none', or a list with one (B or 1, 1, r, r) tensor per conv layer.
     """
     layout = style_layout(G)
     D = layout[-1].offset + layout[-1].dim
     if s.ndim != 2 or s.shape[1] != D:
         raise StyleMaskError(f"synthesis: s must be (B, {D}) for this generator, got {tuple(s.shape)}")
-    noises = _noise_inputs(G, noise, s.shape[0], generator)
+    noises = _noise_inputs(G, noise, s.shape[0], rng)
     clamp = float(G["conv_clamp"]) if "conv_clamp" in G else None  # NVlabs-converted files only
     x = G["input.input"].expand(s.shape[0], -1, -1, -1)  # (B, C, 4, 4)
     if kernels.fast_cpu(s):  # the same network on the fast CPU ops; STYLEMASK_FAST=0 runs the loop below
@@ -270,7 +232,7 @@ def _synthesis_cpu(G, s, layout, noises, clamp, x, img=None):
     """synthesis from layout[0] on the fast CPU ops (kernels.modconv_cpu): the same image up to rounding.
 
     Differences from the loop in `synthesis`, each exact in real arithmetic and measured in
-    kernels/bench.py: the equalized-lr scale multiplies s, not the weight; the layer bias and the
+    bench/speed.py: the equalized-lr scale multiplies s, not the weight; the layer bias and the
     activation gain √2 go into the convolution (lrelu(√2·z) = √2·lrelu(z)); noise and leaky ReLU update
     the fresh conv output in place; activations from 32×32 up are channels-last; and once a conv layer's
     activations outgrow its weights, each sample runs the remaining layers alone, so that every large
@@ -309,27 +271,33 @@ def _sample(t, b):
     return t if t is None or t.shape[0] == 1 else t[b:b + 1]
 
 
-def generate(G, z, truncation=1.0, w_avg=None, noise="const", generator=None):
+def generate(G, z, truncation=1.0, w_avg=None, noise="const", rng=None):
     """z (B, z_dim) -> (image (B, 3, H, W), s (B, D)): mapping, styles, synthesis in one call."""
     s = styles(G, mapping(G, z, truncation, w_avg))
-    return synthesis(G, s, noise=noise, generator=generator), s
+    return synthesis(G, s, noise=noise, rng=rng), s
 
 
 # --- Mask networks (Sect. III-B a, Supp. Fig. 7) -----------------------------------------------------
-# Parameters use the official `mask_net` names: network_{ii}.masknet.{0,2}.{weight,bias} for the
-# per-layer kind (FC -> ReLU -> FC -> sigmoid, hidden width = layer width). The global kind (Table IV
-# ablation) is one such network over all controlled channels, `network_global.*`, plus `ctrl_dims`,
-# the widths of the controlled layers (needed to find them in s).
+# M is a `Masks`: its kind and space are stated, and `params` holds the official `mask_net` tensors:
+# network_{ii}.masknet.{0,2}.{weight,bias} per controlled layer for the per-layer kind (FC -> ReLU ->
+# FC -> sigmoid, hidden width = layer width), or one such network `network_global.*` over all controlled
+# channels for the global kind (the Table IV ablation).
+
+Masks = namedtuple("Masks", "kind space dims params")
+Masks.__doc__ = """Mask networks: kind 'per-layer' | 'global' (Table IV), space 'S' | 'W' (W+ codes, Table III),
+dims the widths of the controlled layers in order ([512] * 10 + [256] * 2 for the paper's n = 12),
+params the networks' tensors by their official names."""
+
 
 def init_mask(G, n_layers=12, seed=0, kind="per-layer", space="S"):
     """Fresh mask networks for the first n_layers conv layers of G, initialised as officially.
 
     Official init: nn.Linear's default bias (uniform ±1/sqrt(fan_in)), weights re-drawn N(0, 0.01²).
     space="W" masks the first n_layers vectors of flattened W+ codes (B, n_ws·w_dim) instead (the
-    Table III ablation); such masks carry `ctrl_index`, the flat positions they control.
+    Table III ablation).
     """
     if space == "W":
-        dims = [_cfg(G)["w_dim"]] * n_layers
+        dims = [_arch(G)["w_dim"]] * n_layers
         if not 1 <= n_layers <= n_ws(G):
             raise StyleMaskError(f"init_mask: n_layers must be in 1..{n_ws(G)} for W+ codes, got {n_layers}")
     elif space == "S":
@@ -339,76 +307,66 @@ def init_mask(G, n_layers=12, seed=0, kind="per-layer", space="S"):
         dims = conv_dims[:n_layers]
     else:
         raise StyleMaskError(f"init_mask: space must be 'S' or 'W', got {space!r}")
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "per-layer":
-        nets = [(f"network_{i:02d}", d) for i, d in enumerate(dims)]
-    elif kind == "global":
-        nets = [("network_global", sum(dims))]
-    else:
+    if kind not in ("per-layer", "global"):
         raise StyleMaskError(f"init_mask: kind must be 'per-layer' or 'global', got {kind!r}")
-    M = {}
-    for name, d in nets:
+    gen = torch.Generator().manual_seed(seed)
+    params = {}
+    for name, d in mask_networks(kind, dims):
         for fc in ("0", "2"):
-            M[f"{name}.masknet.{fc}.weight"] = torch.randn(d, d, generator=gen) * 0.01
-            M[f"{name}.masknet.{fc}.bias"] = (torch.rand(d, generator=gen) * 2 - 1) / math.sqrt(d)
+            params[f"{name}.masknet.{fc}.weight"] = torch.randn(d, d, generator=gen) * 0.01
+            params[f"{name}.masknet.{fc}.bias"] = (torch.rand(d, generator=gen) * 2 - 1) / math.sqrt(d)
+    return Masks(kind, space, list(dims), params)
+
+
+def mask_networks(kind, dims):
+    """[(name, width)] of the networks of a mask of this kind over layers of these widths."""
     if kind == "global":
-        M["ctrl_dims"] = torch.tensor(dims, dtype=torch.int64)
-    if space == "W":
-        M["ctrl_index"] = torch.arange(sum(dims))
-    return M
-
-
-def mask_dims(M):
-    """Widths of the controlled conv layers, in order: [512] * 10 + [256] * 2 for the paper's n = 12."""
-    if "ctrl_dims" in M:
-        return [int(d) for d in M["ctrl_dims"]]
-    n = sum(1 for k in M if k.endswith(".masknet.2.bias"))
-    return [M[f"network_{i:02d}.masknet.2.bias"].shape[0] for i in range(n)]
+        return [("network_global", sum(dims))]
+    return [(f"network_{i:02d}", d) for i, d in enumerate(dims)]
 
 
 def ctrl_index(M):
-    """Positions in the flat code s of the channels the mask controls (D_ctrl,), in mask order.
+    """Positions in the flat code of the channels the mask controls (D_ctrl,), in mask order.
 
-    The controlled layers are the first n conv layers. In s each ToRGB follows an even-numbered conv
-    (conv1 at 4×4, then every block's conv1) and has that conv's width, so the widths alone place them.
-    W-space masks store their positions (`ctrl_index`).
+    In S the controlled layers are the first n conv layers. In s each ToRGB follows an even-numbered
+    conv (conv1 at 4×4, then every block's conv1) and has that conv's width, so the widths alone place
+    them. In W the mask controls the first n vectors of the flattened W+ code.
     """
-    if "ctrl_index" in M:
-        return M["ctrl_index"].long()
+    if M.space == "W":
+        return torch.arange(sum(M.dims))
     idx, offset = [], 0
-    for i, d in enumerate(mask_dims(M)):
+    for i, d in enumerate(M.dims):
         idx.append(torch.arange(offset, offset + d))
         offset += d + (d if i % 2 == 0 else 0)  # skip the ToRGB after an even conv
     return torch.cat(idx)
 
 
-def _mlp(M, name, x):
+def _mlp(P, name, x):
     """x (B, d) -> (B, d): FC -> ReLU -> FC -> sigmoid, the official MaskPredictor."""
-    h = F.relu(F.linear(x, M[f"{name}.masknet.0.weight"], M[f"{name}.masknet.0.bias"]))
-    return torch.sigmoid(F.linear(h, M[f"{name}.masknet.2.weight"], M[f"{name}.masknet.2.bias"]))
+    h = F.relu(F.linear(x, P[f"{name}.masknet.0.weight"], P[f"{name}.masknet.0.bias"]))
+    return torch.sigmoid(F.linear(h, P[f"{name}.masknet.2.weight"], P[f"{name}.masknet.2.bias"]))
 
 
 def mask(M, s_s, s_t):
     """m (B, D_ctrl) in (0, 1) from Δs = s_s − s_t: one network per controlled layer (or one global)."""
     ds = (s_s - s_t)[:, ctrl_index(M).to(s_s.device)]  # Δs on the controlled channels (B, D_ctrl)
-    if "network_global.masknet.0.weight" in M:
-        return _mlp(M, "network_global", ds)
-    return torch.cat([_mlp(M, f"network_{i:02d}", ds_i)
-                      for i, ds_i in enumerate(torch.split(ds, mask_dims(M), dim=1))], 1)
+    if M.kind == "global":
+        return _mlp(M.params, "network_global", ds)
+    return torch.cat([_mlp(M.params, f"network_{i:02d}", ds_i)
+                      for i, ds_i in enumerate(torch.split(ds, M.dims, dim=1))], 1)
 
 
 # --- Reenactment (Eq. 1) --------------------------------------------------------------------------
 
-def reenact(s_s, s_t, M=None, alpha=1.0):
+def reenact(s_s, s_t, M, alpha=1.0):
     """s_r = m ⊙ s_t + (1 − m) ⊙ s_s on the controlled channels; every other channel from s_s.
 
     The target lends head pose and expression (coarse and middle conv layers), the source keeps its
-    identity. M=None uses the default mask weights (`default_mask()`). alpha scales how much of the
-    target is taken, m -> alpha·m: 0 gives s_s, 1 the paper's Eq. 1 (our extension, not the paper's).
+    identity. alpha scales how much of the target is taken, m -> alpha·m: 0 gives s_s, 1 the paper's
+    Eq. 1 (our extension, not the paper's). For W-space masks s_s, s_t are flattened W+ codes (`code`).
     """
     if s_s.shape != s_t.shape or s_s.ndim != 2:
         raise StyleMaskError(f"reenact: s_s and s_t must both be (B, D), got {tuple(s_s.shape)} and {tuple(s_t.shape)}")
-    M = default_mask(s_s.shape[1]) if M is None else M
     idx = ctrl_index(M).to(s_s.device)
     if idx[-1] >= s_s.shape[1]:
         raise StyleMaskError(f"reenact: the mask controls channels up to {int(idx[-1]) + 1}, "
@@ -420,6 +378,27 @@ def reenact(s_s, s_t, M=None, alpha=1.0):
     return s_s.index_copy(1, idx, mixed)
 
 
+def code(G, w, space):
+    """w (B, w_dim) or W+ (B, n_ws, w_dim) -> the code a mask of this space mixes: s (B, D) in S, or
+    the flattened W+ code (B, n_ws·w_dim) in W (the Table III ablation)."""
+    if space == "S":
+        return styles(G, w)
+    if w.ndim == 2:
+        w = w[:, None].expand(-1, n_ws(G), -1)
+    return w.reshape(w.shape[0], -1)
+
+
+def code_to_s(G, c, space):
+    """A code of `code(G, w, space)` -> the style code s (B, D) that synthesis renders."""
+    return c if space == "S" else styles(G, c.view(c.shape[0], n_ws(G), -1))
+
+
+def reenact_w(G, w_s, w_t, M, alpha=1.0):
+    """Latents w or W+ of source and target -> s_r (B, D): Eq. 1 in the mask's space (S, or W+)."""
+    c_r = reenact(code(G, w_s, M.space), code(G, w_t, M.space), M, alpha)
+    return code_to_s(G, c_r, M.space)
+
+
 # --- 3DMM: FLAME shape composition (Eq. 2), articulation and landmarks ----------------------------
 # FLAME (Li et al. 2017) as DECA drives it (decalib/models/FLAME.py, lbs.py). Tensors keep the names of
 # FLAME's generic_model.pkl (v_template, shapedirs, posedirs, J_regressor, kintree_table, weights, f)
@@ -428,7 +407,7 @@ def reenact(s_s, s_t, M=None, alpha=1.0):
 # axis-angle global rotation (3) and jaw rotation (3); neck and eyes stay at rest, as in DECA.
 
 FLAME_N_SHAPE = 300  # shapedirs columns: 300 shape components, then 100 expression components
-DECA_IMAGE_SIZE = 224  # DECA's image space: projected points land in [0, 224]
+DECA_SIZE = 224  # DECA's image size, once: its face crops (facenets) and its image space (project)
 EYE_PAIRS = [(36, 39), (37, 41), (38, 40), (42, 45), (43, 47), (44, 46)]  # official calculate_eye_loss
 MOUTH_PAIRS = [(48, 54), (49, 59), (50, 58), (51, 57), (52, 56), (53, 55), (60, 64), (61, 67), (62, 66), (63, 65)]
 
@@ -518,7 +497,7 @@ def flame(Fl, shape, exp, pose):
                 landmarks3d=_lmk(X, faces, full_idx, full_bary.to(X.dtype)))
 
 
-def project(points, cam, image_size=DECA_IMAGE_SIZE):
+def project(points, cam, image_size=DECA_SIZE):
     """DECA's orthographic camera cam = (s, tx, ty): (B, N, 3) -> image space (B, N, 3), y down, in [0, size].
 
     x' = s·(x + tx), y' = −s·(y + ty), z' = −s·z, then every coordinate ·size/2 + size/2
@@ -613,335 +592,3 @@ def loss_cycle(X_gt, X_r1, X_r2, l_gt, l_r1, l_r2, f_s, f_r1, f_r2, lambda_x=LAM
 def loss_total(L_r, L_cycle=None):
     """Eq. 8: L = L_r + L_cycle (L_cycle None when the cycle loss is off, the Table V ablation)."""
     return L_r if L_cycle is None else L_r + L_cycle
-
-
-# --- Loading, saving, and the embedded default ------------------------------------------------------
-
-def save(params, path, kind=None, **meta):
-    """Write params to a safetensors file atomically, with a metadata header describing the model."""
-    from safetensors.torch import save_file
-    kind = kind or _kind_of(params)
-    header = {"stylemask": kind, **{k: str(v) for k, v in meta.items()}}
-    if kind == "generator":
-        header["config"] = json.dumps(config(params))
-    elif kind == "masknet":
-        header["ctrl_dims"] = json.dumps(mask_dims(params))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp), metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def load(path, device="cpu", check=None):
-    """Read a model file written by `save` / weights/convert.py, checking it fully.
-
-    The kind in the file's metadata picks the check (generator, masknet, flame); modules with their own
-    kinds pass theirs (facenets.load does).
-    """
-    from safetensors import safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise StyleMaskError(f"{path}: no such file; convert the official weights with "
-                             f"`python weights/convert.py SRC {path}` (see weights/README.md)")
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            params = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for every kind of damage
-        raise StyleMaskError(f"{path}: not a readable safetensors file ({e}); re-convert it with "
-                             f"weights/convert.py") from None
-    kind = meta.get("stylemask") or _kind_of(params)
-    check = check or {"generator": check_generator, "masknet": check_mask, "flame": check_flame}.get(kind)
-    if check is None:
-        raise StyleMaskError(f"{path}: holds a {kind!r} model, which this loader does not read")
-    try:
-        check(params)
-    except StyleMaskError as e:
-        raise StyleMaskError(f"{path}: {e}") from None
-    return params
-
-
-def _kind_of(params):
-    """The model kind of a parameter dict, from its tensor names."""
-    if "style.1.weight" in params:
-        return "generator"
-    if "v_template" in params:
-        return "flame"
-    return "masknet"
-
-
-def check_generator(G):
-    """Raise StyleMaskError unless G has exactly the tensors and shapes of its architecture."""
-    cfg = config(G)
-    want = generator_shapes(cfg)
-    missing = [k for k in want if k not in G]
-    if missing:
-        raise StyleMaskError(f"not a complete generator: {len(missing)} tensors missing, e.g. {missing[0]!r}")
-    for k, shape in want.items():
-        if tuple(G[k].shape) != shape:
-            raise StyleMaskError(f"tensor {k!r} has shape {tuple(G[k].shape)}, expected {shape}")
-    for k, v in G.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise StyleMaskError(f"tensor {k!r} contains NaN or Inf: the file is damaged")
-
-
-def check_mask(M, G=None):
-    """Raise StyleMaskError unless M is a consistent per-layer or global mask network (fitting G, if given)."""
-    dims = mask_dims(M) if any(k.endswith(".masknet.2.bias") for k in M) else []
-    if not dims:
-        raise StyleMaskError("not a mask network: no network_*.masknet.* tensors")
-    nets = [("network_global", sum(dims))] if "ctrl_dims" in M else \
-        [(f"network_{i:02d}", d) for i, d in enumerate(dims)]
-    for name, d in nets:
-        for fc in ("0", "2"):
-            for part, shape in (("weight", (d, d)), ("bias", (d,))):
-                k = f"{name}.masknet.{fc}.{part}"
-                if k not in M or tuple(M[k].shape) != shape:
-                    raise StyleMaskError(f"mask tensor {k!r} missing or not of shape {shape}")
-                if not torch.isfinite(M[k]).all():
-                    raise StyleMaskError(f"mask tensor {k!r} contains NaN or Inf: the file is damaged")
-    if G is not None and "ctrl_index" in M:  # a W+ mask: every layer as wide as w
-        if dims != [_cfg(G)["w_dim"]] * len(dims) or len(dims) > n_ws(G):
-            raise StyleMaskError(f"the W+ mask networks (widths {dims[:3]}...) do not fit this generator's W+ codes")
-    elif G is not None:
-        conv_dims = [L.dim for L in style_layout(G) if L.kind == "conv"]
-        if dims != conv_dims[:len(dims)]:
-            raise StyleMaskError(f"the mask networks (layer widths {dims[:3]}...) do not fit this generator "
-                                 f"(conv widths {conv_dims[:3]}...): use the mask trained for it")
-
-
-def random_generator(cfg, seed=0):
-    """A generator of architecture cfg with deterministic random weights in the official layout.
-
-    Weights N(0, 1) as the official init (mapping weights / lr_mlp); biases, noise strengths and
-    style offsets are drawn small but non-zero so that every tensor matters in tests.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    G = {}
-    for k, shape in generator_shapes(cfg).items():
-        if k.endswith("blur.kernel") or k.endswith("upsample.kernel"):
-            f = torch.tensor([1.0, 3.0, 3.0, 1.0])
-            G[k] = torch.outer(f, f) / 64 * 4  # [1,3,3,1] ⊗ [1,3,3,1], normalised, × up² (rosinality)
-        elif k == "latent_avg":
-            continue
-        elif k.endswith(".bias") or k.endswith("noise.weight"):
-            G[k] = 0.1 * torch.randn(shape, generator=gen) + (1.0 if "modulation" in k else 0.0)
-        else:
-            G[k] = torch.randn(shape, generator=gen) / (LR_MLP if k.startswith("style.") else 1.0)
-    G["latent_avg"] = mean_latent(G, seed=seed)
-    return G
-
-
-def tiny_generator(seed=0):
-    """The embedded default generator: CONFIGS['tiny'] with random weights, for CPU runs and tests."""
-    return random_generator(CONFIGS["tiny"], seed)
-
-
-FLAME_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "kintree_table", "weights", "f",
-              "static_lmk_faces_idx", "static_lmk_bary_coords", "dynamic_lmk_faces_idx",
-              "dynamic_lmk_bary_coords", "full_lmk_faces_idx", "full_lmk_bary_coords")
-
-
-def check_flame(Fl):
-    """Raise StyleMaskError unless Fl is a FLAME model with DECA's landmark embedding, shapes consistent."""
-    missing = [k for k in FLAME_KEYS if k not in Fl]
-    if missing:
-        raise StyleMaskError(f"not a FLAME model: tensor {missing[0]!r} is missing")
-    V, J, Fn = Fl["v_template"].shape[0], Fl["J_regressor"].shape[0], Fl["f"].shape[0]
-    want = {"v_template": (V, 3), "posedirs": (V, 3, 9 * (J - 1)), "J_regressor": (J, V), "weights": (V, J),
-            "kintree_table": (2, J), "f": (Fn, 3), "static_lmk_faces_idx": (51,), "static_lmk_bary_coords": (51, 3),
-            "dynamic_lmk_faces_idx": (79, 17), "dynamic_lmk_bary_coords": (79, 17, 3),
-            "full_lmk_faces_idx": (1, 68), "full_lmk_bary_coords": (1, 68, 3)}
-    for k, shape in want.items():
-        if tuple(Fl[k].shape) != shape:
-            raise StyleMaskError(f"FLAME tensor {k!r} has shape {tuple(Fl[k].shape)}, expected {shape}")
-    if Fl["shapedirs"].ndim != 3 or Fl["shapedirs"].shape[:2] != (V, 3) or Fl["shapedirs"].shape[2] < FLAME_N_SHAPE + 50:
-        raise StyleMaskError(f"FLAME shapedirs has shape {tuple(Fl['shapedirs'].shape)}, expected ({V}, 3, 400)")
-    for k in ("static_lmk_faces_idx", "dynamic_lmk_faces_idx", "full_lmk_faces_idx"):
-        if Fl[k].min() < 0 or Fl[k].max() >= Fn:
-            raise StyleMaskError(f"FLAME tensor {k!r} indexes faces outside 0..{Fn - 1}")
-    if Fl["f"].min() < 0 or Fl["f"].max() >= V:
-        raise StyleMaskError(f"FLAME faces index vertices outside 0..{V - 1}")
-    for k, v in Fl.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise StyleMaskError(f"FLAME tensor {k!r} contains NaN or Inf: the file is damaged")
-
-
-def _face_layout_68():
-    """iBUG-68 landmark positions on a unit face (x right, y up): jaw, brows, nose, eyes, lips."""
-    pts = [(math.sin(a) * 1.0, -math.cos(a) * 0.9 + 0.1) for a in torch.linspace(-2.0, 2.0, 17).tolist()]  # 0–16 jaw
-    pts += [(x, 0.55) for x in (-0.8, -0.65, -0.5, -0.35, -0.2)] + [(x, 0.55) for x in (0.2, 0.35, 0.5, 0.65, 0.8)]
-    pts += [(0.0, y) for y in (0.4, 0.27, 0.14, 0.0)] + [(x, -0.1) for x in (-0.25, -0.12, 0.0, 0.12, 0.25)]
-    for cx in (-0.45, 0.45):  # eyes: outer corner, two upper, inner corner, two lower (36–41, 42–47)
-        pts += [(cx + 0.17 * math.cos(math.radians(a)), 0.35 + 0.07 * math.sin(math.radians(a)))
-                for a in (180, 120, 60, 0, -60, -120)]
-    for rx, ry, n in ((0.4, 0.18, 12), (0.25, 0.08, 8)):  # outer lips 48–59, inner lips 60–67, from the left corner
-        pts += [(-rx * math.cos(2 * math.pi * k / n), -0.5 + ry * math.sin(2 * math.pi * k / n)) for k in range(n)]
-    return pts
-
-
-def tiny_flame(seed=0):
-    """The embedded default 3DMM: a small FLAME-like head (640 vertices) with FLAME's and DECA's layout.
-
-    Same tensor names, joints (root, neck, jaw, eyes), coefficient layout (300 + 100 components, DECA uses
-    the first 100 and 50) and 68-landmark embedding with a yaw-dependent jaw contour, so training and the
-    metrics run end to end. Geometry: an ellipsoid in metres facing +z; the bases are smooth random
-    fields (shape) and fields local to mouth, eyes and brows (expression). Not a face model: a test double.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    n_lat, n_lon, lat_deg = 20, 32, (math.radians(-70), math.radians(80))
-    lat = torch.linspace(*lat_deg, n_lat)[:, None].expand(n_lat, n_lon)
-    lon = (torch.arange(n_lon) * (2 * math.pi / n_lon))[None, :].expand(n_lat, n_lon)
-    lon = torch.where(lon > math.pi, lon - 2 * math.pi, lon)  # in (−π, π], 0 = front
-    radii = torch.tensor([0.075, 0.1, 0.09])
-    unit = torch.stack([lon.sin() * lat.cos(), lat.sin(), lon.cos() * lat.cos()], -1).reshape(-1, 3)  # (V, 3)
-    X = unit * radii
-    V = X.shape[0]
-    faces = []
-    for i in range(n_lat - 1):
-        for j in range(n_lon):
-            a, b, c, d = i * n_lon + j, i * n_lon + (j + 1) % n_lon, (i + 1) * n_lon + j, (i + 1) * n_lon + (j + 1) % n_lon
-            faces += [(a, b, c), (b, d, c)]
-    f = torch.tensor(faces)
-    lat_v, lon_v = lat.reshape(-1), lon.reshape(-1)
-
-    def on_face(x, y):  # unit-face coordinates -> (face, barycentric weights) of the point on the surface
-        u = (math.radians(50) * x) % (2 * math.pi) / (2 * math.pi / n_lon)  # grid units along longitude
-        t = (math.radians(35) * y + math.radians(5) - lat_deg[0]) / (lat_deg[1] - lat_deg[0]) * (n_lat - 1)
-        i, j = int(t), int(u)
-        s, t = u - j, t - i  # position inside the grid cell, split into triangles (a, b, c) and (b, d, c)
-        if s + t <= 1:
-            return 2 * (i * n_lon + j), torch.tensor([1 - s - t, s, t])
-        return 2 * (i * n_lon + j) + 1, torch.tensor([1 - t, s + t - 1, 1 - s])
-
-    pts = _face_layout_68()
-    static = [on_face(x, y) for x, y in pts[17:]]
-    rows = []
-    for r in range(79):  # DECA's table: rows 0..39 for yaw 0..39°, rows 40..78 for yaw −1..−39°
-        yaw = r if r < 40 else 39 - r
-        rows.append([on_face(x - yaw / 50.0 * 0.5, y) for x, y in pts[:17]])
-    contour0 = rows[0]
-    Fl = {"v_template": X, "f": f, "kintree_table": torch.tensor([[4294967295, 0, 1, 1, 1], [0, 1, 2, 3, 4]]),
-          "static_lmk_faces_idx": torch.tensor([i for i, _ in static]),
-          "static_lmk_bary_coords": torch.stack([b for _, b in static]),
-          "dynamic_lmk_faces_idx": torch.tensor([[i for i, _ in row] for row in rows]),
-          "dynamic_lmk_bary_coords": torch.stack([torch.stack([b for _, b in row]) for row in rows]),
-          "full_lmk_faces_idx": torch.tensor([[i for i, _ in contour0 + static]]),
-          "full_lmk_bary_coords": torch.stack([b for _, b in contour0 + static])[None]}
-    # joints: root and neck under the head, jaw hinge at ear level, eyes behind the eye landmarks
-    def mean_of(mask):
-        w = mask.float()
-        return w / w.sum()
-    neck = mean_of(lat_v < math.radians(-60))
-    jaw = mean_of((lat_v.abs() < math.radians(12)) & (lon_v.abs() > math.radians(75)) & (lon_v.abs() < math.radians(105)))
-    eyes = [mean_of(((lon_v - math.radians(50 * cx)) ** 2 + (lat_v - math.radians(35 * 0.35 + 5)) ** 2) < math.radians(12) ** 2)
-            for cx in (-0.45, 0.45)]
-    Fl["J_regressor"] = torch.stack([neck, neck, jaw, eyes[0], eyes[1]])
-    # skinning: the lower front (chin, lower lip) follows the jaw, the rest of the head the neck joint
-    jaw_w = torch.sigmoid((math.radians(-12) - lat_v) / 0.08) * torch.sigmoid((math.radians(70) - lon_v.abs()) / 0.1)
-    W = torch.zeros(V, 5)
-    W[:, 2], W[:, 1] = jaw_w, 1 - jaw_w
-    Fl["weights"] = W
-    # bases: smooth random fields along the surface normal (shape), local fields (expression)
-    normal = unit / radii ** 2
-    normal = normal / normal.norm(dim=1, keepdim=True)
-    k = torch.arange(1, 4, dtype=torch.float32)
-    feats = torch.cat([torch.sin(k * lat_v[:, None]), torch.cos(k * lat_v[:, None]), torch.sin(k * lon_v[:, None]),
-                       torch.cos(k * lon_v[:, None]), torch.ones(V, 1)], 1)  # (V, 13) low-frequency features
-    coef_s = torch.randn(13, 300, generator=gen) / (1 + torch.arange(300) / 10.0)
-    shapedirs_s = normal[:, :, None] * (feats @ coef_s)[:, None, :] * 2e-3  # (V, 3, 300)
-    mouth = torch.exp(-((lon_v / math.radians(25)) ** 2 + ((lat_v - math.radians(-12)) / math.radians(10)) ** 2))
-    brows = torch.exp(-((lon_v.abs() - math.radians(25)) / math.radians(15)) ** 2 - ((lat_v - math.radians(24)) / math.radians(6)) ** 2)
-    local = torch.stack([mouth, brows], 1)  # (V, 2)
-    coef_e = torch.randn(2, 3, 100, generator=gen) / (1 + torch.arange(100) / 5.0)
-    shapedirs_e = torch.einsum("vr,rkl->vkl", local, coef_e) * 3e-3  # (V, 3, 100)
-    shapedirs_e[:, 1, 0] -= mouth * (lat_v < math.radians(-12)).float() * 4e-3  # component 0 opens the mouth
-    Fl["shapedirs"] = torch.cat([shapedirs_s, shapedirs_e], 2)
-    Fl["posedirs"] = torch.randn(V, 3, 36, generator=gen) * 1e-4
-    return Fl
-
-
-def default_weights(name, tiny, source, path=None, say=print, loader=None):
-    """(params, is_tiny): the file at path (it must exist); with no path weights/<name>, else tiny().
-
-    The one rule behind every script's defaults; `source` is the official file (and flags) that
-    weights/convert.py turns into weights/<name>, quoted in the note when the tiny default is used.
-    """
-    loader = loader or load
-    if path:  # asked for by name: it must be there
-        return loader(path), False
-    path = WEIGHTS_DIR / name  # read at call time, so that one setting moves every default
-    if path.is_file():
-        return loader(path), False
-    say(f"note: {path} not found: using the TINY random default (a pipeline check, not a face model). "
-        f"For real weights: python weights/convert.py {source.format(path=path)}")
-    return tiny(), True
-
-
-def default_generator(path=None, say=print):
-    """(G, is_tiny): the generator at path; with no path weights/generator.safetensors, else the tiny default."""
-    return default_weights("generator.safetensors", tiny_generator, "stylegan2-ffhq-config-f.pt {path}", path, say)
-
-
-def default_flame(path=None, say=print):
-    """(Fl, is_tiny): the FLAME file at path; with no path weights/flame.safetensors, else tiny_flame()."""
-    return default_weights("flame.safetensors", tiny_flame,
-                           "generic_model.pkl {path} --landmarks landmark_embedding.npy", path, say)
-
-
-_DEFAULT_MASKS = {}
-
-
-def default_mask(D=None, path=None):
-    """The default mask networks: weights/masknet.safetensors when present, else the tiny default's.
-
-    D, the width of the style codes they will see, is checked so that a real-size code never meets
-    the tiny mask silently.
-    """
-    path = Path(path) if path else WEIGHTS_DIR / "masknet.safetensors"
-    if path not in _DEFAULT_MASKS:
-        _DEFAULT_MASKS[path] = load(path) if path.is_file() else init_mask(CONFIGS["tiny"])
-    M = _DEFAULT_MASKS[path]
-    tiny_D = sum(L.dim for L in style_layout(CONFIGS["tiny"]))
-    if D is not None and not path.is_file() and D != tiny_D:
-        raise StyleMaskError(f"no mask weights for style codes of width D = {D} ({path} not found); convert "
-                             f"StyleMask's checkpoint: python weights/convert.py mask_net.pt {path}")
-    return M
-
-
-# --- Images --------------------------------------------------------------------------------------
-
-def to_uint8(img):
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as the official save_image(normalize, range=(-1, 1))."""
-    x = (img.detach().float().clamp(-1, 1) + 1) * 127.5
-    return (x + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def image_grid(columns, size=None):
-    """Columns of (B, 3, H, W) images -> one (B·H, n·W, 3) uint8 grid: row b shows sample b of every column."""
-    if size is not None:
-        columns = [F.adaptive_avg_pool2d(c, size) if c.shape[-1] != size else c for c in columns]
-    cells = torch.stack([to_uint8(c) for c in columns], 1)  # (B, n, H, W, 3)
-    B, n, H, W, _ = cells.shape
-    return cells.permute(0, 2, 1, 3, 4).reshape(B * H, n * W, 3)
-
-
-def write_png(path, img):
-    """Write an (H, W, 3) uint8 image as an 8-bit RGB PNG, atomically (zlib only, no image library)."""
-    import struct
-    import zlib
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-    H, W, _ = img.shape
-    raw = torch.cat([torch.zeros(H, 1, dtype=torch.uint8), img.reshape(H, W * 3)], 1)  # filter 0 per row
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw.numpy().tobytes(), 6)) + chunk(b"IEND", b""))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(png)
-    os.replace(tmp, path)

@@ -10,10 +10,8 @@ mask networks, renders the reenacted images, and minimises Eq. 8 (L_r + L_cycle,
 eye and mouth terms). Without converted weights every network is the tiny embedded default, and the
 run says so: it checks the pipeline, it does not learn faces. See weights/README.md for real weights.
 """
-import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -21,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import facenets as fn
 import stylemask as sm
+import weights
 
 
 @dataclass
@@ -78,54 +77,36 @@ HELP = dict(
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        if f.type is bool:
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=f.default, help=f"{HELP[f.name]} (default: {f.default})")
-        else:
-            choices = {"space": ["S", "W"], "mask": ["per-layer", "global"]}.get(f.name)
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=f.type, default=f.default,
-                           choices=choices, help=f"{HELP[f.name]} (default: {f.default!r})")
-    return Config(**vars(p.parse_args(argv)))
+    return cli.parse_config(Config, HELP, argv, description=__doc__,
+                            choices={"space": ["S", "W"], "mask": ["per-layer", "global"]})
 
 
 # --- Codes, images and supervision ----------------------------------------------------------------
 
-def codes(G, z, cfg):
-    """z (B, z_dim) -> the codes the mask mixes: s (B, D) in S, or flattened W+ (B, n_ws·w_dim) in W."""
-    w = sm.mapping(G, z, truncation=cfg.truncation)
-    if cfg.space == "S":
-        return sm.styles(G, w)
-    return w[:, None].expand(-1, sm.n_ws(G), -1).reshape(w.shape[0], -1)
-
-
 def render(G, code, cfg):
-    """Code -> image pooled to 256×256, as the official trainer feeds the supervision networks."""
-    s = code if cfg.space == "S" else sm.styles(G, code.view(code.shape[0], sm.n_ws(G), -1))
-    img = sm.synthesis(G, s)
-    return img if img.shape[-1] == 256 else F.adaptive_avg_pool2d(img, 256)
+    """A code the mask mixes (`sm.code`) -> image pooled to 256×256, as the official trainer feeds the supervision networks."""
+    return cli.pooled(sm.synthesis(G, sm.code_to_s(G, code, cfg.space)))
 
 
-def supervise(A, D, Fl, img):
+def supervise(A, deca, Fl, img):
     """What the losses need of an image: DECA parameters, the posed shape and landmarks, ArcFace features."""
-    p = fn.deca_params(D, img)
+    p = fn.deca_params(deca, img)
     X, l = sm.shape_and_landmarks(Fl, p["shape"], p["exp"], p["pose"])
     return dict(p=p, X=X, l=l, f=fn.identity(A, img))
 
 
 def pair_loss(nets, M, cfg, src, tgt, tgt2=None):
     """Eq. 8 for one batch: src/tgt/tgt2 carry code, image and supervision (no gradient) -> (L, terms)."""
-    G, A, D, Fl = nets
+    G, A, deca, Fl = nets
     kw = dict(lambda_x=cfg.lambda_x, lambda_id=cfg.lambda_id, eye=cfg.eye, mouth=cfg.mouth)
     code_r = sm.reenact(src["code"], tgt["code"], M)
-    r = supervise(A, D, Fl, render(G, code_r, cfg))
+    r = supervise(A, deca, Fl, render(G, code_r, cfg))
     X_gt, l_gt = sm.ground_truth_shape(Fl, src["p"], tgt["p"])
     L_r, terms = sm.loss_r(X_gt, r["X"], l_gt, r["l"], r["f"], src["f"], **kw)
     L_cycle = None
     if tgt2 is not None:  # Eq. 4: reenact the source and the reenacted code with the second target
-        r1 = supervise(A, D, Fl, render(G, sm.reenact(src["code"], tgt2["code"], M), cfg))
-        r2 = supervise(A, D, Fl, render(G, sm.reenact(code_r, tgt2["code"], M), cfg))
+        r1 = supervise(A, deca, Fl, render(G, sm.reenact(src["code"], tgt2["code"], M), cfg))
+        r2 = supervise(A, deca, Fl, render(G, sm.reenact(code_r, tgt2["code"], M), cfg))
         X_gt2, l_gt2 = sm.ground_truth_shape(Fl, src["p"], tgt2["p"])
         L_cycle, cyc = sm.loss_cycle(X_gt2, r1["X"], r2["X"], l_gt2, r1["l"], r2["l"], src["f"], r1["f"], r2["f"],
                                      paper_id=cfg.paper_id, **kw)
@@ -136,10 +117,10 @@ def pair_loss(nets, M, cfg, src, tgt, tgt2=None):
 @torch.no_grad()
 def sample(nets, cfg, z):
     """Codes, images and supervision of latents z, without gradients (the frozen part of a step)."""
-    G, A, D, Fl = nets
-    code = codes(G, z, cfg)
+    G, A, deca, Fl = nets
+    code = sm.code(G, sm.mapping(G, z, truncation=cfg.truncation), cfg.space)
     img = render(G, code, cfg)
-    return dict(code=code, img=img, **supervise(A, D, Fl, img))
+    return dict(code=code, img=img, **supervise(A, deca, Fl, img))
 
 
 def draw_latents(gen, cfg, z_dim, device):
@@ -160,21 +141,25 @@ def evaluate(nets, M, cfg, held_out):
 
 def save_checkpoint(out, M, opt, step, gen, cfg):
     """Atomically write checkpoint.safetensors (everything to resume) and masknet.safetensors (weights)."""
-    state = {f"train.adam.{name}.{k}": v for name, p in M.items() if p.requires_grad
+    state = {f"train.adam.{name}.{k}": v for name, p in M.params.items()
              for k, v in opt.state.get(p, {}).items()}
     state["train.step"] = torch.tensor(step)
     state["train.rng"] = gen.get_state()
-    sm.save({**{k: v.detach() for k, v in M.items()}, **state}, out / "checkpoint.safetensors", kind="masknet",
-            config=json.dumps(dataclasses.asdict(cfg)), step=step)
-    sm.save({k: v.detach() for k, v in M.items()}, out / "masknet.safetensors", kind="masknet", step=step)
+    weights.save((M, state), out / "checkpoint.safetensors", "checkpoint", config=json.dumps(dataclasses.asdict(cfg)),
+                 step=step)
+    weights.save(M, out / "masknet.safetensors", "masknet", step=step)
 
 
-def load_checkpoint(path, opt_params, opt, gen):
+def load_checkpoint(path, M, opt, gen):
     """Restore mask weights (in place), Adam moments, the step and the sampling RNG; returns the step."""
-    ck = sm.load(path)
+    saved, state = weights.read(path, "checkpoint")
+    ck = {**saved.params, **state}
     if "train.step" not in ck or "train.rng" not in ck:
         raise sm.StyleMaskError(f"{path}: mask weights only, no training state: pass a checkpoint.safetensors")
-    for name, p in opt_params.items():
+    if (saved.kind, saved.space) != (M.kind, M.space):
+        raise sm.StyleMaskError(f"{path}: holds {saved.kind} masks in {saved.space}, this run trains {M.kind} masks "
+                                f"in {M.space}: same --space and --mask needed")
+    for name, p in M.params.items():
         if name not in ck or ck[name].shape != p.shape:
             raise sm.StyleMaskError(f"{path}: does not match this run's mask networks ({name}); same --space, "
                                     f"--mask, --n-layers and generator needed")
@@ -202,7 +187,14 @@ def save_grid(path, G, M, cfg, held_out, n=4):
     src, tgt, _ = held_out
     with torch.no_grad():
         rec = render(G, sm.reenact(src["code"][:n], tgt["code"][:n], M), cfg)
-    sm.write_png(path, sm.image_grid([src["img"][:n], tgt["img"][:n], rec]))
+    cli.write_png(path, cli.image_grid([src["img"][:n], tgt["img"][:n], rec]))
+
+
+def load_nets(cfg, say=print):
+    """((G, A, deca, Fl), tiny): generator, ArcFace, DECA encoder and FLAME by weights' one default rule."""
+    nets, defaulted = weights.load_all(["generator", "arcface", "deca", "flame"], say=say, generator=cfg.generator,
+                                       arcface=cfg.arcface, deca=cfg.deca, flame=cfg.flame)
+    return tuple(nets.values()), "generator" in defaulted
 
 
 # --- The loop --------------------------------------------------------------------------------------
@@ -211,9 +203,8 @@ def main(argv=None):
     cfg = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.seed)
-    G, A, D, Fl, tiny = fn.load_all(cfg.generator, cfg.arcface, cfg.deca, cfg.flame)
-    to = lambda P: {k: v.to(device) for k, v in P.items()}  # noqa: E731
-    nets = (to(G), to(A), to(D), to(Fl))
+    nets, tiny = load_nets(cfg)
+    nets = tuple(cli.to_device(P, device) for P in nets)
     G = nets[0]
     cfg.steps = cfg.steps or (200 if tiny else 70000)
     cfg.lr = cfg.lr or (1e-2 if tiny else 1e-4)
@@ -222,10 +213,10 @@ def main(argv=None):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    M = {k: v.to(device).requires_grad_(v.is_floating_point())
-         for k, v in sm.init_mask(G, cfg.n_layers, seed=cfg.seed, kind=cfg.mask, space=cfg.space).items()}
-    params = {k: v for k, v in M.items() if v.requires_grad}
-    opt = torch.optim.Adam(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    M = cli.to_device(sm.init_mask(G, cfg.n_layers, seed=cfg.seed, kind=cfg.mask, space=cfg.space), device)
+    for p in M.params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(M.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     z_dim = G["style.1.weight"].shape[1]
     held_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # held-out pairs, never trained on
@@ -235,7 +226,7 @@ def main(argv=None):
         held_out = held_out[:2] + (None,)
     step = 0
     if cfg.resume:
-        step = load_checkpoint(cfg.resume, params, opt, gen)
+        step = load_checkpoint(cfg.resume, M, opt, gen)
         trim_log(out / "log.jsonl", step)
         print(f"resumed from {cfg.resume} at step {step}")
     (out / "config.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), tiny_default=tiny), indent=2) + "\n")
@@ -274,4 +265,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(sm.run_script(main))
+    sys.exit(cli.run_script(main))

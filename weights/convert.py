@@ -1,13 +1,13 @@
 """Convert official checkpoints to stylemask safetensors: the one place that knows foreign key names.
 
-    python weights/convert.py stylegan2-ffhq-config-f.pt weights/generator.safetensors
-    python weights/convert.py network-snapshot.pkl weights/generator.safetensors   # NVlabs G_ema
-    python weights/convert.py mask_net.pt weights/masknet.safetensors               # StyleMask
-    python weights/convert.py generic_model.pkl weights/flame.safetensors --landmarks landmark_embedding.npy
-    python weights/convert.py model_ir_se50.pth weights/arcface.safetensors         # ArcFace (pSp)
-    python weights/convert.py deca_model.tar weights/deca.safetensors               # DECA E_flame
-    python weights/convert.py pt_inception-2015-12-05-6726825d.pth weights/inception.safetensors  # FID
-    python weights/convert.py e4e_ffhq_encode.pt weights/e4e.safetensors             # e4e inversion
+    python -m weights.convert stylegan2-ffhq-config-f.pt weights/generator.safetensors
+    python -m weights.convert network-snapshot.pkl weights/generator.safetensors   # NVlabs G_ema
+    python -m weights.convert mask_net.pt weights/masknet.safetensors               # StyleMask
+    python -m weights.convert generic_model.pkl weights/flame.safetensors --landmarks landmark_embedding.npy
+    python -m weights.convert model_ir_se50.pth weights/arcface.safetensors         # ArcFace (pSp)
+    python -m weights.convert deca_model.tar weights/deca.safetensors               # DECA E_flame
+    python -m weights.convert pt_inception-2015-12-05-6726825d.pth weights/inception.safetensors  # FID
+    python -m weights.convert e4e_ffhq_encode.pt weights/e4e.safetensors             # e4e inversion
 
 Kinds (auto-detected; --kind forces one):
   rosinality  rosinality-format generator, as StyleMask distributes it: a .pt dict with `g_ema`
@@ -35,7 +35,6 @@ import argparse
 import codecs
 import copyreg
 import io
-import math
 import pickle
 import re
 import sys
@@ -45,11 +44,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import facenets  # noqa: E402
-import fid  # noqa: E402
-import stylemask as sm  # noqa: E402
-from stylemask import StyleMaskError  # noqa: E402
+import cli
+import e4e
+import facenets
+import fid
+import stylemask as sm
+import weights
+from stylemask import StyleMaskError
+from weights import layout
 
 KINDS = ("auto", "rosinality", "masknet", "nvlabs", "flame", "arcface", "deca", "inception", "e4e")
 
@@ -76,7 +78,7 @@ def from_rosinality(ckpt, say=print):
     if not isinstance(ckpt, dict) or "g_ema" not in ckpt:
         raise StyleMaskError("no 'g_ema' in the checkpoint: not a rosinality-format generator")
     G = {k: v.float() for k, v in ckpt["g_ema"].items() if isinstance(v, torch.Tensor)}
-    want = sm.generator_shapes(sm.config(G))
+    want = layout.generator_shapes(sm.architecture(G))
     extra = sorted(set(G) - set(want))
     if extra:
         raise StyleMaskError(f"unexpected tensor {extra[0]!r} in g_ema: not a StyleGAN2 config-f generator")
@@ -85,7 +87,7 @@ def from_rosinality(ckpt, say=print):
     else:
         say("note: the checkpoint has no latent_avg; storing the mean of 4096 mapped z (seed 0)")
         G["latent_avg"] = sm.mean_latent(G, n=4096, seed=0)
-    sm.check_generator(G)
+    layout.check_generator(G)
     return G
 
 
@@ -93,11 +95,17 @@ def from_masknet(ckpt):
     """StyleMask checkpoint {'mask_net': state dict, 'num_layers_control': n} -> M (same names)."""
     if not isinstance(ckpt, dict) or "mask_net" not in ckpt:
         raise StyleMaskError("no 'mask_net' in the checkpoint: not a StyleMask mask-network file")
-    M = {k: v.float() for k, v in ckpt["mask_net"].items()}
-    sm.check_mask(M)
+    P = {k: v.float() for k, v in ckpt["mask_net"].items()}
+    n_nets = sum(1 for k in P if re.fullmatch(r"network_\d\d\.masknet\.2\.bias", k))
+    dims = [int(P[f"network_{i:02d}.masknet.2.bias"].shape[0]) for i in range(n_nets)
+            if f"network_{i:02d}.masknet.2.bias" in P]
+    if not dims:
+        raise StyleMaskError("not a mask network: no network_*.masknet.* tensors")
+    M = sm.Masks("per-layer", "S", dims, P)  # the official code has only per-layer masks in S
+    layout.check_mask(M)
     n = ckpt.get("num_layers_control")
-    if n is not None and len(sm.mask_dims(M)) != int(n):
-        raise StyleMaskError(f"num_layers_control = {n} but the file holds {len(sm.mask_dims(M))} mask networks")
+    if n is not None and len(M.dims) != int(n):
+        raise StyleMaskError(f"num_layers_control = {n} but the file holds {len(M.dims)} mask networks")
     return M
 
 
@@ -239,7 +247,7 @@ def from_nvlabs(G_ema):
         raise StyleMaskError(f"layers use different conv_clamp values {sorted(clamps)}: not supported")
     if clamps:
         G["conv_clamp"] = torch.tensor(float(clamps.pop()))
-    sm.check_generator(G)
+    layout.check_generator(G)
     return G
 
 
@@ -370,7 +378,7 @@ def from_flame(model_path, landmarks_path):
             a = np.ascontiguousarray(_array(src[k], k, path))  # some DECA arrays are Fortran-ordered
             integer = k in ("f", "kintree_table") or k.endswith("faces_idx")
             Fl[k] = torch.from_numpy(a.astype(np.int64 if integer else np.float32))
-    sm.check_flame(Fl)
+    layout.check_flame(Fl)
     return Fl
 
 
@@ -386,7 +394,7 @@ def from_arcface(state_dict):
     if not isinstance(state_dict, dict) or "input_layer.0.weight" not in state_dict:
         raise StyleMaskError("no 'input_layer.0.weight' in the checkpoint: not an ArcFace IR-SE50 state dict")
     A = _plain_state(state_dict)
-    facenets.check_arcface(A)
+    layout.check_arcface(A)
     return A
 
 
@@ -395,7 +403,7 @@ def from_deca(ckpt):
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("E_flame"), dict):
         raise StyleMaskError("no 'E_flame' state dict in the checkpoint: not a DECA model (deca_model.tar)")
     D = _plain_state(ckpt["E_flame"])
-    facenets.check_deca(D)
+    layout.check_deca(D)
     return D
 
 
@@ -408,7 +416,7 @@ def from_inception(state_dict):
         raise StyleMaskError(f"this is torchvision's ImageNet Inception-v3, not the FID Inception: FID needs "
                              f"pytorch-fid's TensorFlow-ported weights, {fid.FID_WEIGHTS}")
     I = _plain_state(state_dict)
-    fid.check_inception(I)
+    layout.check_inception(I)
     return I
 
 
@@ -427,11 +435,11 @@ def from_e4e(ckpt, say=print):
     avg = ckpt.get("latent_avg")
     if avg is None:  # pSp then adds nothing
         say("note: the checkpoint has no latent_avg; storing zeros (pSp then adds nothing)")
-        avg = torch.zeros(facenets.e4e_config(E)["w_dim"])
+        avg = torch.zeros(e4e.e4e_arch(E)["w_dim"])
     if not isinstance(avg, torch.Tensor):
         raise StyleMaskError(f"latent_avg is a {type(avg).__name__}, not a tensor")
     E["latent_avg"] = avg.float().reshape(-1) if avg.numel() == avg.shape[-1] else avg.float()  # (1, 512) -> (512,)
-    facenets.check_e4e(E)
+    layout.check_e4e(E)
     return E
 
 
@@ -485,8 +493,10 @@ def convert(src, kind="auto", say=print, landmarks=None):
                          f"E_flame (DECA), input_layer.* (ArcFace), Mixed_7c.* (FID Inception) or state_dict (e4e)")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv=None):
+    """The command line: convert src to dst (never replacing dst without --force); raises StyleMaskError."""
+    p = argparse.ArgumentParser(prog="python -m weights.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="official checkpoint (.pt, .pth, .tar or .pkl)")
     p.add_argument("dst", help="output .safetensors file")
     p.add_argument("--kind", choices=KINDS, default="auto", help="checkpoint kind (default: detect)")
@@ -494,26 +504,28 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="replace dst if it exists")
     a = p.parse_args(argv)
     dst = Path(a.dst)
-    try:
-        if dst.exists() and not a.force:
-            raise StyleMaskError(f"{dst} exists; pass --force to replace it")
-        if dst.suffix != ".safetensors":
-            raise StyleMaskError(f"{dst}: the output must end in .safetensors")
-        params, kind = convert(a.src, a.kind, landmarks=a.landmarks)
-        sm.save(params, dst, kind=kind, source=Path(a.src).name)
-    except StyleMaskError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    n = sum(v.numel() for v in params.values())
-    what = {"generator": lambda: f"generator {sm.config_name(sm.config(params))} {sm.config(params)['resolution']}px",
-            "masknet": lambda: f"mask networks over {len(sm.mask_dims(params))} layers",
+    if dst.exists() and not a.force:
+        raise StyleMaskError(f"{dst} exists; pass --force to replace it")
+    if dst.suffix != ".safetensors":
+        raise StyleMaskError(f"{dst}: the output must end in .safetensors")
+    params, kind = convert(a.src, a.kind, landmarks=a.landmarks)
+    weights.save(params, dst, kind, source=Path(a.src).name)
+    tensors = params.params if kind == "masknet" else params
+    n = sum(v.numel() for v in tensors.values())
+    what = {"generator": lambda: f"generator {sm.arch_name(sm.architecture(params))} "
+                                 f"{sm.architecture(params)['resolution']}px",
+            "masknet": lambda: f"mask networks over {len(params.dims)} layers",
             "flame": lambda: f"FLAME with {params['v_template'].shape[0]} vertices and DECA's 68 landmarks",
-            "arcface": lambda: f"ArcFace IR-SE with {len(facenets.arcface_config(params)['units'])} units",
-            "deca": lambda: f"DECA E_flame, ResNet blocks {[n for _, n in facenets.deca_config(params)['layers']]}",
+            "arcface": lambda: f"ArcFace IR-SE with {len(facenets.arcface_arch(params)['units'])} units",
+            "deca": lambda: f"DECA E_flame, ResNet blocks {[n for _, n in facenets.deca_arch(params)['layers']]}",
             "inception": lambda: f"FID Inception-v3 ({len(fid.CONVS)} BasicConv2d, {fid.FID_DIMS}-d pool3)",
-            "e4e": lambda: "e4e encoder, W+ ({n_styles}, {w_dim})".format(**facenets.e4e_config(params))}[kind]()
-    print(f"wrote {dst}: {what}, {len(params)} tensors, {n / 1e6:.1f}M parameters")
+            "e4e": lambda: "e4e encoder, W+ ({n_styles}, {w_dim})".format(**e4e.e4e_arch(params))}[kind]()
+    print(f"wrote {dst}: {what}, {len(tensors)} tensors, {n / 1e6:.1f}M parameters")
     return 0
+
+
+def main(argv=None):
+    return cli.run_script(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,188 @@
+"""The one home of parameters: every parameter file is read, checked and written here, by one rule.
+
+    load(kind, path=None, say=print) -> (params, is_default)
+        The default rule, the same for every network and script: an explicit path (it must exist),
+        else weights/<kind>.safetensors, else the embedded default (`weights.defaults`), said out loud.
+    load_all(kinds, say=print, **paths) -> (nets, defaulted)
+        Several kinds by that rule, all converted files or all embedded defaults, never a silent mix.
+    read(path, kind) / save(params, path, kind, **meta)
+        One safetensors file, checked fully against its kind's layout (`weights.layout`).
+
+A file's kind is stated in its safetensors metadata (`stylemask`: generator, masknet, checkpoint,
+flame, arcface, deca, e4e, inception), never guessed from its tensor names; mask files also state the
+mask's kind, space and layer widths. Mask networks travel as `sm.Masks`, the others as flat dicts.
+Official checkpoints become such files with `python -m weights.convert` (weights/convert.py, the one
+place that knows foreign key names); weights/README.md says where each official file comes from.
+
+Not here: forward code (the model modules) and the tensors' names and shapes (`weights.layout`).
+"""
+import json
+import os
+from collections import namedtuple
+from pathlib import Path
+
+
+import stylemask as sm
+from fid import FID_WEIGHTS
+from stylemask import StyleMaskError
+from weights import defaults, layout
+
+DIR = Path(__file__).resolve().parent  # where converted files are found by default (read at call time)
+
+Kind = namedtuple("Kind", "file what check default source")
+Kind.__doc__ = """One kind of parameter file: its default file name in weights/, what it is (for messages), its
+check, its embedded default (None: there is none) and the official file `python -m weights.convert` reads
+for it (with any extra flags after {path})."""
+
+KINDS = {
+    "generator": Kind("generator.safetensors", "a StyleGAN2 generator", layout.check_generator,
+                      defaults.tiny_generator, "stylegan2-ffhq-config-f.pt {path}"),
+    "masknet": Kind("masknet.safetensors", "StyleMask mask networks", layout.check_mask,
+                    defaults.tiny_mask, "mask_network_1024.pt {path}"),
+    "checkpoint": Kind(None, "a train.py checkpoint", layout.check_mask, None, None),
+    "flame": Kind("flame.safetensors", "a FLAME model", layout.check_flame, defaults.tiny_flame,
+                  "generic_model.pkl {path} --landmarks landmark_embedding.npy"),
+    "arcface": Kind("arcface.safetensors", "an ArcFace IR-SE network", layout.check_arcface,
+                    defaults.tiny_arcface, "model_ir_se50.pth {path}"),
+    "deca": Kind("deca.safetensors", "a DECA E_flame encoder", layout.check_deca, defaults.tiny_deca,
+                 "deca_model.tar {path}"),
+    "e4e": Kind("e4e.safetensors", "an e4e encoder", layout.check_e4e, defaults.tiny_e4e, "e4e_ffhq_encode.pt {path}"),
+    "inception": Kind("inception.safetensors", "the FID Inception-v3", layout.check_inception, None,
+                      FID_WEIGHTS + " {path}"),
+}
+PRETRAINED = ("generator", "arcface", "deca", "flame", "e4e")  # all converted or all embedded defaults
+
+
+def convert_command(kind, path=None):
+    """The command that makes the file of this kind from its official checkpoint."""
+    return "python -m weights.convert " + KINDS[kind].source.format(path=path or DIR / KINDS[kind].file)
+
+
+# --- One file ---------------------------------------------------------------------------------------
+
+def save(params, path, kind, **meta):
+    """Write params of this kind to a safetensors file atomically, the kind and its description in the header.
+
+    masknet: params is an sm.Masks. checkpoint: params is (sm.Masks, training-state tensors).
+    """
+    header = {"stylemask": kind, **{k: str(v) for k, v in meta.items()}}
+    tensors = params
+    if kind in ("masknet", "checkpoint"):
+        M, state = (params, {}) if kind == "masknet" else params
+        header.update(mask_kind=M.kind, mask_space=M.space, ctrl_dims=json.dumps(list(M.dims)))
+        tensors = {**M.params, **state}
+    elif kind == "generator":
+        header["config"] = json.dumps(sm.architecture(params))
+    from safetensors.torch import save_file
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read(path, kind, device="cpu"):
+    """The parameters in the file at path, which must hold this kind (a masknet may also come from a
+    checkpoint), checked fully. masknet: an sm.Masks; checkpoint: (sm.Masks, training-state tensors)."""
+    from safetensors import safe_open
+    path = Path(path)
+    if path.is_dir():
+        raise StyleMaskError(f"{path}: is a folder; pass the .safetensors file in it")
+    if not path.is_file():
+        raise StyleMaskError(f"{path}: no such file; convert the official weights with "
+                             f"`python -m weights.convert SRC {path}` (see weights/README.md)")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        raise StyleMaskError(f"{path}: not a readable safetensors file ({e}); re-convert it with "
+                             f"python -m weights.convert") from None
+    found = meta.get("stylemask")
+    if found not in KINDS:
+        raise StyleMaskError(f"{path}: not a stylemask parameter file (its header names no kind); convert the "
+                             f"official checkpoint with python -m weights.convert")
+    if kind == "checkpoint" and found == "masknet":
+        raise StyleMaskError(f"{path}: mask weights only, no training state: pass a checkpoint.safetensors")
+    if found != kind and not (kind == "masknet" and found == "checkpoint"):
+        raise StyleMaskError(f"{path}: not {KINDS[kind].what}: it holds {KINDS[found].what} (kind {found!r})")
+    params = tensors
+    if found in ("masknet", "checkpoint"):
+        state = {k: v for k, v in tensors.items() if k.startswith("train.")}
+        params = sm.Masks(meta.get("mask_kind"), meta.get("mask_space"), json.loads(meta.get("ctrl_dims", "[]")),
+                          {k: v for k, v in tensors.items() if not k.startswith("train.")})
+    try:
+        KINDS[kind].check(params)
+    except StyleMaskError as e:
+        raise StyleMaskError(f"{path}: {e}") from None
+    return (params, state) if kind == "checkpoint" else params
+
+
+# --- The default rule -----------------------------------------------------------------------------------
+
+def find(name, path=None):
+    """The file the default rule picks: path if given (it must exist), else weights/<name> if present, else None."""
+    if path:
+        if not Path(path).exists():
+            raise StyleMaskError(f"{path}: no such file")
+        return Path(path)
+    p = DIR / name
+    return p if p.is_file() else None
+
+
+def load(kind, path=None, say=print):
+    """(params, is_default): the file at path; with no path weights/<kind>.safetensors; else the embedded
+    default, said out loud. Kinds without a default (inception) give (None, True) with a note."""
+    k = KINDS[kind]
+    if path:  # asked for by name: it must be there
+        return read(path, kind), False
+    p = DIR / k.file
+    if p.is_file():
+        return read(p, kind), False
+    if k.default is None:
+        say(f"note: {p} not found: {k.what} has no embedded default (random weights would give meaningless "
+            f"numbers), so what needs it is not computed. To compute it: {convert_command(kind)}")
+        return None, True
+    say(f"note: {p} not found: using the TINY random default (a pipeline check, not a face model). "
+        f"For real weights: {convert_command(kind)}")
+    return k.default(), True
+
+
+def load_all(kinds, say=print, **paths):
+    """({kind: params}, defaulted kinds): each kind by the default rule, the networks of PRETRAINED all from
+    converted files or all embedded defaults (real faces scored by random networks, or the reverse, would
+    mean nothing). Mask networks default only with the default generator and must fit the generator."""
+    for kind in kinds:
+        if paths.get(kind) and not Path(paths[kind]).is_file():
+            raise StyleMaskError(f"{paths[kind]}: no such file (--{kind}); convert the official weights with "
+                                 f"python -m weights.convert (see weights/README.md)")
+    group = [k for k in kinds if k in PRETRAINED]
+    found = {k: bool(paths.get(k)) or (DIR / KINDS[k].file).is_file() for k in group}
+    if any(found.values()) and not all(found.values()):
+        have = ", ".join(k for k, v in found.items() if v)
+        lack = ", ".join(f"weights/{KINDS[k].file}" for k, v in found.items() if not v)
+        raise StyleMaskError(f"converted weights found for {have} but not {lack}: convert all of "
+                             f"{', '.join(group)} (see weights/README.md), or none for the tiny defaults")
+    tiny = not any(found.values())
+    quiet = (lambda *_: None) if tiny else say
+    nets, defaulted = {}, set()
+    for kind in kinds:
+        if kind == "masknet" and not tiny and not find(KINDS[kind].file, paths.get(kind)):
+            raise StyleMaskError(f"{DIR / KINDS[kind].file} not found: convert StyleMask's checkpoint "
+                                 f"({convert_command(kind)}) or pass --mask")
+        nets[kind], is_default = load(kind, paths.get(kind), say=say if kind == "inception" else quiet)
+        if is_default:
+            defaulted.add(kind)
+    if "masknet" in nets and "generator" in nets:
+        try:
+            layout.check_mask(nets["masknet"], nets["generator"])
+        except StyleMaskError as e:
+            raise StyleMaskError(f"{paths.get('masknet') or DIR / KINDS['masknet'].file}: {e}") from None
+    if tiny:
+        untrained = ", UNTRAINED mask networks" if "masknet" in defaulted else ""
+        say(f"note: no converted weights in weights/: using the TINY defaults (random {', '.join(group)}{untrained}). "
+            f"This checks the pipeline; it says nothing about faces. See weights/README.md.")
+    return nets, defaulted
