@@ -1,143 +1,23 @@
-"""e4e inversion (facenets.e4e) against a torch.nn construction of encoder4editing's Encoder4Editing written
-here, its input resize against PIL, the tiny default against the tiny generator, and the 'e4e' converter on
-checkpoints built from random tensors with the official key names."""
+"""e4e inversion (facenets.e4e) against a torch.nn construction of encoder4editing's Encoder4Editing
+(helpers.py), its input resize against PIL, the tiny default against the tiny generator, and the 'e4e'
+converter on checkpoints built from random tensors with the official key names."""
 import argparse
-import math
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from hypothesis import given, strategies as st
 from torch.testing import assert_close
 
 import facenets as fn
 import stylemask as sm
-from test_facenets import randomize
+from helpers import Encoder4Editing, build_e4e, params_of
 from weights import convert
-
-
-# --- The official network as torch.nn modules (official attribute = state-dict names) ----------------
-
-class SEModule(nn.Module):
-    """models/encoders/helpers.py SEModule."""
-
-    def __init__(self, c, reduction):
-        super().__init__()
-        self.fc1 = nn.Conv2d(c, c // reduction, 1, bias=False)
-        self.fc2 = nn.Conv2d(c // reduction, c, 1, bias=False)
-
-    def forward(self, x):
-        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
-
-
-class BottleneckIRSE(nn.Module):
-    """helpers.py bottleneck_IR_SE."""
-
-    def __init__(self, in_channel, depth, stride, se):
-        super().__init__()
-        self.shortcut_layer = nn.MaxPool2d(1, stride) if in_channel == depth else nn.Sequential(
-            nn.Conv2d(in_channel, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
-        self.res_layer = nn.Sequential(nn.BatchNorm2d(in_channel), nn.Conv2d(in_channel, depth, 3, 1, 1, bias=False),
-                                       nn.PReLU(depth), nn.Conv2d(depth, depth, 3, stride, 1, bias=False),
-                                       nn.BatchNorm2d(depth), SEModule(depth, se))
-
-    def forward(self, x):
-        return self.shortcut_layer(x) + self.res_layer(x)
-
-
-class EqualLinear(nn.Module):
-    """rosinality EqualLinear(in, out, lr_mul=1), no activation."""
-
-    def __init__(self, i, o):
-        super().__init__()
-        self.weight, self.bias, self.scale = nn.Parameter(torch.randn(o, i)), nn.Parameter(torch.zeros(o)), 1 / math.sqrt(i)
-
-    def forward(self, x):
-        return F.linear(x, self.weight * self.scale, self.bias)
-
-
-class GradualStyleBlock(nn.Module):
-    """psp_encoders.py GradualStyleBlock(in_c, out_c, spatial)."""
-
-    def __init__(self, in_c, out_c, spatial):
-        super().__init__()
-        mods = [nn.Conv2d(in_c, out_c, 3, 2, 1), nn.LeakyReLU()]
-        for _ in range(int(np.log2(spatial)) - 1):
-            mods += [nn.Conv2d(out_c, out_c, 3, 2, 1), nn.LeakyReLU()]
-        self.convs, self.linear, self.out_c = nn.Sequential(*mods), EqualLinear(out_c, out_c), out_c
-
-    def forward(self, x):
-        return self.linear(self.convs(x).view(-1, self.out_c))
-
-
-IR_SE50 = [(64, 3), (128, 4), (256, 14), (512, 3)]  # get_blocks(50): (depth, num_units)
-
-
-class Encoder4Editing(nn.Module):
-    """psp_encoders.py Encoder4Editing in ProgressiveStage.Inference, and pSp.forward's + latent_avg.
-
-    blocks generalises get_blocks (the depth of each stage); the real one is IR_SE50, 64 stem, 512 styles.
-    """
-
-    def __init__(self, blocks=IR_SE50, stem=64, w_dim=512, n_styles=18, se=16):
-        super().__init__()
-        self.input_layer = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.PReLU(stem))
-        units, c_in = [], stem
-        for depth, n in blocks:
-            units += [BottleneckIRSE(c_in, depth, 2, se)] + [BottleneckIRSE(depth, depth, 1, se) for _ in range(n - 1)]
-            c_in = depth
-        self.body = nn.Sequential(*units)
-        ends = np.cumsum([n for _, n in blocks]) - 1
-        self.taps = (ends[1], ends[2], ends[3])  # 6, 20, 23 for IR-SE50
-        c3 = blocks[3][0]
-        self.styles = nn.ModuleList([GradualStyleBlock(c3, w_dim, 16 if i < 3 else 32 if i < 7 else 64)
-                                     for i in range(n_styles)])
-        self.latlayer1 = nn.Conv2d(blocks[2][0], c3, 1)
-        self.latlayer2 = nn.Conv2d(blocks[1][0], c3, 1)
-        self.register_buffer("latent_avg", torch.zeros(w_dim))
-        self.style_count = n_styles
-
-    def forward(self, x):
-        x = self.input_layer(x)
-        for i, layer in enumerate(self.body):
-            x = layer(x)
-            if i == self.taps[0]:
-                c1 = x
-            elif i == self.taps[1]:
-                c2 = x
-            elif i == self.taps[2]:
-                c3 = x
-        w0 = self.styles[0](c3)
-        w = w0.repeat(self.style_count, 1, 1).permute(1, 0, 2)
-        features = c3
-        for i in range(1, self.style_count):
-            if i == 3:
-                p2 = F.interpolate(c3, size=c2.shape[-2:], mode="bilinear", align_corners=True) + self.latlayer1(c2)
-                features = p2
-            elif i == 7:
-                p1 = F.interpolate(p2, size=c1.shape[-2:], mode="bilinear", align_corners=True) + self.latlayer2(c1)
-                features = p1
-            w[:, i] += self.styles[i](features)
-        return w + self.latent_avg.repeat(w.shape[0], 1, 1)
-
-
-def build(seed, **kw):
-    """Encoder4Editing(**kw) with random weights (He-normal, BN stats random, positive variances), eval mode."""
-    with torch.device("meta"):
-        module = Encoder4Editing(**kw)
-    module = module.to_empty(device="cpu")  # EqualLinear's weights are N(0, 1); so is a latent
-    return randomize(module, seed, unit_normal=lambda k: k.endswith("linear.weight") or k == "latent_avg")
 
 
 def close(got, want):
     """Equal up to float32 rounding at the outputs' scale (random deep IR-SE trunks reach |w| ~ 400)."""
     assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.detach().abs().max()))
-
-
-def params_of(module):
-    return {k: v.clone() for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
 # A reduced e4e: every stage, tap, FPN merge and the 18 progressive style blocks, narrow and shallow.
@@ -146,7 +26,7 @@ SMALL = dict(blocks=[(16, 2), (24, 2), (32, 3), (40, 2)], stem=16, w_dim=24, n_s
 
 @pytest.fixture(scope="module")
 def small():
-    return build(0, **SMALL)
+    return build_e4e(0, **SMALL)
 
 
 # --- The network --------------------------------------------------------------------------------------
@@ -176,7 +56,7 @@ def test_e4e_matches_the_official_encoder(small, size):
 def test_every_style_count_and_its_gradients(seed, n_styles, B):
     """14 styles: a 256 generator (the tiny default); 8: the fine stage barely entered (row 7 only)."""
     kw = dict(SMALL, blocks=[(8, 1), (12, 1), (16, 1), (20, 1)], stem=8, w_dim=8, n_styles=n_styles, se=4)
-    ref = build(seed, **kw)
+    ref = build_e4e(seed, **kw)
     x = (torch.rand(B, 3, 256, 256, generator=torch.Generator().manual_seed(seed)) * 2 - 1).requires_grad_()
     got = fn.e4e(params_of(ref), x)
     want = ref(x)

@@ -4,7 +4,7 @@
 gradients for hypothesis-drawn shapes (float64, so that any difference is a bug, not rounding), on both
 of modconv_cpu's formulations; then `synthesis` on the fast path (the default on CPU) against
 STYLEMASK_FAST=0 for the tiny and a small custom generator, at batch 1 and batch > 1 (which take
-different code paths), with and without autograd. Timings live in kernels/bench.py, not here.
+different code paths), with and without autograd. Timings live in bench/speed.py, not here.
 """
 import importlib
 from contextlib import contextmanager
@@ -16,10 +16,9 @@ from torch.testing import assert_close
 
 import kernels
 import stylemask as sm
+from helpers import rand, upfirdn2d_inputs
 from kernels.modconv import modconv_cpu, modconv_ref
 from kernels.upfirdn2d import upfirdn2d_cpu, upfirdn2d_ref
-from test_kernels import _rand, upfirdn2d_inputs
-from test_stylemask import SMALL, G, tiny  # noqa: F401 (fixtures)
 
 BLUR = torch.outer(torch.tensor([1.0, 3, 3, 1]), torch.tensor([1.0, 3, 3, 1])).double() / 64 * 4  # × up²
 
@@ -59,7 +58,7 @@ def test_upfirdn2d_cpu_matches_reference(seed, B, C, H, W, up, down, kh, kw, pad
     args = dict(up=up, down=down, pad=pad, flip_filter=flip, gain=gain)
     y, y_ref = upfirdn2d_cpu(x, f, **args), upfirdn2d_ref(x, f, **args)
     assert_close(y, y_ref)
-    dy = _rand(g, *y.shape)
+    dy = rand(g, *y.shape)
     assert_close(_grads(y, x, dy)[0], _grads(y_ref, x, dy)[0])
 
 
@@ -81,16 +80,16 @@ def test_modconv_cpu_matches_reference(seed, B, cin, cout, H, W, k, demod, up, m
     if up == 2 and k != 3:
         return  # StyleGAN2 up-samples with 3×3 kernels only
     g = torch.Generator().manual_seed(seed)
-    x, s = _rand(g, B, cin, H, W).requires_grad_(), _rand(g, B, cin).requires_grad_()
-    weight = _rand(g, cout, cin, k, k) / (cin * k * k) ** 0.5
-    bias, gain = (_rand(g, cout), 2 ** 0.5) if fused else (None, 1.0)
+    x, s = rand(g, B, cin, H, W).requires_grad_(), rand(g, B, cin).requires_grad_()
+    weight = rand(g, cout, cin, k, k) / (cin * k * k) ** 0.5
+    bias, gain = (rand(g, cout), 2 ** 0.5) if fused else (None, 1.0)
     with _layout(layout):
         y = modconv_cpu(x, weight, s, demodulate=demod, up=up, fir=BLUR, bias=bias, gain=gain, modulate=modulate)
     y_ref = gain * modconv_ref(x, weight, s, demodulate=demod, up=up, fir=BLUR)
     y_ref = y_ref if bias is None else y_ref + bias[:, None, None]
     assert y.shape == (B, cout, H * up, W * up)
     assert_close(y, y_ref)
-    dy = _rand(g, *y.shape)
+    dy = rand(g, *y.shape)
     for got, want in zip(_grads(y, (x, s), dy), _grads(y_ref, (x, s), dy)):
         assert_close(got, want)
 
@@ -110,7 +109,7 @@ def test_modconv_cpu_gradcheck_of_the_up_layer():
     # The polyphase transposed conv has its own autograd Function (_Interleave): check it numerically,
     # on the formulation autograd uses (the test above holds both formulations' gradients to modconv_ref).
     g = torch.Generator().manual_seed(0)
-    x, s, weight = _rand(g, 2, 2, 2, 3).requires_grad_(), _rand(g, 2, 2).requires_grad_(), _rand(g, 2, 2, 3, 3)
+    x, s, weight = rand(g, 2, 2, 2, 3).requires_grad_(), rand(g, 2, 2).requires_grad_(), rand(g, 2, 2, 3, 3)
     with _layout("nhwc"):
         assert torch.autograd.gradcheck(lambda x, s: modconv_cpu(x, weight, s, up=2, fir=BLUR, modulate="activations"),
                                         (x, s), fast_mode=True)

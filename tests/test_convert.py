@@ -14,10 +14,10 @@ import torch
 from torch.testing import assert_close
 
 import stylemask as sm
-from test_stylemask import naive_synthesis
+from helpers import naive_synthesis
 from weights import convert
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository root
 
 
 # --- rosinality's Generator.__init__, written out as names and shapes ------------------------------

@@ -1,4 +1,4 @@
-"""ArcFace IR-SE50 and DECA's E_flame against torch.nn constructions of the official networks written here,
+"""ArcFace IR-SE50 and DECA's E_flame against torch.nn constructions of the official networks (helpers.py),
 plus independent oracles for the preprocessing (loop-built pooling, bilinear ramps, F.interpolate), the
 Euler angles (rotation matrices built here, scipy's rotation vectors) and the converters."""
 import math
@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import example, given, strategies as st
 from scipy.spatial.transform import Rotation
@@ -14,157 +13,12 @@ from torch.testing import assert_close
 
 import facenets as fn
 import stylemask as sm
+from helpers import Backbone, ResnetEncoder, build, params_of, randomize
 from weights import convert
-
-
-# --- The official networks as torch.nn modules, with the official attribute (= state-dict) names -------
-
-class SEModule(nn.Module):
-    """criteria/helpers.py SEModule."""
-
-    def __init__(self, channels, reduction):
-        super().__init__()
-        self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(channels, channels // reduction, 1, bias=False)
-        self.relu = nn.ReLU()
-        self.fc2 = nn.Conv2d(channels // reduction, channels, 1, bias=False)
-        self.sigmoid = nn.Sigmoid()
-
-    def forward(self, x):
-        return x * self.sigmoid(self.fc2(self.relu(self.fc1(self.avg_pool(x)))))
-
-
-class BottleneckIRSE(nn.Module):
-    """criteria/helpers.py bottleneck_IR_SE (bottleneck_IR without the SE module when se = 0)."""
-
-    def __init__(self, in_channel, depth, stride, se=16):
-        super().__init__()
-        if in_channel == depth:
-            self.shortcut_layer = nn.MaxPool2d(1, stride)
-        else:
-            self.shortcut_layer = nn.Sequential(nn.Conv2d(in_channel, depth, 1, stride, bias=False),
-                                                nn.BatchNorm2d(depth))
-        res = [nn.BatchNorm2d(in_channel), nn.Conv2d(in_channel, depth, 3, 1, 1, bias=False), nn.PReLU(depth),
-               nn.Conv2d(depth, depth, 3, stride, 1, bias=False), nn.BatchNorm2d(depth)]
-        self.res_layer = nn.Sequential(*res, *([SEModule(depth, se)] if se else []))
-
-    def forward(self, x):
-        return self.res_layer(x) + self.shortcut_layer(x)
-
-
-IR_SE50_BLOCKS = [(64, 3), (128, 4), (256, 14), (512, 3)]  # helpers.get_blocks(50): (depth, num_units)
-
-
-class Backbone(nn.Module):
-    """criteria/model_irse.py Backbone(input_size=112, mode='ir_se'), as IDLoss builds it (affine BN1d)."""
-
-    def __init__(self, blocks=IR_SE50_BLOCKS, stem=64, se=16, affine=True):
-        super().__init__()
-        self.input_layer = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.PReLU(stem))
-        units, c = [], stem
-        for depth, n in blocks:  # get_block: the first unit of every block has stride 2
-            for i in range(n):
-                units.append(BottleneckIRSE(c, depth, 2 if i == 0 else 1, se))
-                c = depth
-        self.body = nn.Sequential(*units)
-        side = 112 // 2 ** len(blocks)
-        self.output_layer = nn.Sequential(nn.BatchNorm2d(c), nn.Dropout(0.6), nn.Flatten(),
-                                          nn.Linear(c * side * side, 512), nn.BatchNorm1d(512, affine=affine))
-
-    def forward(self, x):
-        x = self.output_layer(self.body(self.input_layer(x)))
-        return x / torch.norm(x, 2, 1, True)  # helpers.l2_norm
-
-
-class Bottleneck(nn.Module):
-    """DECA models/resnet.py Bottleneck (torchvision's: the stride on conv2)."""
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
-        self.relu, self.downsample = nn.ReLU(), downsample
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNet(nn.Module):
-    """DECA models/resnet.py ResNet(Bottleneck, [3, 4, 6, 3]) without fc: (B, 3, 224, 224) -> (B, 2048)."""
-
-    def __init__(self, layers=((64, 3), (128, 4), (256, 6), (512, 3)), stem=64):
-        super().__init__()
-        self.inplanes = stem
-        self.conv1, self.bn1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem)
-        self.relu, self.maxpool = nn.ReLU(), nn.MaxPool2d(3, 2, 1)
-        for k, (planes, n) in enumerate(layers, 1):
-            setattr(self, f"layer{k}", self._make_layer(planes, n, stride=1 if k == 1 else 2))
-        self.avgpool = nn.AvgPool2d(7, stride=1)
-
-    def _make_layer(self, planes, blocks, stride):
-        downsample = None
-        if stride != 1 or self.inplanes != planes * 4:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
-                                       nn.BatchNorm2d(planes * 4))
-        layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * 4
-        return nn.Sequential(*layers, *[Bottleneck(self.inplanes, planes) for _ in range(1, blocks)])
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.avgpool(x).view(x.size(0), -1)
-
-
-class ResnetEncoder(nn.Module):
-    """DECA models/encoders.py ResnetEncoder(outsize) (E_flame: outsize 236, no last_op)."""
-
-    def __init__(self, outsize=236, hidden=1024, **resnet):
-        super().__init__()
-        self.encoder = ResNet(**resnet)
-        self.layers = nn.Sequential(nn.Linear(self.encoder.inplanes, hidden), nn.ReLU(), nn.Linear(hidden, outsize))
-
-    def forward(self, x):
-        return self.layers(self.encoder(x))
-
-
-def randomize(module, seed, unit_normal=lambda key: False):
-    """Random weights for every tensor of module (He-normal weights, positive running_var; N(0, 1) for
-    the keys unit_normal picks), eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for k, v in module.state_dict().items():
-            if k.endswith("num_batches_tracked"):
-                v.fill_(70000)
-            elif k.endswith("running_var"):
-                v.copy_(0.5 + torch.rand(v.shape, generator=gen))
-            elif unit_normal(k):
-                v.copy_(torch.randn(v.shape, generator=gen))
-            elif v.ndim > 1:
-                v.copy_(torch.randn(v.shape, generator=gen) * math.sqrt(2 / v[0].numel()))
-            else:
-                v.copy_(torch.randn(v.shape, generator=gen) * 0.2 + (1.0 if k.endswith("weight") else 0.0))
-    return module.eval()
-
-
-def params_of(module):
-    """The module's state dict as our flat params: official names, num_batches_tracked dropped."""
-    return {k: v.clone() for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
 TINY_IRSE = dict(blocks=[(16, 1), (32, 1), (48, 1), (64, 1)], stem=16)  # ARCFACE_CONFIGS['tiny']
 TINY_RESNET = dict(layers=((4, 1), (8, 1), (16, 1), (32, 1)), stem=8)  # DECA_CONFIGS['tiny']
-
-
-def build(cls, seed, **kw):
-    """cls(**kw) with randomize's weights, skipping torch's own (slow, overwritten) initialisation."""
-    with torch.device("meta"):
-        module = cls(**kw)
-    return randomize(module.to_empty(device="cpu"), seed)
 
 
 @pytest.fixture(scope="module")

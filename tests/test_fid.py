@@ -1,174 +1,23 @@
-"""The FID Inception against a torch.nn construction of pytorch-fid's network written here, the Fréchet
+"""The FID Inception against a torch.nn construction of pytorch-fid's network (helpers.py), the Fréchet
 distance against closed forms and an eigendecomposition oracle, and the converter."""
 import math
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
 
 import facenets as fn
-from test_facenets import randomize
 import fid
 import stylemask as sm
+from helpers import build_inception, params_of
 from weights import convert
-
-
-# --- pytorch-fid's network as torch.nn modules, with the official attribute (= state-dict) names ----------
-# torchvision's Inception3 blocks as fid_inception_v3() patches them; tf=False gives torchvision's own pools
-# (average pools counting the padding, an average pool in Mixed_7c), to show that the tests see the difference.
-
-class BasicConv2d(nn.Module):
-    def __init__(self, c_in, c_out, kernel, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False)
-        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-def avg_pool(x, tf):
-    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=not tf)
-
-
-class InceptionA(nn.Module):
-    def __init__(self, c, pool_features, tf):
-        super().__init__()
-        self.tf = tf
-        self.branch1x1 = BasicConv2d(c, 64, 1)
-        self.branch5x5_1, self.branch5x5_2 = BasicConv2d(c, 48, 1), BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(c, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(c, pool_features, 1)
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          self.branch_pool(avg_pool(x, self.tf))], 1)
-
-
-class InceptionB(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(c, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(c, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, 3, 2)], 1)
-
-
-class InceptionC(nn.Module):
-    def __init__(self, c, c7, tf):
-        super().__init__()
-        self.tf = tf
-        self.branch1x1 = BasicConv2d(c, 192, 1)
-        self.branch7x7_1 = BasicConv2d(c, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(c, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(c, 192, 1)
-
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        d = x
-        for i in range(1, 6):
-            d = getattr(self, f"branch7x7dbl_{i}")(d)
-        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(avg_pool(x, self.tf))], 1)
-
-
-class InceptionD(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.branch3x3_1, self.branch3x3_2 = BasicConv2d(c, 192, 1), BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(c, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
-
-
-class InceptionE(nn.Module):
-    def __init__(self, c, pool):
-        super().__init__()
-        self.pool = pool
-        self.branch1x1 = BasicConv2d(c, 320, 1)
-        self.branch3x3_1 = BasicConv2d(c, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(c, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(c, 192, 1)
-
-    def forward(self, x):
-        y = self.branch3x3_1(x)
-        z = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(y), self.branch3x3_2b(y),
-                          self.branch3x3dbl_3a(z), self.branch3x3dbl_3b(z), self.branch_pool(self.pool(x))], 1)
-
-
-class FIDInception(nn.Module):
-    """fid_inception_v3() run as InceptionV3([3]) without its preprocessing: (B, 3, H, W) in [-1, 1] -> (B, 2048)."""
-
-    def __init__(self, tf=True):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = (InceptionA(192, 32, tf), InceptionA(256, 64, tf),
-                                                       InceptionA(288, 64, tf))
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128, tf), InceptionC(768, 160, tf)
-        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160, tf), InceptionC(768, 192, tf)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, lambda x: avg_pool(x, tf))
-        self.Mixed_7c = InceptionE(2048, (lambda x: F.max_pool2d(x, 3, 1, 1)) if tf else (lambda x: avg_pool(x, tf)))
-        self.fc = nn.Linear(2048, 1008)  # in the state dict; FID stops at the pool
-
-    def forward(self, x):
-        x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, 2)
-        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)
-        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
-            x = getattr(self, f"Mixed_{name}")(x)
-        return F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)
-
-
-def random_state(module, seed):
-    """Random values for every tensor of module, in place; eval mode (test_facenets.randomize: He-normal
-    weights, positive running_var, BatchNorm weights around 1)."""
-    return randomize(module, seed)
-
-
-def build(seed=0, tf=True):
-    with torch.device("meta"):  # skip torch's own initialisation: overwritten anyway
-        module = FIDInception(tf)
-    return random_state(module.to_empty(device="cpu"), seed)
-
-
-def params_of(module):
-    return {k: v.clone() for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
 @pytest.fixture(scope="module")
 def ref():
-    return build(seed=0)
+    return build_inception(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -218,10 +67,10 @@ def test_features_clamp_as_saved_images(I):
 
 def test_the_tensorflow_pools_are_the_ones_used(I):
     x = torch.rand(2, 3, 107, 107, generator=torch.Generator().manual_seed(4)) * 2 - 1  # small: any size >= 75 runs
-    torchvision_pools = build(seed=0, tf=False)  # the same weights, torchvision's pools
+    torchvision_pools = build_inception(seed=0, tf=False)  # the same weights, torchvision's pools
     with torch.no_grad():
         got = fid.inception(I, x)
-        assert_close(got, build(seed=0)(x))
+        assert_close(got, build_inception(seed=0)(x))
         assert (got - torchvision_pools(x)).abs().max() > 1e-2 * got.abs().max()
 
 

@@ -10,9 +10,9 @@ from torch.testing import assert_close
 
 import kernels
 import stylemask as sm
+from helpers import upfirdn2d_inputs
 from kernels.modconv import modconv_ref
 from kernels.upfirdn2d import upfirdn2d_ref
-from test_kernels import upfirdn2d_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLUR = torch.outer(torch.tensor([1.0, 3, 3, 1]), torch.tensor([1.0, 3, 3, 1])) / 64 * 4  # × up²

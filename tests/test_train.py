@@ -32,6 +32,7 @@ def _held_out_loss(out, masknet_path):
     return train.evaluate((G, A, D, Fl), M, cfg, held)
 
 
+@pytest.mark.slow
 def test_short_run_lowers_the_held_out_loss(tmp_path):
     out = tmp_path / "run"
     assert train.main(LEARN + ["--steps", "60", "--save-every", "30", "--out", str(out)]) == 0

@@ -1,75 +1,12 @@
-"""Generator, style space, mask networks and reenact against naive references written here."""
-import math
-
+"""Generator, style space, mask networks and reenact against naive references (the generator in helpers.py,
+reenact written here). The generators are conftest.py's fixtures: G (helpers.SMALL) and tiny."""
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, strategies as st
 from torch.testing import assert_close
 
 import stylemask as sm
-from test_kernels import upfirdn_loop
-
-# A small custom architecture: every code path of config-f, fast enough for naive loops.
-SMALL = dict(resolution=32, z_dim=16, w_dim=12, n_mlp=3, channels={4: 8, 8: 8, 16: 6, 32: 4})
-
-
-@pytest.fixture(scope="module")
-def G():
-    return sm.random_generator(SMALL, seed=1)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return sm.tiny_generator()
-
-
-# --- A naive StyleGAN2, written from rosinality's Generator.forward, one sample at a time ----------
-
-def naive_mapping(G, z, n_mlp, lr_mul=0.01):
-    x = z / torch.sqrt((z * z).mean() + 1e-8)
-    for k in range(1, n_mlp + 1):
-        W, b = G[f"style.{k}.weight"], G[f"style.{k}.bias"]
-        x = W @ x * (lr_mul / math.sqrt(W.shape[1])) + b * lr_mul
-        x = torch.where(x >= 0, x, 0.2 * x) * math.sqrt(2)
-    return x
-
-
-def naive_layer(G, name, x, w, up=False, demod=True, noise=None):
-    """ModulatedConv2d + NoiseInjection + FusedLeakyReLU (or ToRGB without activation) for one sample."""
-    A, b = G[f"{name}.conv.modulation.weight"], G[f"{name}.conv.modulation.bias"]
-    style = A @ w / math.sqrt(A.shape[1]) + b  # (Cin,)
-    weight = G[f"{name}.conv.weight"][0]  # (Cout, Cin, k, k)
-    weight = weight / math.sqrt(weight[0].numel()) * style[None, :, None, None]
-    if demod:
-        weight = weight / torch.sqrt((weight ** 2).sum([1, 2, 3], keepdim=True) + 1e-8)
-    if up:
-        y = F.conv_transpose2d(x[None], weight.transpose(0, 1), stride=2)
-        y = torch.from_numpy(upfirdn_loop(y, G[f"{name}.conv.blur.kernel"], 1, 1, (1, 1, 1, 1))).float()[0]
-    else:
-        y = F.conv2d(x[None], weight, padding=weight.shape[-1] // 2)[0]
-    if not demod:  # ToRGB: bias, no activation
-        return y + G[f"{name}.bias"][0]
-    y = y + G[f"{name}.noise.weight"] * noise[0]
-    y = y + G[f"{name}.activate.bias"][:, None, None]
-    return torch.where(y >= 0, y, 0.2 * y) * math.sqrt(2)
-
-
-def naive_synthesis(G, wp, n_blocks):
-    """rosinality's forward: conv1 w0, to_rgb1 w1; block j: convs w(2j+1), w(2j+2), to_rgb w(2j+3)."""
-    imgs = []
-    for b in range(wp.shape[0]):
-        lat = wp[b]
-        x = G["input.input"][0]
-        x = naive_layer(G, "conv1", x, lat[0], noise=G["noises.noise_0"][0])
-        img = naive_layer(G, "to_rgb1", x, lat[1], demod=False)
-        for j in range(n_blocks):
-            x = naive_layer(G, f"convs.{2 * j}", x, lat[2 * j + 1], up=True, noise=G[f"noises.noise_{2 * j + 1}"][0])
-            x = naive_layer(G, f"convs.{2 * j + 1}", x, lat[2 * j + 2], noise=G[f"noises.noise_{2 * j + 2}"][0])
-            skip = upfirdn_loop(img[None], G[f"to_rgbs.{j}.upsample.kernel"], 2, 1, (2, 1, 2, 1))
-            img = naive_layer(G, f"to_rgbs.{j}", x, lat[2 * j + 3], demod=False) + torch.from_numpy(skip).float()[0]
-        imgs.append(img)
-    return torch.stack(imgs)
+from helpers import naive_mapping, naive_synthesis
 
 
 def test_synthesis_matches_naive_generator_in_W_and_W_plus(G):

@@ -1,9 +1,11 @@
 """Time StyleGAN2 synthesis against the machine's own convolution speed, layer by layer.
 
-    python kernels/bench.py                              # ffhq-256 and ffhq-1024 at batch 1 and 6
-    python kernels/bench.py --paths fast,ref             # the same with the reference path beside it (slow)
-    python kernels/bench.py --config ffhq-1024 --batch 1 # one configuration, with its per-layer table
-    python kernels/bench.py --config ffhq-1024 --kernels # modconv per layer shape: ref / grouped / cpu / triton
+    python -m bench.speed                              # ffhq-256 and ffhq-1024 at batch 1 and 6
+    python -m bench.speed --paths fast,ref             # the same with the reference path beside it (slow)
+    python -m bench.speed --config ffhq-1024 --batch 1 # one configuration, with its per-layer table
+    python -m bench.speed --config ffhq-1024 --kernels # modconv per layer shape: ref / grouped / cpu / triton
+
+Run from the repository root: there `python -m` finds both this package and the model's modules.
 
 Each configuration runs in a fresh process (so that its peak RSS is its own) and reports seconds per image,
 the achieved GFLOP/s over the generator's conv + FIR work, and the GFLOP/s of a calibration convolution
@@ -33,11 +35,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import kernels  # noqa: E402
-import stylemask as sm  # noqa: E402
-from kernels.modconv import NHWC_MIN_PIXELS, _fir_cpu, _Interleave, modconv_ref  # noqa: E402
+import kernels
+import stylemask as sm
+from kernels.modconv import NHWC_MIN_PIXELS, _fir_cpu, _Interleave, modconv_ref
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository root: the children run `-m bench.speed` there
 
 PATH_ENV = {"fast": {"STYLEMASK_BACKEND": "auto", "STYLEMASK_FAST": "1"},
             "ref": {"STYLEMASK_BACKEND": "torch", "STYLEMASK_FAST": "0"},
@@ -326,7 +328,7 @@ def main(argv=None):
 
 def run_child(cfg_name, B, path, reps, layers):
     """Run one configuration in a fresh interpreter; echo its output; return its result row (or None)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", f"{cfg_name},{B},{path}", "--reps", str(reps),
+    cmd = [sys.executable, "-m", "bench.speed", "--one", f"{cfg_name},{B},{path}", "--reps", str(reps),
            "--layers" if layers else "--no-layers"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     row = None

@@ -1,0 +1,33 @@
+"""Test-session setup: the Triton interpreter on CPU-only machines, hypothesis profiles, shared fixtures.
+
+TRITON_INTERPRET must be set before `kernels` is imported (triton.jit reads it when it decorates), so
+it is set here, first. It changes nothing unless a test asks for the Triton backend.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+from helpers import SMALL
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="module")
+def G():
+    """A small custom generator (helpers.SMALL): every code path of config-f, fast enough for naive loops."""
+    import stylemask as sm  # here: after TRITON_INTERPRET is set, and only in sessions that use a generator
+    return sm.random_generator(SMALL, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny default generator (no weights needed)."""
+    import stylemask as sm
+    return sm.tiny_generator()
