@@ -87,7 +87,7 @@ def image_grid(columns, size=None):
 
 def write_png(path, img):
     """Write an (H, W, 3) uint8 image (tensor or numpy) as an 8-bit RGB PNG, atomically (zlib, no image library)."""
-    img = torch.as_tensor(img)
+    img = img if isinstance(img, torch.Tensor) else torch.tensor(img)  # numpy frames: copied, so writable
 
     def chunk(tag, data):
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)

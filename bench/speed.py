@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import kernels
 import stylemask as sm
+from weights import defaults
 from kernels.modconv import NHWC_MIN_PIXELS, _fir_cpu, _Interleave, modconv_ref
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root: the children run `-m bench.speed` there
@@ -63,10 +64,10 @@ def _once(fn, device):
     return time.perf_counter() - t
 
 
-def layer_gflop(L, B, cfg):
+def layer_gflop(L, B, arch):
     """FLOPs (2 per multiply-add) of one layer: the convolution at input resolution, plus the FIR."""
     k = 1 if L.kind == "torgb" else 3
-    c_out = 3 if L.kind == "torgb" else cfg["channels"][L.res]
+    c_out = 3 if L.kind == "torgb" else arch["channels"][L.res]
     r_in = L.res // L.up
     conv = 2 * B * c_out * L.dim * k * k * r_in * r_in
     fir = 2 * B * c_out * 16 * L.res * L.res if L.up == 2 else 0
@@ -87,14 +88,14 @@ def calibration(B, device, reps):
     return (lambda: F.conv2d(layouts[name], w, padding=1)), gflop, name
 
 
-def run_one(cfg_name, B, path, reps, layers):
+def run_one(arch_name, B, path, reps, layers):
     """Time synthesis and the calibration conv, interleaved; print the per-layer table; return the row."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.update(PATH_ENV[path])
     torch.set_grad_enabled(False)
-    cfg = sm.CONFIGS[cfg_name]
-    G = {k: v.to(device) for k, v in sm.random_generator(cfg, seed=0).items()}
-    z = torch.randn(B, cfg["z_dim"], generator=torch.Generator().manual_seed(0)).to(device)
+    arch = sm.ARCHS[arch_name]
+    G = {k: v.to(device) for k, v in defaults.random_generator(arch, seed=0).items()}
+    z = torch.randn(B, arch["z_dim"], generator=torch.Generator().manual_seed(0)).to(device)
     s = sm.styles(G, sm.mapping(G, z, truncation=0.7))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cal, cal_gflop, cal_layout = calibration(B, device, 3)
@@ -104,11 +105,11 @@ def run_one(cfg_name, B, path, reps, layers):
         t_syn.append(_once(lambda: sm.synthesis(G, s), device))
         t_cal.append(_once(cal, device))
     t_syn, t_cal = min(t_syn), min(t_cal)  # best of reps, as timeit
-    gflop = sum(layer_gflop(L, B, cfg) for L in sm.style_layout(cfg))
+    gflop = sum(layer_gflop(L, B, arch) for L in sm.style_layout(arch))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if layers:
-        print_layers(G, cfg_name, B, path, device, max(1, reps), t_syn)
-    return dict(config=cfg_name, batch=B, path=path, device=device, threads=torch.get_num_threads(),
+        print_layers(G, arch_name, B, path, device, max(1, reps), t_syn)
+    return dict(config=arch_name, batch=B, path=path, device=device, threads=torch.get_num_threads(),
                 s_per_image=t_syn / B, gflops=gflop / t_syn, cal_gflops=cal_gflop / t_cal, cal_layout=cal_layout,
                 ratio=(gflop / t_syn) / (cal_gflop / t_cal), peak_rss_mib=peak, rss_before_mib=rss_before,
                 gflop_per_image=gflop / B)
@@ -180,15 +181,15 @@ def _noise_index(L):
     return 0 if L.name == "conv1" else int(L.name.split(".")[1]) + 1
 
 
-def print_layers(G, cfg_name, B, path, device, reps, t_syn):
+def print_layers(G, arch_name, B, path, device, reps, t_syn):
     """Per layer: conv / FIR / other ms, GFLOP and GFLOP/s, each piece timed alone on the layer's shapes."""
     gen = torch.Generator().manual_seed(2)
-    cfg = sm.CONFIGS[cfg_name]
-    print(f"\n{cfg_name}, batch {B}, path {path}: per layer (ms for the batch; pieces timed alone)")
+    arch = sm.ARCHS[arch_name]
+    print(f"\n{arch_name}, batch {B}, path {path}: per layer (ms for the batch; pieces timed alone)")
     print(f"{'layer':<10} {'res':>5} {'cin':>4} {'cout':>4} {'up':>2} {'GFLOP':>7} {'conv':>9} {'FIR':>8} "
           f"{'other':>8} {'total':>9} {'GFLOP/s':>8} {'share':>6}")
     rows, split, nhwc = [], False, False
-    for L in sm.style_layout(cfg):
+    for L in sm.style_layout(arch):
         r_in = L.res // L.up
         x = torch.randn(B, L.dim, r_in, r_in, generator=gen).to(device)
         s_l = torch.randn(B, L.dim, generator=gen).to(device) + 1
@@ -211,11 +212,11 @@ def print_layers(G, cfg_name, B, path, device, reps, t_syn):
         fir, other = t.get("fir", 0.0), t.get("other", 0.0)
         conv = t["layer"] - fir if L.kind == "conv" else t["layer"]
         total = conv + fir + other
-        gf = layer_gflop(L, B, cfg)
+        gf = layer_gflop(L, B, arch)
         rows.append((L, gf, conv, fir, other, total))
     all_ms = sum(r[-1] for r in rows)
     for L, gf, conv, fir, other, total in rows:
-        c_out = 3 if L.kind == "torgb" else cfg["channels"][L.res]
+        c_out = 3 if L.kind == "torgb" else arch["channels"][L.res]
         print(f"{L.name:<10} {L.res:>5} {L.dim:>4} {c_out:>4} {L.up:>2} {gf:>7.2f} {conv:>9.1f} {fir:>8.1f} "
               f"{other:>8.1f} {total:>9.1f} {gf / total * 1e3:>8.1f} {100 * total / all_ms:>5.1f}%")
     sums = [sum(r[i] for r in rows) for i in range(1, 6)]
@@ -243,11 +244,11 @@ def grouped_modconv(x, weight, s, demodulate=True, up=1, fir=None):
     return kernels.upfirdn2d_ref(y, fir, pad=(1, 1, 1, 1))
 
 
-def kernels_table(cfg_name, B, reps):
+def kernels_table(arch_name, B, reps):
     """modconv per distinct layer shape: the reference, the official grouped formulation, the fast CPU
     variant (CPU) or the Triton kernel (GPU)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = sm.CONFIGS[cfg_name]
+    arch = sm.ARCHS[arch_name]
     torch.set_grad_enabled(False)
     gen = torch.Generator().manual_seed(0)
     fir = (torch.outer(torch.tensor([1.0, 3, 3, 1]), torch.tensor([1.0, 3, 3, 1])) / 16).to(device)
@@ -256,13 +257,13 @@ def kernels_table(cfg_name, B, reps):
         impls["triton"] = lambda *args, **kw: kernels.modconv(*args, **kw, impl="triton")
     else:
         impls["cpu"] = kernels.modconv_cpu
-    print(f"\nmodconv per layer shape, {cfg_name}, batch {B}, {device}"
+    print(f"\nmodconv per layer shape, {arch_name}, batch {B}, {device}"
           + ("" if device == "cuda" else " (no GPU: no Triton column; the interpreter is a correctness tool)"))
     print(f"{'layer':<10} {'res':>5} {'cin':>4} {'cout':>4} {'up':>2} {'GFLOP':>7} "
           + " ".join(f"{n + ' ms':>11} {'GFLOP/s':>8}" for n in impls))
     seen = set()
-    for L in sm.style_layout(cfg):
-        k, c_out = (1, 3) if L.kind == "torgb" else (3, cfg["channels"][L.res])
+    for L in sm.style_layout(arch):
+        k, c_out = (1, 3) if L.kind == "torgb" else (3, arch["channels"][L.res])
         if (L.kind, L.res, L.dim, c_out, L.up) in seen:
             continue  # identical shapes time identically
         seen.add((L.kind, L.res, L.dim, c_out, L.up))
@@ -270,7 +271,7 @@ def kernels_table(cfg_name, B, reps):
         x = torch.randn(B, L.dim, r_in, r_in, generator=gen).to(device)
         w = (torch.randn(c_out, L.dim, k, k, generator=gen) / math.sqrt(L.dim * k * k)).to(device)
         s = torch.randn(B, L.dim, generator=gen).to(device)
-        gf = layer_gflop(L, B, cfg)
+        gf = layer_gflop(L, B, arch)
         cols = []
         for name, fn in impls.items():
             xi = x.contiguous(memory_format=NHWC) if name == "cpu" else x
@@ -283,7 +284,7 @@ def kernels_table(cfg_name, B, reps):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", nargs="+", default=["ffhq-256", "ffhq-1024"], choices=sorted(sm.CONFIGS),
+    p.add_argument("--config", nargs="+", default=["ffhq-256", "ffhq-1024"], choices=sorted(sm.ARCHS),
                    help="model sizes (default: ffhq-256 ffhq-1024)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 6], help="batch sizes (default: 1 6)")
     p.add_argument("--paths", default=None,
@@ -295,8 +296,8 @@ def main(argv=None):
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: CONFIG,BATCH,PATH in this process
     a = p.parse_args(argv)
     if a.one:
-        cfg_name, B, path = a.one.split(",")
-        print("RESULT " + json.dumps(run_one(cfg_name, int(B), path, a.reps, a.layers)), flush=True)
+        arch_name, B, path = a.one.split(",")
+        print("RESULT " + json.dumps(run_one(arch_name, int(B), path, a.reps, a.layers)), flush=True)
         return 0
     gpu = torch.cuda.is_available()
     paths = (a.paths or ("fast,ref" if gpu else "fast")).split(",")
@@ -304,10 +305,10 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name() if gpu else cpu_name()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, float32")
     rows = []
-    for cfg_name in a.config:
+    for arch_name in a.config:
         for B in a.batch:
             for path in paths:
-                row = run_child(cfg_name, B, path, a.reps, layers)
+                row = run_child(arch_name, B, path, a.reps, layers)
                 if row:
                     rows.append(row)
     print(f"\n{'config':<10} {'batch':>5} {'path':<6} {'s/image':>8} {'GFLOP/s':>8} {'calib':>7} {'ratio':>6} "
@@ -320,15 +321,15 @@ def main(argv=None):
         print(f"(GFLOP of conv + FIR per image: {', '.join(per_image)}; calib: one 512→512 3×3 conv at 64×64, "
               f"batch-matched, same process, faster of NCHW/NHWC; peak RSS: ru_maxrss of a fresh process)")
     if a.kernels:
-        for cfg_name in a.config:
+        for arch_name in a.config:
             for B in a.batch:
-                kernels_table(cfg_name, B, a.reps)
+                kernels_table(arch_name, B, a.reps)
     return 0
 
 
-def run_child(cfg_name, B, path, reps, layers):
+def run_child(arch_name, B, path, reps, layers):
     """Run one configuration in a fresh interpreter; echo its output; return its result row (or None)."""
-    cmd = [sys.executable, "-m", "bench.speed", "--one", f"{cfg_name},{B},{path}", "--reps", str(reps),
+    cmd = [sys.executable, "-m", "bench.speed", "--one", f"{arch_name},{B},{path}", "--reps", str(reps),
            "--layers" if layers else "--no-layers"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     row = None
@@ -338,7 +339,7 @@ def run_child(cfg_name, B, path, reps, layers):
         else:
             print(line)
     if proc.returncode != 0 or row is None:
-        print(f"{cfg_name} batch {B} path {path}: failed ({proc.stderr.strip().splitlines()[-1:]})")
+        print(f"{arch_name} batch {B} path {path}: failed ({proc.stderr.strip().splitlines()[-1:]})")
     return row
 
 

@@ -60,7 +60,7 @@ def modconv_ref(x, weight, s, demodulate=True, up=1, fir=None, eps=1e-8):
 
 
 # --- Fast CPU variant -------------------------------------------------------------------------------
-# modconv_ref's math arranged for oneDNN on a CPU; every choice measured with kernels/bench.py (2-core
+# modconv_ref's math arranged for oneDNN on a CPU; every choice measured with bench/speed.py (2-core
 # AVX2 machine, 1024 config-f). Autograd runs through it as through any PyTorch code.
 #  * Modulate the smaller operand. While a sample's activations are smaller than the weights (4²–64²
 #    for 512 channels), scale the activations by s and demodulate the output, so that one ordinary
@@ -107,7 +107,7 @@ def modconv_cpu(x, weight, s, demodulate=True, up=1, fir=None, eps=1e-8, *, bias
         bias: (Cout,) added to the output, or None.
         gain: multiplies the output (before the bias).
         modulate: None (choose with `modulates_weights`), or force "weights" / "activations"
-            (for tests and kernels/bench.py).
+            (for tests and bench/speed.py).
     Returns:
         (B, Cout, H*up, W*up); channels-last from 32×32 inputs up.
     """

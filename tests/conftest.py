@@ -22,12 +22,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(scope="module")
 def G():
     """A small custom generator (helpers.SMALL): every code path of config-f, fast enough for naive loops."""
-    import stylemask as sm  # here: after TRITON_INTERPRET is set, and only in sessions that use a generator
-    return sm.random_generator(SMALL, seed=1)
+    from weights import defaults  # here: after TRITON_INTERPRET is set, and only in sessions that use a generator
+    return defaults.random_generator(SMALL, seed=1)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny default generator (no weights needed)."""
-    import stylemask as sm
-    return sm.tiny_generator()
+    from weights import defaults
+    return defaults.tiny_generator()

@@ -14,8 +14,9 @@ import torch
 from torch.testing import assert_close
 
 import stylemask as sm
+import weights
+from weights import convert, layout
 from helpers import naive_synthesis
-from weights import convert
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root
 
@@ -92,7 +93,7 @@ def rosinality_ckpt(tmp_path_factory):
 
 def test_paper_generator_has_the_official_tensors():
     want = rosinality_shapes(1024)
-    ours = sm.generator_shapes(sm.CONFIGS["ffhq-1024"])
+    ours = layout.generator_shapes(sm.ARCHS["ffhq-1024"])
     assert {k: v for k, v in ours.items() if k != "latent_avg"} == want
     # mapping 8×2, const input, 17 convs × 5, 8 blur kernels, 9 ToRGBs × 4, 8 upsample kernels, 17 noises
     assert len(want) == 16 + 1 + 85 + 8 + 36 + 8 + 17
@@ -102,7 +103,7 @@ def test_rosinality_checkpoint_converts_and_renders_the_same(rosinality_ckpt, tm
     src, sd, latent_avg = rosinality_ckpt
     dst = tmp_path / "g.safetensors"
     assert convert.main([str(src), str(dst)]) == 0
-    G = sm.load(dst)
+    G = weights.read(dst, "generator")
     assert all(torch.equal(G[k], sd[k]) for k in sd) and torch.equal(G["latent_avg"], latent_avg[0])
     wp = torch.randn(2, sm.n_ws(G), 12, generator=torch.Generator().manual_seed(2))
     ref = dict(sd)
@@ -139,11 +140,11 @@ def test_stylemask_mask_checkpoint_converts(tmp_path, n):
     sd = masknet_state(conv_dims[:n or 17], seed=5)
     torch.save({"mask_net": sd, "num_layers_control": n, "step": 70000}, tmp_path / "mask.pt")
     assert convert.main([str(tmp_path / "mask.pt"), str(tmp_path / "m.safetensors")]) == 0
-    M = sm.load(tmp_path / "m.safetensors")
+    M = weights.read(tmp_path / "m.safetensors", "masknet")
     assert sm.ctrl_index(M).numel() == (5632 if n else 6048)
     gen = torch.Generator().manual_seed(6)
     s_s, s_t = torch.randn(2, 9088, generator=gen), torch.randn(2, 9088, generator=gen)
-    convs = [L for L in sm.style_layout(sm.CONFIGS["ffhq-1024"]) if L.kind == "conv"]
+    convs = [L for L in sm.style_layout(sm.ARCHS["ffhq-1024"]) if L.kind == "conv"]
     want = []
     for i, L in enumerate(convs[:n or 17]):  # trainer.get_shifted_image, layer by layer
         ds = s_s[:, L.offset:L.offset + L.dim] - s_t[:, L.offset:L.offset + L.dim]
@@ -278,13 +279,13 @@ def test_existing_output_is_kept_without_force(tmp_path, rosinality_ckpt, capsys
     assert convert.main([str(rosinality_ckpt[0]), str(dst)]) == 2
     assert "--force" in capsys.readouterr().err and dst.read_text() == "precious"
     assert convert.main([str(rosinality_ckpt[0]), str(dst), "--force"]) == 0
-    sm.load(dst)
+    weights.read(dst, "generator")
 
 
 def test_cli_exit_code_and_message(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"\x80\x04garbage")
-    r = subprocess.run([sys.executable, str(ROOT / "weights" / "convert.py"), str(tmp_path / "x.pt"),
-                        str(tmp_path / "y.safetensors")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "weights.convert", str(tmp_path / "x.pt"),
+                        str(tmp_path / "y.safetensors")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
 
 
@@ -293,15 +294,15 @@ def test_load_rejects_damaged_safetensors(tmp_path, rosinality_ckpt):
     convert.main([str(rosinality_ckpt[0]), str(good)])
     (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:1000])
     with pytest.raises(sm.StyleMaskError, match="not a readable safetensors"):
-        sm.load(tmp_path / "cut.safetensors")
-    G = sm.load(good)
+        weights.read(tmp_path / "cut.safetensors", "generator")
+    G = weights.read(good, "generator")
     G["convs.1.conv.weight"][0, 0, 0, 0, 0] = float("nan")
-    sm.save(G, tmp_path / "nan.safetensors")
+    weights.save(G, tmp_path / "nan.safetensors", "generator")
     with pytest.raises(sm.StyleMaskError, match="NaN"):
-        sm.load(tmp_path / "nan.safetensors")
+        weights.read(tmp_path / "nan.safetensors", "generator")
     del G["to_rgbs.2.bias"]
-    sm.save(G, tmp_path / "missing.safetensors")
+    weights.save(G, tmp_path / "missing.safetensors", "generator")
     with pytest.raises(sm.StyleMaskError, match="missing"):
-        sm.load(tmp_path / "missing.safetensors")
+        weights.read(tmp_path / "missing.safetensors", "generator")
     with pytest.raises(sm.StyleMaskError, match="no such file.*convert"):
-        sm.load(tmp_path / "absent.safetensors")
+        weights.read(tmp_path / "absent.safetensors", "generator")

@@ -9,10 +9,11 @@ import torch
 from hypothesis import given, strategies as st
 from torch.testing import assert_close
 
-import facenets as fn
+import e4e
 import stylemask as sm
+import weights
+from weights import convert, defaults, layout
 from helpers import Encoder4Editing, build_e4e, params_of
-from weights import convert
 
 
 def close(got, want):
@@ -35,21 +36,21 @@ def test_e4e_layout_is_the_official_one():
     with torch.device("meta"):
         ref = Encoder4Editing()
     want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
-    assert fn.e4e_shapes(fn.E4E_CONFIGS["ffhq-1024"]) == want
+    assert layout.e4e_shapes(e4e.E4E_ARCHS["ffhq-1024"]) == want
     # 24 IR-SE units, 18 style blocks of 4, 5 or 6 convs: 3·4 + 4·5 + 11·6 = 98 convs, 2 lateral layers
     assert sum(k.startswith("styles.") and k.endswith("weight") and "convs" in k for k in want) == 98
-    assert fn._e4e_taps(fn.E4E_CONFIGS["ffhq-1024"]) == (6, 20, 23)  # the official c1, c2, c3
+    assert e4e.e4e_taps(e4e.E4E_ARCHS["ffhq-1024"]) == (6, 20, 23)  # the official c1, c2, c3
 
 
 @pytest.mark.parametrize("size", [256, 384])  # StyleMask's aligned crops; any other size is resized first
 def test_e4e_matches_the_official_encoder(small, size):
     x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
-        want = small(fn.e4e_input(x))
-        got = fn.e4e(params_of(small), x)
+        want = small(e4e.e4e_input(x))
+        got = e4e.e4e(params_of(small), x)
     assert got.shape == (2, 18, 24)
     close(got, want)
-    assert fn.e4e_config(params_of(small))["units"] == [16] * 2 + [24] * 2 + [32] * 3 + [40] * 2
+    assert e4e.e4e_arch(params_of(small))["units"] == [16] * 2 + [24] * 2 + [32] * 3 + [40] * 2
 
 
 @given(seed=st.integers(0, 2 ** 16), n_styles=st.sampled_from([8, 14]), B=st.integers(1, 2))
@@ -58,7 +59,7 @@ def test_every_style_count_and_its_gradients(seed, n_styles, B):
     kw = dict(SMALL, blocks=[(8, 1), (12, 1), (16, 1), (20, 1)], stem=8, w_dim=8, n_styles=n_styles, se=4)
     ref = build_e4e(seed, **kw)
     x = (torch.rand(B, 3, 256, 256, generator=torch.Generator().manual_seed(seed)) * 2 - 1).requires_grad_()
-    got = fn.e4e(params_of(ref), x)
+    got = e4e.e4e(params_of(ref), x)
     want = ref(x)
     close(got, want)
     g = torch.randn(got.shape, generator=torch.Generator().manual_seed(seed + 1))
@@ -71,20 +72,20 @@ def test_resize_is_pils_bilinear():
     x = torch.rand(1, 3, 300, 517, generator=torch.Generator().manual_seed(3)) * 2 - 1
     want = np.stack([np.asarray(Image.fromarray(c.numpy(), mode="F").resize((256, 256), Image.BILINEAR))
                      for c in x[0]])
-    assert_close(fn.e4e_input(x)[0], torch.from_numpy(want), rtol=0, atol=1e-4)
-    assert fn.e4e_input(x[..., :256, :256]) is not None and torch.equal(fn.e4e_input(x[..., :256, :256]), x[..., :256, :256])
+    assert_close(e4e.e4e_input(x)[0], torch.from_numpy(want), rtol=0, atol=1e-4)
+    assert e4e.e4e_input(x[..., :256, :256]) is not None and torch.equal(e4e.e4e_input(x[..., :256, :256]), x[..., :256, :256])
 
 
 # --- The tiny default and the checks ------------------------------------------------------------------
 
 def test_tiny_e4e_fits_the_tiny_generator_and_gives_its_kind_of_codes():
-    G = sm.tiny_generator()
-    E = fn.tiny_e4e(G=G)
-    fn.check_e4e(E, G)
-    assert fn.e4e_config(E)["n_styles"] == sm.n_ws(G) == 14 and fn.e4e_config(E)["w_dim"] == 32
+    G = defaults.tiny_generator()
+    E = defaults.tiny_e4e(G=G)
+    layout.check_e4e(E, G)
+    assert e4e.e4e_arch(E)["n_styles"] == sm.n_ws(G) == 14 and e4e.e4e_arch(E)["w_dim"] == 32
     gen = torch.Generator().manual_seed(5)
     img = sm.synthesis(G, sm.styles(G, sm.mapping(G, torch.randn(4, 32, generator=gen)))).clamp(-1, 1)
-    w_plus = fn.e4e(E, img)  # (4, 14, 32)
+    w_plus = e4e.e4e(E, img)  # (4, 14, 32)
     w = sm.mapping(G, torch.randn(256, 32, generator=gen))
     spread, want = (w_plus - G["latent_avg"]).std(), (w - G["latent_avg"]).std()
     assert 0.3 * want < spread < 3 * want  # in the generator's region, not collapsed
@@ -95,14 +96,14 @@ def test_tiny_e4e_fits_the_tiny_generator_and_gives_its_kind_of_codes():
 def test_check_e4e_refuses_what_does_not_fit(small):
     E = params_of(small)
     with pytest.raises(sm.StyleMaskError, match="W\\+ codes \\(18, 24\\).*\\(14, 32\\)"):
-        fn.check_e4e(E, sm.tiny_generator())
+        layout.check_e4e(E, defaults.tiny_generator())
     with pytest.raises(sm.StyleMaskError, match="tensors missing"):
-        fn.check_e4e({k: v for k, v in E.items() if k != "latlayer2.bias"})
+        layout.check_e4e({k: v for k, v in E.items() if k != "latlayer2.bias"})
     with pytest.raises(sm.StyleMaskError, match="NaN"):
-        fn.check_e4e({**E, "styles.5.linear.bias": E["styles.5.linear.bias"] * float("nan")})
+        layout.check_e4e({**E, "styles.5.linear.bias": E["styles.5.linear.bias"] * float("nan")})
     with pytest.raises(sm.StyleMaskError, match="shape"):
-        fn.check_e4e({**E, "latent_avg": torch.zeros(3, 24)})
-    fn.check_e4e({**E, "latent_avg": torch.zeros(18, 24)})  # one row per style is pSp's other form
+        layout.check_e4e({**E, "latent_avg": torch.zeros(3, 24)})
+    layout.check_e4e({**E, "latent_avg": torch.zeros(18, 24)})  # one row per style is pSp's other form
 
 
 # --- The converter ------------------------------------------------------------------------------------
@@ -127,12 +128,12 @@ def e4e_checkpoint(module, opts, latent_avg_shape=(1, None)):
 def test_e4e_checkpoint_converts_and_runs_the_same(small, tmp_path, opts, rows):
     torch.save(e4e_checkpoint(small, opts, (rows, None)), tmp_path / "e4e_ffhq_encode.pt")
     assert convert.main([str(tmp_path / "e4e_ffhq_encode.pt"), str(tmp_path / "e4e.safetensors")]) == 0
-    E = fn.load(tmp_path / "e4e.safetensors")
+    E = weights.read(tmp_path / "e4e.safetensors", "e4e")
     assert not any(k.startswith(("decoder.", "encoder.")) or "num_batches" in k for k in E)
     assert set(E) == set(params_of(small))
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(4)) * 2 - 1
     with torch.no_grad():
-        close(fn.e4e(E, x), small(x))
+        close(e4e.e4e(E, x), small(x))
 
 
 def test_missing_latent_avg_is_zeros_as_psp_adds_nothing(small):
@@ -164,9 +165,9 @@ def test_forced_kind_and_defaults(small, tmp_path, monkeypatch):
     torch.save(e4e_checkpoint(small, None), tmp_path / "e.pt")
     assert convert.main([str(tmp_path / "e.pt"), str(tmp_path / "e.safetensors"), "--kind", "e4e"]) == 0
     assert convert.main([str(tmp_path / "e.pt"), str(tmp_path / "a.safetensors"), "--kind", "arcface"]) == 2
-    E, tiny = fn.default_e4e(tmp_path / "e.safetensors")
-    assert not tiny and fn.e4e_config(E)["n_styles"] == 18
-    monkeypatch.setattr(sm, "WEIGHTS_DIR", tmp_path / "nothing")
+    E, tiny = weights.load("e4e", tmp_path / "e.safetensors")
+    assert not tiny and e4e.e4e_arch(E)["n_styles"] == 18
+    monkeypatch.setattr(weights, "DIR", tmp_path / "nothing")
     said = []
-    E, tiny = fn.default_e4e(say=said.append)
-    assert tiny and "e4e_ffhq_encode.pt" in said[0] and fn.e4e_config(E)["n_styles"] == 14
+    E, tiny = weights.load("e4e", say=said.append)
+    assert tiny and "e4e_ffhq_encode.pt" in said[0] and e4e.e4e_arch(E)["n_styles"] == 14

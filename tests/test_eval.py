@@ -9,9 +9,12 @@ import torch
 from scipy.spatial.transform import Rotation
 from torch.testing import assert_close
 
+import cli
 import eval as ev
 import facenets as fn
 import stylemask as sm
+import weights
+from weights import defaults
 
 
 def read_png(path):
@@ -79,7 +82,7 @@ def test_nme_of_a_shifted_landmark_set():
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     mp = pytest.MonkeyPatch()
-    mp.setattr(sm, "WEIGHTS_DIR", out / "no-weights")
+    mp.setattr(weights, "DIR", out / "no-weights")
     try:
         assert ev.main(["--pairs", "6", "--batch", "4", "--seed", "5", "--size", "64", "--grid-pairs", "3",
                         "--range-samples", "8", "--out", str(out)]) == 0
@@ -103,11 +106,11 @@ def test_reference_rows_bound_the_metrics(tiny_run):
 def test_grid_and_table(tiny_run):
     grid = read_png(tiny_run / "grid.png")
     assert grid.shape == (3 * 64, 3 * 64, 3)  # 3 pairs × (source | target | method)
-    G = sm.tiny_generator()
+    G = defaults.tiny_generator()
     gen = torch.Generator().manual_seed(5)
     z_s, z_t = torch.randn(6, 32, generator=gen), torch.randn(6, 32, generator=gen)
     s_s, s_t = (sm.styles(G, sm.mapping(G, z[:3], 0.7)) for z in (z_s, z_t))
-    want = sm.image_grid([sm.synthesis(G, s) for s in (s_s, s_t)], 64)
+    want = cli.image_grid([sm.synthesis(G, s) for s in (s_s, s_t)], 64)
     assert (grid[:, :128].int() - want.int()).abs().max() <= 1  # batching may move a pixel by one level
     table = (tiny_run / "table.md").read_text()
     assert "TINY" in table and "| source |" in table and "CSIM" in table and "NME" in table

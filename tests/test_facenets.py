@@ -13,8 +13,9 @@ from torch.testing import assert_close
 
 import facenets as fn
 import stylemask as sm
+import weights
+from weights import convert, defaults, layout
 from helpers import Backbone, ResnetEncoder, build, params_of, randomize
-from weights import convert
 
 
 TINY_IRSE = dict(blocks=[(16, 1), (32, 1), (48, 1), (64, 1)], stem=16)  # ARCFACE_CONFIGS['tiny']
@@ -33,21 +34,21 @@ def resnet50():
 
 @pytest.fixture(scope="module")
 def A_tiny():
-    return fn.tiny_arcface()
+    return defaults.tiny_arcface()
 
 
 @pytest.fixture(scope="module")
 def D_tiny():
-    return fn.tiny_deca()
+    return defaults.tiny_deca()
 
 
 # --- ArcFace IR-SE50 ------------------------------------------------------------------------------
 
 def test_irse50_layout_is_the_official_one(irse50):
     want = {k: tuple(v.shape) for k, v in params_of(irse50).items()}
-    assert fn.arcface_shapes(fn.ARCFACE_CONFIGS["ir_se50"]) == want
+    assert layout.arcface_shapes(fn.ARCFACE_ARCHS["ir_se50"]) == want
     assert len(want) == 6 + 24 * 13 + 3 * 5 + 10  # stem, 24 SE units, 3 conv shortcuts, output layer
-    assert fn.arcface_config(params_of(irse50)) == fn.ARCFACE_CONFIGS["ir_se50"]
+    assert fn.arcface_arch(params_of(irse50)) == fn.ARCFACE_ARCHS["ir_se50"]
 
 
 def test_arcface_matches_the_official_backbone(irse50):
@@ -61,7 +62,7 @@ def test_arcface_matches_the_official_backbone(irse50):
 def test_shallow_ir_networks_run_through_the_same_functions(se, affine, seed, B):
     ref = randomize(Backbone(**TINY_IRSE, se=se, affine=affine), seed)
     A = params_of(ref)
-    fn.check_arcface(A)
+    layout.check_arcface(A)
     x = torch.randn(B, 3, 112, 112, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         assert_close(fn.arcface(A, x), ref(x))
@@ -106,7 +107,7 @@ def test_identity_features_are_unit_and_differentiable(A_tiny):
 
 def test_deca_layout_is_the_official_one(resnet50):
     want = {k: tuple(v.shape) for k, v in params_of(resnet50).items()}
-    assert fn.deca_shapes(fn.DECA_CONFIGS["resnet50"]) == want
+    assert layout.deca_shapes(fn.DECA_ARCHS["resnet50"]) == want
     assert want["layers.0.weight"] == (1024, 2048) and want["layers.2.weight"] == (236, 1024)
     assert "encoder.layer1.0.downsample.0.weight" in want and "encoder.layer1.1.downsample.0.weight" not in want
 
@@ -121,7 +122,7 @@ def test_deca_encode_matches_the_official_encoder(resnet50):
 def test_tiny_resnet_runs_through_the_same_functions(seed, B):
     ref = randomize(ResnetEncoder(hidden=64, **TINY_RESNET), seed)
     D = params_of(ref)
-    fn.check_deca(D)
+    layout.check_deca(D)
     x = torch.rand(B, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         assert_close(fn.deca_encode(D, x), ref(x))
@@ -282,7 +283,7 @@ def test_deca_params_are_differentiable_and_ignore_saturated_pixels(D_tiny):
 
 
 def test_tiny_deca_gives_sensible_codes_on_the_tiny_generators_images(D_tiny):
-    G = sm.tiny_generator()
+    G = defaults.tiny_generator()
     z = torch.randn(8, G["style.1.weight"].shape[1], generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         p = fn.deca_params(D_tiny, sm.generate(G, z, truncation=0.7)[0])
@@ -305,7 +306,7 @@ def test_ir_se50_checkpoint_converts_and_runs_the_same(irse50, tmp_path):
     assert "body.0.res_layer.0.num_batches_tracked" in sd
     torch.save(sd, tmp_path / "model_ir_se50.pth")
     assert convert.main([str(tmp_path / "model_ir_se50.pth"), str(tmp_path / "arcface.safetensors")]) == 0
-    A = fn.load(tmp_path / "arcface.safetensors")
+    A = weights.read(tmp_path / "arcface.safetensors", "arcface")
     assert A.keys() == params_of(irse50).keys() and all(torch.equal(A[k], sd[k]) for k in A)
     img = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(10))
     with torch.no_grad():  # IDLoss.extract_feats with the official module
@@ -316,7 +317,7 @@ def test_ir_se50_checkpoint_converts_and_runs_the_same(irse50, tmp_path):
 def test_deca_checkpoint_converts_to_e_flame_only(resnet50, tmp_path):
     torch.save(deca_checkpoint(resnet50.state_dict()), tmp_path / "deca_model.tar")
     assert convert.main([str(tmp_path / "deca_model.tar"), str(tmp_path / "deca.safetensors")]) == 0
-    D = fn.load(tmp_path / "deca.safetensors")
+    D = weights.read(tmp_path / "deca.safetensors", "deca")
     assert D.keys() == params_of(resnet50).keys()
     x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
@@ -362,28 +363,28 @@ def test_kind_can_be_forced_and_must_fit(tmp_path, capsys):
 
 
 def test_load_checks_the_file_and_defaults_fall_back_to_tiny(tmp_path, monkeypatch):
-    A = fn.tiny_arcface(seed=1)
-    sm.save(A, tmp_path / "arcface.safetensors", kind="arcface")
-    assert all(torch.equal(fn.load(tmp_path / "arcface.safetensors")[k], A[k]) for k in A)
-    sm.save({**A, "input_layer.2.weight": torch.full((16,), math.inf)}, tmp_path / "inf.safetensors", kind="arcface")
+    A = defaults.tiny_arcface(seed=1)
+    weights.save(A, tmp_path / "arcface.safetensors", "arcface")
+    assert all(torch.equal(weights.read(tmp_path / "arcface.safetensors", "arcface")[k], A[k]) for k in A)
+    weights.save({**A, "input_layer.2.weight": torch.full((16,), math.inf)}, tmp_path / "inf.safetensors", "arcface")
     with pytest.raises(sm.StyleMaskError, match="inf.safetensors: .*NaN or Inf"):
-        fn.load(tmp_path / "inf.safetensors")
-    sm.save(sm.init_mask(sm.CONFIGS["tiny"]), tmp_path / "mask.safetensors")
-    with pytest.raises(sm.StyleMaskError, match="not an ArcFace or DECA"):
-        fn.load(tmp_path / "mask.safetensors")
-    monkeypatch.setattr(sm, "WEIGHTS_DIR", tmp_path)
-    A2, tiny = fn.default_arcface(say=lambda *_: None)
+        weights.read(tmp_path / "inf.safetensors", "arcface")
+    weights.save(sm.init_mask(sm.ARCHS["tiny"]), tmp_path / "mask.safetensors", "masknet")
+    with pytest.raises(sm.StyleMaskError, match="not an ArcFace IR-SE network: it holds StyleMask mask networks"):
+        weights.read(tmp_path / "mask.safetensors", "arcface")  # the kind is in the file: named, not guessed
+    monkeypatch.setattr(weights, "DIR", tmp_path)
+    A2, tiny = weights.load("arcface", say=lambda *_: None)
     assert not tiny and torch.equal(A2["input_layer.0.weight"], A["input_layer.0.weight"])
     notes = []
-    D, tiny = fn.default_deca(say=notes.append)
+    D, tiny = weights.load("deca", say=notes.append)
     assert tiny and "TINY" in notes[0] and "deca_model.tar" in notes[0]
-    assert all(torch.equal(D[k], v) for k, v in fn.tiny_deca().items())  # deterministic
+    assert all(torch.equal(D[k], v) for k, v in defaults.tiny_deca().items())  # deterministic
     with pytest.raises(sm.StyleMaskError, match="no such file"):
-        fn.default_deca(tmp_path / "absent.safetensors")
+        weights.load("deca", tmp_path / "absent.safetensors")
 
 
 def test_tiny_defaults_are_valid_networks_of_the_official_family(A_tiny, D_tiny):
-    fn.check_arcface(A_tiny)
-    fn.check_deca(D_tiny)
-    assert fn.arcface_config(A_tiny) == fn.ARCFACE_CONFIGS["tiny"]
-    assert {k: v for k, v in fn.deca_config(D_tiny).items() if k != "n_out"} == fn.DECA_CONFIGS["tiny"]
+    layout.check_arcface(A_tiny)
+    layout.check_deca(D_tiny)
+    assert fn.arcface_arch(A_tiny) == fn.ARCFACE_ARCHS["tiny"]
+    assert {k: v for k, v in fn.deca_arch(D_tiny).items() if k != "n_out"} == fn.DECA_ARCHS["tiny"]

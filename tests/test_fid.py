@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-import facenets as fn
 import fid
 import stylemask as sm
+import weights
+from weights import convert, defaults, layout
 from helpers import build_inception, params_of
-from weights import convert
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +34,10 @@ def pytorch_fid_preprocess(img01):
 
 def test_layout_is_the_official_one(ref):
     want = {k: tuple(v.shape) for k, v in params_of(ref).items()}
-    assert fid.inception_shapes() == want
+    assert layout.inception_shapes() == want
     assert len(want) == 94 * 5 + 2  # 94 BasicConv2d (conv + 4 BatchNorm tensors), fc
     assert want["Mixed_7c.branch3x3dbl_3b.conv.weight"] == (384, 384, 3, 1) and want["fc.weight"] == (1008, 2048)
-    fid.check_inception(params_of(ref))
+    layout.check_inception(params_of(ref))
 
 
 def test_inception_matches_the_official_network_at_299(ref, I):
@@ -170,7 +170,7 @@ def test_pytorch_fid_checkpoint_converts_and_runs_the_same(ref, official_sd, tmp
     torch.save(official_sd, src, _use_new_zipfile_serialization=not legacy)
     assert convert.main([str(src), str(tmp_path / "inception.safetensors")]) == 0
     assert "FID Inception-v3 (94 BasicConv2d, 2048-d pool3), 472 tensors, 23.9M" in capsys.readouterr().out
-    I2 = fid.load(tmp_path / "inception.safetensors")
+    I2 = weights.read(tmp_path / "inception.safetensors", "inception")
     assert I2.keys() == params_of(ref).keys() and all(torch.equal(I2[k], official_sd[k]) for k in I2)
     x = torch.rand(1, 3, 80, 80, generator=torch.Generator().manual_seed(5)) * 2 - 1
     with torch.no_grad():
@@ -205,15 +205,15 @@ def test_kind_inception_can_be_forced_and_must_fit(tmp_path, capsys):
 
 
 def test_load_checks_the_file_and_the_default_is_none_without_weights(I, tmp_path, monkeypatch):
-    sm.save(fn.tiny_arcface(), tmp_path / "arcface.safetensors", kind="arcface")
+    weights.save(defaults.tiny_arcface(), tmp_path / "arcface.safetensors", "arcface")
     with pytest.raises(sm.StyleMaskError, match="arcface.safetensors: not the FID Inception-v3"):
-        fid.load(tmp_path / "arcface.safetensors")
-    monkeypatch.setattr(sm, "WEIGHTS_DIR", tmp_path)
+        weights.read(tmp_path / "arcface.safetensors", "inception")
+    monkeypatch.setattr(weights, "DIR", tmp_path)
     notes = []
-    assert fid.default_inception(say=notes.append) is None
+    assert weights.load("inception", say=notes.append)[0] is None
     assert len(notes) == 1 and "not computed" in notes[0] and "pt_inception-2015-12-05-6726825d.pth" in notes[0]
-    sm.save(I, tmp_path / "inception.safetensors", kind="inception")
-    I2 = fid.default_inception(say=notes.append)
+    weights.save(I, tmp_path / "inception.safetensors", "inception")
+    I2, _ = weights.load("inception", say=notes.append)
     assert len(notes) == 1 and all(torch.equal(I2[k], I[k]) for k in I)
     with pytest.raises(sm.StyleMaskError, match="no such file"):
-        fid.default_inception(tmp_path / "absent.safetensors")
+        weights.load("inception", tmp_path / "absent.safetensors")

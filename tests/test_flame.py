@@ -10,11 +10,13 @@ from scipy.spatial.transform import Rotation
 from torch.testing import assert_close
 
 import stylemask as sm
+import weights
+from weights import defaults, layout
 
 
 @pytest.fixture(scope="module")
 def Fl():
-    return sm.tiny_flame()
+    return defaults.tiny_flame()
 
 
 def _coeffs(seed, B=3, pose_scale=0.3):
@@ -209,12 +211,12 @@ def test_shape_losses_are_differentiable_through_flame(Fl):
 
 
 def test_tiny_flame_is_a_valid_model():
-    Fl = sm.tiny_flame()
-    sm.check_flame(Fl)
-    assert all(torch.equal(v, sm.tiny_flame()[k]) for k, v in Fl.items())
+    Fl = defaults.tiny_flame()
+    layout.check_flame(Fl)
+    assert all(torch.equal(v, defaults.tiny_flame()[k]) for k, v in Fl.items())
     bad = dict(Fl, f=Fl["f"][:, :2])
     with pytest.raises(sm.StyleMaskError, match="'f'"):
-        sm.check_flame(bad)
+        layout.check_flame(bad)
 
 
 # --- The converter: FLAME's Python-2 pickle with chumpy/scipy objects, DECA's pickled .npy -----------
@@ -266,7 +268,7 @@ def test_flame_files_convert_without_chumpy_and_give_the_same_model(tmp_path, ch
     pkl, npy = write_official_flame(tmp_path, Fl, chumpy_module)
     dst = tmp_path / "flame.safetensors"
     assert convert.main([str(pkl), str(dst), "--landmarks", str(npy)]) == 0
-    Fl2 = sm.load(dst)
+    Fl2 = weights.read(dst, "flame")
     for k, v in Fl.items():
         assert_close(Fl2[k], v.to(Fl2[k].dtype), msg=k)
     shape, exp, pose = _coeffs(10)

@@ -9,20 +9,23 @@ from PIL import Image
 from torch.testing import assert_close
 
 import align
-import facenets as fn
+import cli
+import e4e
 import reenact
 import stylemask as sm
+import weights
+from weights import defaults
 
 
 @pytest.fixture(scope="module")
 def G():
-    return sm.tiny_generator()
+    return defaults.tiny_generator()
 
 
 @pytest.fixture(autouse=True)
 def no_weights(tmp_path, monkeypatch):
     """Every test sees an empty weights/ (the tiny defaults), whatever the checkout holds."""
-    monkeypatch.setattr(sm, "WEIGHTS_DIR", tmp_path / "no-weights")
+    monkeypatch.setattr(weights, "DIR", tmp_path / "no-weights")
 
 
 def png(path):
@@ -38,7 +41,7 @@ def test_alpha_scales_the_transfer_of_eq1(G, seed, alpha):
     gen = torch.Generator().manual_seed(seed)
     M = sm.init_mask(G, seed=seed)
     s_s, s_t = sm.styles(G, sm.mapping(G, torch.randn(2, 32, generator=gen))).chunk(2)
-    s_r = reenact.mix(s_s, s_t, M, alpha)
+    s_r = sm.reenact(s_s, s_t, M, alpha=alpha)
     # Eq. 1 by hand: on the controlled channels s_s + alpha·m·(s_t − s_s), elsewhere s_s
     m, idx = sm.mask(M, s_s, s_t), sm.ctrl_index(M)
     want = s_s.clone()
@@ -59,7 +62,7 @@ def test_default_run_is_a_generated_pair_on_the_tiny_defaults(G, tmp_path, capsy
     w_s, w_t = reenact.seeded_w(G, 0, 0.7), reenact.seeded_w(G, 1, 0.7)
     s_s, s_t = sm.styles(G, w_s), sm.styles(G, w_t)
     rea = sm.synthesis(G, sm.reenact(s_s, s_t, sm.init_mask(G, seed=0)))
-    want = sm.to_uint8(torch.nn.functional.adaptive_avg_pool2d(rea, 64))[0].numpy()
+    want = cli.to_uint8(torch.nn.functional.adaptive_avg_pool2d(rea, 64))[0].numpy()
     assert np.array_equal(png(tmp_path / "o" / "reenacted.png"), want)
     grid = png(tmp_path / "o" / "grid.png")
     assert grid.shape == (64, 192, 3) and np.array_equal(grid[:, 128:], want)
@@ -75,7 +78,7 @@ def test_latent_files_and_alpha_zero_gives_the_source(G, tmp_path):
                          "--alpha", "0", "--out", str(out)]) == 0
     grid = png(out / "grid.png")
     assert grid.shape == (256, 768, 3)  # full resolution by default
-    want = sm.to_uint8(sm.synthesis(G, sm.styles(G, w_s[None])))[0].numpy()
+    want = cli.to_uint8(sm.synthesis(G, sm.styles(G, w_s[None])))[0].numpy()
     assert np.array_equal(grid[:, :256], want) and np.array_equal(png(out / "reenacted.png"), want)
 
 
@@ -102,20 +105,20 @@ def test_photos_need_the_alignment_extra_or_aligned(tmp_path, capsys, monkeypatc
     assert reenact.main(["--source", str(tmp_path / "a.png"), "--aligned", "--inversion-truncation", "1",
                          "--out", str(tmp_path / "o")]) == 0
     # the W+ code used is saved; it is the untruncated e4e code of the photo, and reloads to the same picture
-    G = sm.tiny_generator()
+    G = defaults.tiny_generator()
     w = np.load(tmp_path / "o" / "aligned" / "source.npy")
-    assert_close(torch.from_numpy(w), fn.e4e(fn.tiny_e4e(G=G), -torch.ones(1, 3, 256, 256))[0])
+    assert_close(torch.from_numpy(w), e4e.e4e(defaults.tiny_e4e(G=G), -torch.ones(1, 3, 256, 256))[0])
     first = png(tmp_path / "o" / "reenacted.png")
     assert reenact.main(["--source", str(tmp_path / "o" / "aligned" / "source.npy"), "--out", str(tmp_path / "p")]) == 0
     assert np.array_equal(png(tmp_path / "p" / "reenacted.png"), first)
 
 
 def test_converted_generator_without_e4e_says_what_to_convert(G, tmp_path, capsys, monkeypatch):
-    weights = tmp_path / "w"
-    weights.mkdir()
-    sm.save(G, weights / "generator.safetensors")
-    sm.save(sm.init_mask(G), weights / "masknet.safetensors")
-    monkeypatch.setattr(sm, "WEIGHTS_DIR", weights)
+    folder = tmp_path / "w"
+    folder.mkdir()
+    weights.save(G, folder / "generator.safetensors", "generator")
+    weights.save(sm.init_mask(G), folder / "masknet.safetensors", "masknet")
+    monkeypatch.setattr(weights, "DIR", folder)
     Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(tmp_path / "a.png")
     assert reenact.main(["--source", str(tmp_path / "a.png"), "--aligned", "--out", str(tmp_path / "o")]) == 2
     assert "e4e_ffhq_encode.pt" in capsys.readouterr().err
@@ -144,11 +147,11 @@ def test_a_folder_of_aligned_frames(G, tmp_path, capsys):
     assert gif.n_frames == 3 and gif.size == (32, 32) and gif.info["duration"] == 100  # 10 fps
     assert Image.open(out / "grid.gif").size == (96, 32)
     # frame 2 is the source (seed 0) reenacted with the e4e inversion of 002.png
-    E = fn.tiny_e4e(G=G)
+    E = defaults.tiny_e4e(G=G)
     x = torch.from_numpy(reenact.resize(synthetic_frames(3, 0)[2], 256).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
-    w_t = G["latent_avg"] + 0.7 * (fn.e4e(E, x) - G["latent_avg"])  # run_inference's psi 0.7 on inversions
+    w_t = G["latent_avg"] + 0.7 * (e4e.e4e(E, x) - G["latent_avg"])  # run_inference's psi 0.7 on inversions
     s_s, s_t = sm.styles(G, reenact.seeded_w(G, 0, 0.7)), sm.styles(G, w_t)
-    want = sm.to_uint8(torch.nn.functional.adaptive_avg_pool2d(
+    want = cli.to_uint8(torch.nn.functional.adaptive_avg_pool2d(
         sm.synthesis(G, sm.reenact(s_s, s_t, sm.init_mask(G, seed=0))), 32))[0].numpy()
     assert np.abs(png(out / "frames" / "00002.png").astype(int) - want).max() <= 1
 

@@ -139,7 +139,7 @@ def _both_paths(monkeypatch, G, s, grad, noise="const"):
         monkeypatch.setenv("STYLEMASK_FAST", fast)
         s_in = s.detach().clone().requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            img = sm.synthesis(G, s_in, noise=noise, generator=torch.Generator().manual_seed(6))
+            img = sm.synthesis(G, s_in, noise=noise, rng=torch.Generator().manual_seed(6))
             ds = None
             if grad:
                 (img * torch.linspace(-1, 1, img.shape[-1])).sum().backward()  # a loss with structure

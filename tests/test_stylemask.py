@@ -6,6 +6,7 @@ from hypothesis import given, strategies as st
 from torch.testing import assert_close
 
 import stylemask as sm
+from weights import defaults, layout
 from helpers import naive_mapping, naive_synthesis
 
 
@@ -28,7 +29,7 @@ def test_styles_of_w_equal_styles_of_broadcast_w_plus(G):
 
 
 def test_layout_of_the_paper_generator():
-    layout = sm.style_layout(sm.CONFIGS["ffhq-1024"])  # computed from the config, nothing allocated
+    layout = sm.style_layout(sm.ARCHS["ffhq-1024"])  # computed from the config, nothing allocated
     convs = [L for L in layout if L.kind == "conv"]
     assert sum(L.dim for L in layout) == 9088 and len(layout) == 26 and len(convs) == 17
     assert sum(L.dim for L in convs[:12]) == 5632  # Supp. A: the n = 12 controlled layers
@@ -36,19 +37,19 @@ def test_layout_of_the_paper_generator():
     # Table VI: S index of every layer, and the paper's controlled S indices s^0, s^2, s^3, s^5, ...
     assert [layout.index(L) for L in convs[:12]] == [0, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17]
     assert [L.kind for L in layout[:5]] == ["conv", "torgb", "conv", "conv", "torgb"]
-    assert [L.res for L in layout[-3:]] == [1024] * 3 and sm.n_ws(sm.CONFIGS["ffhq-1024"]) == 18
+    assert [L.res for L in layout[-3:]] == [1024] * 3 and sm.n_ws(sm.ARCHS["ffhq-1024"]) == 18
     assert [L.dim for L in layout if L.kind == "torgb"] == [512] * 5 + [256, 128, 64, 32]
 
 
 @pytest.mark.parametrize("name", ["ffhq-1024", "ffhq-256", "tiny"])
 def test_mask_finds_the_controlled_layers_in_s(name):
-    cfg = sm.CONFIGS[name]
-    M = sm.init_mask(cfg, n_layers=12)
+    arch = sm.ARCHS[name]
+    M = sm.init_mask(arch, n_layers=12)
     want = torch.cat([torch.arange(L.offset, L.offset + L.dim)
-                      for L in [L for L in sm.style_layout(cfg) if L.kind == "conv"][:12]])
+                      for L in [L for L in sm.style_layout(arch) if L.kind == "conv"][:12]])
     assert torch.equal(sm.ctrl_index(M), want)
-    G_shapes = sm.generator_shapes(cfg)
-    assert G_shapes["convs.10.conv.modulation.weight"][0] == sm.mask_dims(M)[11]
+    G_shapes = layout.generator_shapes(arch)
+    assert G_shapes["convs.10.conv.modulation.weight"][0] == M.dims[11]
 
 
 def test_truncation_zero_gives_w_avg_and_one_is_identity(G):
@@ -61,16 +62,16 @@ def test_truncation_zero_gives_w_avg_and_one_is_identity(G):
 
 
 def test_tiny_generator_is_deterministic_and_seeded(tiny):
-    again = sm.tiny_generator(seed=0)
+    again = defaults.tiny_generator(seed=0)
     assert all(torch.equal(tiny[k], again[k]) for k in tiny)
-    other = sm.tiny_generator(seed=1)
+    other = defaults.tiny_generator(seed=1)
     assert not torch.equal(tiny["conv1.conv.weight"], other["conv1.conv.weight"])
     z = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
     img1, s1 = sm.generate(tiny, z, truncation=0.7)
     img2, s2 = sm.generate(again, z, truncation=0.7)
     assert torch.equal(img1, img2) and torch.equal(s1, s2)
     assert img1.shape == (2, 3, 256, 256) and torch.isfinite(img1).all() and img1.std() > 0.05
-    sm.check_generator(tiny)
+    layout.check_generator(tiny)
 
 
 def test_noise_modes(G):
@@ -78,8 +79,8 @@ def test_noise_modes(G):
     const = sm.synthesis(G, s)
     explicit = sm.synthesis(G, s, noise=[G[f"noises.noise_{i}"] for i in range(7)])
     assert torch.equal(const, explicit)
-    r1 = sm.synthesis(G, s, noise="random", generator=torch.Generator().manual_seed(5))
-    r2 = sm.synthesis(G, s, noise="random", generator=torch.Generator().manual_seed(5))
+    r1 = sm.synthesis(G, s, noise="random", rng=torch.Generator().manual_seed(5))
+    r2 = sm.synthesis(G, s, noise="random", rng=torch.Generator().manual_seed(5))
     assert torch.equal(r1, r2) and not torch.allclose(r1, const)
     zeros = sm.synthesis(G, s, noise=[torch.zeros_like(G[f"noises.noise_{i}"]) for i in range(7)])
     assert_close(sm.synthesis(G, s, noise="none"), zeros)
@@ -113,8 +114,8 @@ def naive_reenact(G, M, s_s, s_t, n):
         for i, L in enumerate(convs):
             ds = s_s[b, L.offset:L.offset + L.dim] - s_t[b, L.offset:L.offset + L.dim]
             p = f"network_{i:02d}.masknet."
-            h = torch.relu(M[p + "0.weight"] @ ds + M[p + "0.bias"])
-            m = torch.sigmoid(M[p + "2.weight"] @ h + M[p + "2.bias"])
+            h = torch.relu(M.params[p + "0.weight"] @ ds + M.params[p + "0.bias"])
+            m = torch.sigmoid(M.params[p + "2.weight"] @ h + M.params[p + "2.bias"])
             for c in range(L.dim):
                 s_r[b, L.offset + c] = m[c] * s_t[b, L.offset + c] + (1 - m[c]) * s_s[b, L.offset + c]
     return s_r
@@ -130,7 +131,7 @@ def _codes(G, seed, B=2):
 def _trained_looking_mask(G, n, seed, kind="per-layer"):
     M = sm.init_mask(G, n_layers=n, seed=seed, kind=kind)
     gen = torch.Generator().manual_seed(seed)
-    return {k: (v + torch.randn(v.shape, generator=gen) * 0.3 if v.is_floating_point() else v) for k, v in M.items()}
+    return M._replace(params={k: v + torch.randn(v.shape, generator=gen) * 0.3 for k, v in M.params.items()})
 
 
 @given(seed=st.integers(0, 2**16), n=st.integers(1, 7))
@@ -153,8 +154,8 @@ def test_saturated_masks_give_source_or_target(G, kind):
     M = sm.init_mask(G, n_layers=5, kind=kind)
     idx = sm.ctrl_index(M)
     for bias, want in ((-200.0, s_s), (200.0, s_t)):  # σ(−200) = 0, σ(200) = 1 exactly in float32
-        Ms = {k: (torch.zeros_like(v) if k.endswith("2.weight") else torch.full_like(v, bias) if k.endswith("2.bias") else v)
-              for k, v in M.items()}
+        Ms = M._replace(params={k: (torch.zeros_like(v) if k.endswith("2.weight") else torch.full_like(v, bias)
+                                    if k.endswith("2.bias") else v) for k, v in M.params.items()})
         s_r = sm.reenact(s_s, s_t, Ms)
         assert torch.equal(s_r[:, idx], want[:, idx])
 
@@ -175,7 +176,7 @@ def test_layer_locality_of_the_mask(G, kind, others_change):
     s_s2 = s_s.clone()
     s_s2[:, j.offset:j.offset + j.dim] += 1.0
     m1, m2 = sm.mask(M, s_s, s_t), sm.mask(M, s_s2, s_t)
-    widths = sm.mask_dims(M)
+    widths = M.dims
     start = sum(widths[:3])
     changed = (m1 != m2).any(0)
     assert changed[start:start + widths[3]].any()
@@ -189,14 +190,16 @@ def test_reenact_refuses_mismatched_mask_and_codes(G, tiny):
     with pytest.raises(sm.StyleMaskError, match="mask and generator differ"):
         sm.reenact(s_s, s_t, M)
     with pytest.raises(sm.StyleMaskError, match="D = 74"):
-        sm.reenact(s_s, s_t)  # the default mask is the tiny one: it must not meet other codes silently
+        sm.reenact(s_s, s_t, defaults.tiny_mask())  # the default mask is the tiny one: it must not meet other codes
+    with pytest.raises(TypeError):
+        sm.reenact(s_s, s_t)  # a pure function: the masks are an argument, never read from a file
 
 
 def test_default_mask_fits_the_tiny_generator(tiny):
     s_s, s_t = _codes(tiny, 11)
-    s_r = sm.reenact(s_s, s_t)
+    s_r = sm.reenact(s_s, s_t, defaults.tiny_mask())
     assert s_r.shape == s_s.shape and not torch.equal(s_r, s_s)
-    assert sm.mask(sm.default_mask(), s_s, s_t).shape == (2, 320)
+    assert sm.mask(defaults.tiny_mask(), s_s, s_t).shape == (2, 320)
 
 
 @given(seed=st.integers(0, 2**16), alpha=st.floats(0.0, 1.0))

@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-import facenets as fn
 import stylemask as sm
+from weights import defaults
 import train
+import weights
 
 # Small and quick, but the real loop: the cycle loss on, every loss term, the tiny default's lr.
 FAST = ["--batch", "2", "--eval-pairs", "4", "--log-every", "1", "--lr", "1e-2"]
@@ -15,7 +16,7 @@ LEARN = ["--batch", "4", "--eval-pairs", "8", "--log-every", "1", "--lr", "1e-2"
 
 @pytest.fixture(autouse=True)
 def no_real_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(sm, "WEIGHTS_DIR", tmp_path / "no-weights")
+    monkeypatch.setattr(weights, "DIR", tmp_path / "no-weights")
 
 
 def _log(out):
@@ -24,12 +25,12 @@ def _log(out):
 
 def _held_out_loss(out, masknet_path):
     cfg = train.parse_args(LEARN + ["--out", str(out)])
-    G, A, D, Fl, _ = fn.load_all(say=lambda *_: None)
-    held_z = torch.randn(3, cfg.eval_pairs, G["style.1.weight"].shape[1],
+    nets, _ = train.load_nets(cfg, say=lambda *_: None)
+    held_z = torch.randn(3, cfg.eval_pairs, nets[0]["style.1.weight"].shape[1],
                          generator=torch.Generator().manual_seed(cfg.seed + 1_000_003))
-    held = tuple(train.sample((G, A, D, Fl), cfg, z) for z in held_z)
-    M = sm.load(masknet_path) if masknet_path else sm.init_mask(G, seed=cfg.seed)
-    return train.evaluate((G, A, D, Fl), M, cfg, held)
+    held = tuple(train.sample(nets, cfg, z) for z in held_z)
+    M = weights.read(masknet_path, "masknet") if masknet_path else sm.init_mask(nets[0], seed=cfg.seed)
+    return train.evaluate(nets, M, cfg, held)
 
 
 @pytest.mark.slow
@@ -57,7 +58,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):
         assert ra["loss"] == rb["loss"] and ra["shape"] == rb["shape"], (ra, rb)
-    Ma, Mb = sm.load(straight / "checkpoint.safetensors"), sm.load(split / "checkpoint.safetensors")
+    (Ma, state_a), (Mb, state_b) = (weights.read(run / "checkpoint.safetensors", "checkpoint") for run in (straight, split))
+    Ma, Mb = {**Ma.params, **state_a}, {**Mb.params, **state_b}
     assert Ma.keys() == Mb.keys() and all(torch.equal(Ma[k], Mb[k]) for k in Ma)
 
 
@@ -70,8 +72,8 @@ def test_bad_checkpoints_give_one_line_and_touch_nothing(tmp_path, capsys):
     for ckpt, message in ((tmp_path / "absent.safetensors", "no such file"), (bad, "not a readable safetensors")):
         with pytest.raises(sm.StyleMaskError, match=message):
             train.main(FAST + ["--steps", "2", "--out", str(out), "--resume", str(ckpt)])
-    M = sm.init_mask(sm.tiny_generator())
-    sm.save(M, tmp_path / "weights_only.safetensors")
+    M = sm.init_mask(defaults.tiny_generator())
+    weights.save(M, tmp_path / "weights_only.safetensors", "masknet")
     with pytest.raises(sm.StyleMaskError, match="no training state"):
         train.main(FAST + ["--steps", "2", "--out", str(out), "--resume", str(tmp_path / "weights_only.safetensors")])
     assert (out / "log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
@@ -79,11 +81,11 @@ def test_bad_checkpoints_give_one_line_and_touch_nothing(tmp_path, capsys):
 
 
 def test_ablation_flags_build_the_right_masks(tmp_path):
-    for flags, check in ((["--space", "W"], lambda M: "ctrl_index" in M and sm.mask_dims(M) == [32] * 12),
-                         (["--mask", "global"], lambda M: "network_global.masknet.0.weight" in M),
-                         (["--no-cycle", "--no-eye", "--no-mouth"], lambda M: "network_00.masknet.0.weight" in M)):
+    for flags, check in ((["--space", "W"], lambda M: M.space == "W" and M.dims == [32] * 12),
+                         (["--mask", "global"], lambda M: "network_global.masknet.0.weight" in M.params),
+                         (["--no-cycle", "--no-eye", "--no-mouth"], lambda M: "network_00.masknet.0.weight" in M.params)):
         out = tmp_path / "_".join(flags)
         assert train.main(FAST + ["--steps", "2", "--save-every", "2", "--out", str(out)] + flags) == 0
-        assert check(sm.load(out / "masknet.safetensors"))
+        assert check(weights.read(out / "masknet.safetensors", "masknet"))
     log = _log(tmp_path / "--no-cycle_--no-eye_--no-mouth")
     assert "cycle_shape" not in log[0] and "eye" not in log[0]

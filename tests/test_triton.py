@@ -10,6 +10,7 @@ from torch.testing import assert_close
 
 import kernels
 import stylemask as sm
+from weights import defaults
 from helpers import upfirdn2d_inputs
 from kernels.modconv import modconv_ref
 from kernels.upfirdn2d import upfirdn2d_ref
@@ -78,7 +79,7 @@ def test_half_precision_on_gpu(dtype):
 
 
 def test_tiny_generator_through_triton_equals_reference(monkeypatch):
-    G = {k: v.to(DEVICE) for k, v in sm.tiny_generator().items()}
+    G = {k: v.to(DEVICE) for k, v in defaults.tiny_generator().items()}
     z = torch.randn(1, 32, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     s = sm.styles(G, sm.mapping(G, z, truncation=0.7))
     images, grads = {}, {}

@@ -399,12 +399,12 @@ def from_arcface(state_dict):
 
 
 def from_deca(ckpt):
-    """DECA `deca_model.tar` {'E_flame', 'E_detail', 'D_detail'} -> D: the E_flame state dict, same names."""
+    """DECA `deca_model.tar` {'E_flame', 'E_detail', 'D_detail'} -> the E_flame state dict, same names."""
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("E_flame"), dict):
         raise StyleMaskError("no 'E_flame' state dict in the checkpoint: not a DECA model (deca_model.tar)")
-    D = _plain_state(ckpt["E_flame"])
-    layout.check_deca(D)
-    return D
+    P = _plain_state(ckpt["E_flame"])
+    layout.check_deca(P)
+    return P
 
 
 def from_inception(state_dict):
