@@ -9,6 +9,7 @@
     StyleMask's own code finds landmarks with FAN (face_alignment); dlib's are what FFHQ was made with.
 
 Images here are (H, W, 3) uint8 RGB numpy arrays (the layout PIL reads); Pillow and scipy are needed.
+Not here: inversion to W+ (`e4e.py`) and the reenactment itself (`reenact.py`, `stylemask.py`).
 """
 from pathlib import Path
 

@@ -17,6 +17,8 @@ pairs, and one table reports per method:
 Rows "source" (no reenactment) and "target" (the target image itself) need no training and bound
 every metric. Outputs in --out: a markdown table (also printed), results.json, grid.png.
 """
+# The evaluation protocol and its metrics only: the model is stylemask's, the networks and their files
+# weights', the command line and image writing cli's.
 import dataclasses
 import json
 import sys

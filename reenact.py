@@ -20,6 +20,8 @@ generator, as the official grids), aligned/ crops; for sequences frames/NNNNN.pn
 aligned/{source,target}.npy (the W+ codes used); config.json. Without converted weights in weights/ everything runs on the tiny defaults (random generator
 and e4e, untrained mask) and says so: a pipeline check, not faces.
 """
+# Inputs (photos, latents, frame sequences) and outputs only: reenactment is stylemask's, alignment
+# align's, inversion e4e's, parameters weights', the command line and image writing cli's.
 import dataclasses
 import json
 import sys

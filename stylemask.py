@@ -5,7 +5,7 @@ The model, and only the model, in paper order. Everything is a pure function ove
 StyleMask distributes (`style.{k}.weight`, `convs.{i}.conv.modulation.weight`, `noises.noise_{i}`,
 ...), so every tensor greps back to the official file.
 
-    Glossary        shapes and names used throughout; the architecture tables
+    Glossary        shapes and names used throughout; the generator's architecture tables
     Mapping         Sect. III-A          rosinality `Generator.style`, NVlabs `MappingNetwork`
     Style space     Sect. III-A, Tab. VI StyleMask `encoder` (stylespace_utils.py), S of Wu et al.
     Synthesis       Sect. III-A          rosinality `Generator.forward`, StyleMask `decoder`
@@ -45,6 +45,8 @@ LR_MLP = 0.01  # equalized-lr multiplier of the mapping network (StyleGAN2's lr_
 class StyleMaskError(ValueError):
     """A problem with the user's input (file, shape, value) that a one-line message explains."""
 
+
+# --- Architectures: the official generator's shape tables ----------------------------------------
 
 def stylegan2_channels(resolution, channel_multiplier=2):
     """Channels per resolution of the official StyleGAN2 generator (rosinality's `channels` table)."""
@@ -88,7 +90,6 @@ def arch_name(arch):
 def n_conv_layers(arch):
     """Number of conv (not ToRGB) layers: 17 for 1024×1024."""
     return 2 * int(math.log2(arch["resolution"])) - 3
-
 
 
 # --- Mapping network -------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ mask networks, renders the reenacted images, and minimises Eq. 8 (L_r + L_cycle,
 eye and mouth terms). Without converted weights every network is the tiny embedded default, and the
 run says so: it checks the pipeline, it does not learn faces. See weights/README.md for real weights.
 """
+# The training loop and its bookkeeping only: the math is stylemask's (Eq. 1-8), the networks and their
+# files are weights', the command line and image writing cli's.
 import dataclasses
 import json
 import os

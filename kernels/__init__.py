@@ -5,6 +5,9 @@ Each op lives in its own file in teaching order: `<op>_ref` (plain PyTorch, the 
 autograd Function, and the public `<op>`, which dispatches (kernels/dispatch.py): Triton for CUDA
 tensors, the fast CPU variant for CPU tensors (STYLEMASK_FAST=0: the reference), STYLEMASK_BACKEND=
 torch|triton to force one. Importing this package compiles nothing and needs no GPU.
+
+Not here: anything of the model (`stylemask`, the networks, `weights`, the scripts): kernels import only
+torch and triton, so they can be tested and benchmarked (bench/) alone.
 """
 from .dispatch import BACKENDS, fast_cpu, keep_freed_memory, resolve
 from .modconv import modconv, modconv_cpu, modconv_ref, modulates_weights

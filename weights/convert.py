@@ -29,6 +29,9 @@ Kinds (auto-detected; --kind forces one):
               get_keys loads them) and latent_avg are kept, the decoder (a copy of the generator) dropped.
 .pt/.pth/.tar files are read only with torch.load(..., weights_only=True). The output is written
 atomically and an existing file is never replaced unless --force is given.
+
+Not here: the layouts the results are checked against (`weights.layout`) and reading converted files
+(`weights.read`); this module only translates foreign checkpoints.
 """
 import _compat_pickle
 import argparse
