@@ -33,14 +33,20 @@ atomically and an existing file is never replaced unless --force is given.
 Not here: the layouts the results are checked against (`weights.layout`) and reading converted files
 (`weights.read`); this module only translates foreign checkpoints.
 """
-import _compat_pickle
+import sys
+
+if __name__ == "__main__" and not __package__:  # run as a file: the package's imports would not resolve
+    print("error: run the converter as a module, from the repository root: python -m weights.convert SRC DST",
+          file=sys.stderr)
+    sys.exit(2)
+
+import _compat_pickle  # noqa: E402 (after the guard above)
 import argparse
 import codecs
 import copyreg
 import io
 import pickle
 import re
-import sys
 import warnings
 from collections import OrderedDict
 from pathlib import Path
