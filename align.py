@@ -1,5 +1,7 @@
 """FFHQ face alignment for real photos: find the face, its 68 landmarks, and the FFHQ-oriented square crop.
 
+    python align.py photo.jpg aligned.png --size 1024    # the crop reenact.py would invert
+
     NVlabs ffhq-dataset `download_ffhq.py` recreate_aligned_images (the recipe StyleMask copies in
     `libs/utilities/ffhq_cropping.py` align_crop_image): the eye centres and mouth corners define an
     oriented square (centre eye_avg + 0.1·eye_to_mouth, half-side max(2·|eye_to_eye|, 1.8·|eye_to_mouth|));
@@ -11,6 +13,8 @@
 Images here are (H, W, 3) uint8 RGB numpy arrays (the layout PIL reads); Pillow and scipy are needed.
 Not here: inversion to W+ (`e4e.py`) and the reenactment itself (`reenact.py`, `stylemask.py`).
 """
+import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +133,33 @@ def align_face(img, size, name="image", say=print):
 def image_files(folder):
     """The image files of a folder (png, jpg, jpeg, bmp, webp), in name order: the frames of a sequence."""
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def main(argv=None):
+    """Align one photo and write the crop (a PNG); exit 2 with one line when it cannot."""
+    import cli
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("photo", help="a photo with a face (png, jpg, ...)")
+    p.add_argument("out", help="the aligned crop to write (.png); an existing file is kept unless --overwrite")
+    p.add_argument("--size", type=int, default=1024, help="crop size in pixels (FFHQ: 1024; default: 1024)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    a = p.parse_args(argv)
+
+    def run(_):
+        if a.size < 16:
+            raise StyleMaskError(f"--size {a.size}: must be an integer >= 16")
+        out = Path(a.out)
+        if out.exists() and not a.overwrite:
+            raise StyleMaskError(f"{out} exists; pass --overwrite to replace it")
+        if out.suffix.lower() != ".png":
+            raise StyleMaskError(f"{out}: the crop is written as PNG; name it .png")
+        if not Path(a.photo).is_file():
+            raise StyleMaskError(f"{a.photo}: no such file")
+        cli.write_png(out, align_face(read_image(a.photo), a.size, Path(a.photo).name))
+        print(f"wrote {out} ({a.size}×{a.size}, FFHQ-aligned)")
+        return 0
+    return cli.run_script(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

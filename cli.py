@@ -1,17 +1,26 @@
-"""What the scripts share: the error exit, config dataclasses as command lines, devices, images on disk.
+"""What the scripts share: the error exit, flags and their checks, output folders, devices, images on disk.
 
 train.py, eval.py, reenact.py and weights/convert.py use these so that each rule is written once:
-a StyleMaskError ends a script with one `error:` line and exit code 2; a config dataclass plus a help
-table is the command line; parameters move to a device in one call; images are written atomically.
+- a StyleMaskError ends a script with one `error:` line and exit code 2, Ctrl-C / SIGTERM with one line
+  and exit code 130 / 143;
+- a config dataclass plus a help table is the command line, and every flag is checked before any work;
+- a folder that holds a run's results is never modified unless the user says so (`--overwrite`, or
+  train.py's `--resume`), and results appear only after success, all at once (`staged`);
+- parameters move to a device in one call; images are written atomically, readable by all (0644).
 
 Not here: model math (`stylemask.py` and the network modules), parameter files (`weights/`).
 """
 import argparse
 import dataclasses
+import math
 import os
+import re
+import shutil
+import signal
 import struct
 import sys
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,20 +32,37 @@ from stylemask import StyleMaskError
 
 # --- Running a script -----------------------------------------------------------------------------------
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same cleanup runs."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted()
+
+
 def run_script(main, argv=None):
-    """A script's exit code: main(argv)'s, or 2 after printing a StyleMaskError as one `error:` line."""
+    """A script's exit code: main(argv)'s; 2 after a StyleMaskError, printed as one `error:` line; 130 / 143
+    after Ctrl-C / SIGTERM, with one line (whatever the script staged is removed on the way out)."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         return main(argv)
     except StyleMaskError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        name = "SIGTERM" if isinstance(e, Interrupted) else "Ctrl-C"
+        print(f"interrupted ({name}): nothing more was written", file=sys.stderr)
+        return 143 if isinstance(e, Interrupted) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-def parse_config(Config, help, argv=None, description=None, choices=None, check=None):
+def parse_config(Config, help, argv=None, description=None, choices=None, check=None, given=None):
     """Config dataclass + {field: help} -> a filled Config from the command line (`--help` lists every default).
 
     Booleans become --flag / --no-flag; choices maps field names to their allowed values; check(cfg)
-    returns an error message (argparse prints it with the usage line and exits 2) or None.
+    returns an error message (argparse prints it with the usage line and exits 2) or None. given, a set,
+    receives the names of the fields set on the command line.
     """
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     choices = choices or {}
@@ -49,10 +75,149 @@ def parse_config(Config, help, argv=None, description=None, choices=None, check=
             p.add_argument(flag, dest=f.name, type=f.type, default=f.default, choices=choices.get(f.name),
                            help=f"{help[f.name]} (default: {f.default!r})")
     cfg = Config(**vars(p.parse_args(argv)))
+    if given is not None:
+        given.update(_given_fields(p, argv))
     problem = check(cfg) if check else None
     if problem:
         p.error(problem)
     return cfg
+
+
+def _given_fields(parser, argv):
+    """The dests of the options present in argv (each flag's own spelling, or an unambiguous prefix)."""
+    argv = sys.argv[1:] if argv is None else argv
+    flags = {o: a.dest for a in parser._actions for o in a.option_strings}
+    given = set()
+    for tok in argv:
+        if tok.startswith("--"):
+            name = tok.split("=", 1)[0]
+            hits = [d for o, d in flags.items() if o == name] or [d for o, d in flags.items() if o.startswith(name)]
+            given.update(hits[:1])
+    return given
+
+
+# --- Checking flags: before any work or write ---------------------------------------------------------
+
+def at_least(lo, note=""):
+    """A rule for an integer flag: at least lo."""
+    return (lambda v: v >= lo), f"an integer >= {lo}{note}"
+
+
+def finite(lo=-math.inf, hi=math.inf, note=""):
+    """A rule for a real flag: finite, in [lo, hi]."""
+    span = "" if (lo, hi) == (-math.inf, math.inf) else f" >= {lo}" if hi == math.inf else f" in [{lo}, {hi}]"
+    return (lambda v: math.isfinite(v) and lo <= v <= hi), f"a finite number{span}{note}"
+
+
+def check_flags(cfg, **rules):
+    """Raise a StyleMaskError naming the first flag that breaks its rule (field=(ok(value), what it must be))."""
+    for name, (ok, what) in rules.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise StyleMaskError(f"--{name.replace('_', '-')} {value!r}: must be {what}")
+
+
+def device(name):
+    """The torch device named by a --device flag ('' : cuda when available, else cpu), checked to exist."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise StyleMaskError(f"--device {name!r}: not a torch device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise StyleMaskError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                             f"use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise StyleMaskError(f"--device {name}: only cpu and cuda are supported")
+    return dev
+
+
+# --- Output folders: a run's results are never touched unless the user says so --------------------------
+
+def _results(out):
+    """The entries of folder out, hidden temporary files of a killed run aside."""
+    return sorted(p.name for p in Path(out).iterdir() if not re.fullmatch(r"\..*\.tmp\d+", p.name))
+
+
+def clean_stale(out):
+    """Remove what killed runs left beside or in out: hidden .<name>.tmp<pid> / .old<pid> of processes gone."""
+    out = Path(out)
+    for folder, pattern in ((out.parent, rf"\.{re.escape(out.name)}\.(tmp|old)(\d+)"), (out, r"\..*\.(tmp)(\d+)")):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            m = re.fullmatch(pattern, p.name)
+            if m and not _alive(int(m.group(2))):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return False  # our own leftovers from an earlier call
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_out(out, overwrite=False, resume_hint=False):
+    """Raise unless folder out may receive a new run's results: absent, empty, or --overwrite given; writable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StyleMaskError(f"--out {out}: is a file, not a folder; choose another --out")
+    if out.is_dir() and _results(out) and not overwrite:
+        names = _results(out)
+        how = "--resume its checkpoint.safetensors to continue it, " if resume_hint else ""
+        raise StyleMaskError(f"--out {out} already holds results ({len(names)} entries, e.g. {names[0]}): pass "
+                             f"{how}--overwrite to replace them, or choose another --out")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise StyleMaskError(f"--out {out}: cannot write into {parent} (permission denied); choose another --out")
+
+
+@contextmanager
+def staged(out, overwrite=False):
+    """A hidden folder beside out to write a run's results into; on success it becomes out (replacing what
+    --overwrite allowed, all at once), on any failure it is removed and out stays exactly as it was."""
+    out = Path(out)
+    check_out(out, overwrite)
+    clean_stale(out)
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise StyleMaskError(f"--out {out}: cannot create {tmp.parent} ({e.strerror}); choose another --out") from None
+    try:
+        yield tmp
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp, out):
+    """Make tmp's files 0644 (folders 0755) and put tmp in out's place; the old out, if any, goes."""
+    for p in [tmp, *tmp.rglob("*")]:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    old = out.parent / f".{out.name}.old{os.getpid()}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text(path, text):
+    """Write a text file atomically (temp file + rename), readable by all."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 def to_device(P, device):
@@ -98,6 +263,7 @@ def write_png(path, img):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(png)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

@@ -57,6 +57,7 @@ class Config:
     grid_pairs: int = 4       # pairs shown in grid.png
     size: int = 256           # grid cell size (the official code shows 256; 0 = full resolution)
     out: str = "out"
+    overwrite: bool = False   # replace the results already in --out
 
 
 HELP = dict(
@@ -70,13 +71,21 @@ HELP = dict(
     inception="FID Inception .safetensors (absent: the FID column says so)",
     ranges="expression ranges JSON (absent: computed from generated images and saved in --out)",
     range_samples="generated images for the expression ranges (0: 2000 real, 64 tiny)",
-    grid_pairs="pairs in grid.png", size="grid cell size in pixels (0: full resolution)", out="output folder",
+    grid_pairs="pairs in grid.png", size="grid cell size in pixels (0: full resolution)",
+    out="output folder (must not hold results, unless --overwrite; written only when the run succeeds)",
+    overwrite="replace the results of an earlier run in --out",
 )
 
 
 def parse_args(argv=None):
-    return cli.parse_config(Config, HELP, argv, description=__doc__, check=lambda cfg: (
-        "--pairs and --batch must not be negative" if cfg.pairs < 0 or cfg.batch < 0 else None))
+    """The Config of this command line, every flag checked."""
+    cfg = cli.parse_config(Config, HELP, argv, description=__doc__)
+    cli.check_flags(cfg, pairs=cli.at_least(0, " (0: the default)"), seed=cli.at_least(0),
+                    truncation=cli.finite(0, 1, note=" (0: the average face, 1: none)"),
+                    batch=cli.at_least(0, " (0: the default)"),
+                    range_samples=((lambda n: n == 0 or n >= 2), "0 (the default) or >= 2: ranges need two images"),
+                    grid_pairs=cli.at_least(1), size=cli.at_least(0, " (0: full resolution)"))
+    return cfg
 
 
 # --- Metrics: small pure functions, one per column ------------------------------------------------
@@ -156,35 +165,53 @@ def expression_ranges(G, deca, n, seed, batch, truncation):
 
 
 def load_ranges(cfg, G, deca, tiny, batch, out, say=print):
-    """The expression ranges by weights' default rule: --ranges, else weights/expression_ranges.json (converted
-    weights only: they belong to the real generator), else computed now and saved in --out."""
-    path = weights.find("expression_ranges.json", cfg.ranges or None)
+    """(ranges, where from, the JSON to save or None): by weights' default rule --ranges, else
+    weights/expression_ranges.json (converted weights only: they belong to the real generator), else
+    computed now, to be saved in --out."""
+    path = weights.find("expression_ranges.json", cfg.ranges or None,
+                        hint=" (--ranges); eval.py writes expression_ranges.json into --out when --ranges is not given")
     if path and (cfg.ranges or not tiny):
-        return torch.tensor(json.loads(path.read_text())["ranges"], dtype=torch.float64), str(path)
+        try:
+            ranges = torch.tensor(json.loads(path.read_text())["ranges"], dtype=torch.float64)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise sm.StyleMaskError(f"{path}: not an expression-ranges file ({type(e).__name__}); eval.py writes "
+                                    f"one (expression_ranges.json) when --ranges is not given") from None
+        if ranges.shape != (54, 2) or not torch.isfinite(ranges).all() or not (ranges[:, 1] > ranges[:, 0]).all():
+            raise sm.StyleMaskError(f"{path}: expression ranges must be 54 finite (min, max) rows with min < max")
+        return ranges, str(path), None
     n = cfg.range_samples or (64 if tiny else 2000)
     say(f"note: computing the expression ranges from {n} generated images (as extract_statistics.py)")
     ranges = expression_ranges(G, deca, n, cfg.seed + 7919, batch, cfg.truncation)
     labels = ["yaw", "pitch", "roll", "jaw"] + [f"exp_{i:02d}" for i in range(50)]
-    (out / "expression_ranges.json").write_text(json.dumps(
-        {"samples": n, "truncation": cfg.truncation, "labels": labels, "ranges": ranges.tolist()}, indent=1) + "\n")
-    return ranges, f"computed from {n} images ({out / 'expression_ranges.json'})"
+    record = json.dumps({"samples": n, "truncation": cfg.truncation, "labels": labels, "ranges": ranges.tolist()},
+                        indent=1) + "\n"
+    return ranges, f"computed from {n} images ({out / 'expression_ranges.json'})", record
 
 
 # --- The evaluation loop -----------------------------------------------------------------------
 
+def pair_latents(seed, n, z_dim, batch):
+    """Two iterators over the source and target latents (batch, z_dim) of n seeded pairs, drawn as
+    z_s = randn(n, z_dim), then z_t = randn(n, z_dim) from one generator, a batch at a time: memory is
+    bounded by the batch, never by n (the targets' generator first skips the sources' draws)."""
+    def draws(gen, skip):
+        for i in range(0, skip, batch):  # the same numbers as one big draw: CPU randn is chunk-invariant
+            torch.randn(min(batch, skip - i), z_dim, generator=gen)        # for chunks of 16·k values
+        for i in range(0, n, batch):
+            yield torch.randn(min(batch, n - i), z_dim, generator=gen)
+    return draws(torch.Generator().manual_seed(seed), 0), draws(torch.Generator().manual_seed(seed), n)
+
+
 def evaluate(cfg, nets, ranges, grid_pairs):
     """Per-method metric sums over the pairs, Inception features for FID, and the grid's images."""
     G, Fl, masks, inception = nets["generator"], nets["flame"], nets["masks"], nets["inception"]
-    z_dim = G["style.1.weight"].shape[1]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    z_s = torch.randn(cfg.pairs, z_dim, generator=gen)
-    z_t = torch.randn(cfg.pairs, z_dim, generator=gen)
+    z_s, z_t = pair_latents(cfg.seed, cfg.pairs, G["style.1.weight"].shape[1], cfg.batch)
     methods = [*masks, "source", "target"]  # the table's rows; the grid shows source | target | methods
     sums = {m: dict(csim=0.0, pose=0.0, expr=0.0, expr_norm=0.0, nme=0.0) for m in methods}
     feats = {m: [] for m in methods + ["reference"]}
     grid = {m: [] for m in ["source", "target", *masks]}
-    for i in tqdm(range(0, cfg.pairs, cfg.batch), desc="evaluating", unit="batch"):
-        zs, zt = z_s[i:i + cfg.batch].to(G["style.1.weight"]), z_t[i:i + cfg.batch].to(G["style.1.weight"])
+    for zs, zt in tqdm(zip(z_s, z_t), total=-(-cfg.pairs // cfg.batch), desc="evaluating", unit="batch"):
+        zs, zt = zs.to(G["style.1.weight"]), zt.to(G["style.1.weight"])
         w_s, w_t = sm.mapping(G, zs, cfg.truncation), sm.mapping(G, zt, cfg.truncation)
         s_s, s_t = sm.styles(G, w_s), sm.styles(G, w_t)
         img_s, img_t = pooled(sm.synthesis(G, s_s)), pooled(sm.synthesis(G, s_t))
@@ -231,30 +258,33 @@ def markdown_table(results, has_fid):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    out = Path(cfg.out)
+    cli.check_out(out, cfg.overwrite)  # fail before any work; results are staged and published at the end
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.seed)
     nets, tiny = load_nets(cfg)
     cfg.pairs = cfg.pairs or (32 if tiny else 5000)
     cfg.batch = cfg.batch or (16 if device == "cuda" else 8)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     nets = {k: ({m: cli.to_device(M, device) for m, M in P.items()} if k == "masks" else
                 cli.to_device(P, device) if P is not None else None) for k, P in nets.items()}
     with torch.no_grad():
-        ranges, ranges_src = load_ranges(cfg, nets["generator"], nets["deca"], tiny, cfg.batch, out)
+        ranges, ranges_src, ranges_json = load_ranges(cfg, nets["generator"], nets["deca"], tiny, cfg.batch, out)
         results, grid = evaluate(cfg, nets, ranges, cfg.grid_pairs)
     has_fid = nets["inception"] is not None
     table = markdown_table(results, has_fid)
     title = (f"{cfg.pairs} pairs, seed {cfg.seed}, truncation {cfg.truncation}"
              + (" — TINY DEFAULTS, pipeline check only" if tiny else ""))
-    (out / "table.md").write_text(f"{title}\n\n{table}\n")
     settings = dict(dataclasses.asdict(cfg), tiny_default=tiny, device=device,
                     generator_arch=sm.architecture(nets["generator"]),
                     expression_ranges=ranges_src, nme_normaliser="outer-eye-corner distance (landmarks 36, 45) "
                     "of the ground-truth 3-D landmarks", fid_reference="the generated sources and targets"
                     if has_fid else "n/a: no weights/inception.safetensors")
-    (out / "results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
-    cli.write_png(out / "grid.png", cli.image_grid(list(grid.values()), cfg.size or None))
+    with cli.staged(out, cfg.overwrite) as tmp:  # all of it, or none of it
+        cli.write_text(tmp / "table.md", f"{title}\n\n{table}\n")
+        cli.write_text(tmp / "results.json", json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
+        cli.write_png(tmp / "grid.png", cli.image_grid(list(grid.values()), cfg.size or None))
+        if ranges_json:
+            cli.write_text(tmp / "expression_ranges.json", ranges_json)
     print(f"{title}\n\n{table}\n\ncolumns of {out / 'grid.png'}: {' | '.join(grid)}; numbers in {out / 'results.json'}")
     return 0
 

@@ -61,6 +61,7 @@ class Config:
     e4e: str = ""
     device: str = ""          # empty: cuda when available, else cpu
     out: str = "out/reenact"
+    overwrite: bool = False   # replace the results already in --out
 
 
 HELP = dict(
@@ -75,13 +76,22 @@ HELP = dict(
     aligned="inputs are already FFHQ-aligned face crops: skip detection (needed on the tiny defaults' images)",
     fps="frame rate of the GIF (0: the video's rate, else 10)", generator="generator .safetensors",
     mask="mask networks .safetensors", e4e="e4e encoder .safetensors (python -m weights.convert e4e_ffhq_encode.pt ...)",
-    device="torch device (empty: cuda when available, else cpu)", out="output folder",
+    device="torch device (empty: cuda when available, else cpu)",
+    out="output folder (must not hold results, unless --overwrite; written only when the run succeeds)",
+    overwrite="replace the results of an earlier run in --out",
 )
 
 
 def parse_args(argv=None):
-    return cli.parse_config(Config, HELP, argv, description=__doc__, check=lambda cfg: (
-        "--size and --fps must not be negative" if cfg.size < 0 or cfg.fps < 0 else None))
+    """The Config of this command line, every flag checked."""
+    cfg = cli.parse_config(Config, HELP, argv, description=__doc__)
+    psi = cli.finite(0, 1, note=" (0: the average face, 1: none)")
+    cli.check_flags(cfg, source_seed=cli.at_least(0), target_seed=cli.at_least(0), truncation=psi,
+                    inversion_truncation=psi,
+                    alpha=cli.finite(-1, 2, note=" (0: the source, 1: Eq. 1; beyond [0, 1] it extrapolates)"),
+                    size=cli.at_least(0, " (0: the generator's resolution)"),
+                    fps=((lambda f: f == 0 or 1 <= f <= 100), "0 (the video's rate) or in [1, 100] (GIF timing)"))
+    return cfg
 
 
 # --- Mixing (Eq. 1 and our alpha) -----------------------------------------------------------------
@@ -112,6 +122,8 @@ def read_latent(path, G):
     if not isinstance(w, torch.Tensor):
         raise StyleMaskError(f"{path}: holds a {type(w).__name__}, not a tensor")
     w = w.float()
+    if not torch.isfinite(w).all():
+        raise StyleMaskError(f"{path}: the latent holds NaN or Inf values")
     if w.shape in ((n, w_dim), (1, n, w_dim)):
         return w.reshape(1, n, w_dim)
     if w.shape in ((w_dim,), (1, w_dim)):
@@ -141,14 +153,8 @@ class Inverter:
 
     def load(self):
         """The e4e encoder by weights' default rule, of the same origin as the generator (converted or tiny)."""
-        if self.tiny:
-            nets, _ = weights.load_all(["generator", "e4e"], say=lambda *_: None, e4e=self.cfg.e4e)
-            E = nets["e4e"]
-        elif self.cfg.e4e or weights.find(weights.KINDS["e4e"].file):
-            E, _ = weights.load("e4e", self.cfg.e4e or None)
-        else:
-            raise StyleMaskError(f"{weights.DIR / 'e4e.safetensors'} not found: photos need the e4e encoder: "
-                                 f"{weights.convert_command('e4e')}")
+        nets, _ = weights.load_all(["e4e"], say=lambda *_: None, tiny=self.tiny, e4e=self.cfg.e4e)
+        E = nets["e4e"]
         try:
             weights.layout.check_e4e(E, self.G)
         except StyleMaskError as e:
@@ -212,46 +218,48 @@ def main(argv=None, say=print):
 
 
 def run(cfg, say=print):
+    """Reenact as cfg says; every result is written into a staged folder that becomes --out on success."""
     out = Path(cfg.out)
-    nets, defaulted = weights.load_all(["generator", "masknet"], say=lambda *_: None, generator=cfg.generator,
-                                       masknet=cfg.mask)
-    tiny = "generator" in defaulted
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    G, M = cli.to_device(nets["generator"], device), cli.to_device(nets["masknet"], device)
-    if tiny:
-        say("note: no converted weights in weights/: using the TINY defaults (random generator and e4e"
-            + (", UNTRAINED mask" if "masknet" in defaulted else "") + "). This checks the pipeline; the pictures "
-            "are not faces. See weights/README.md.")
-    invert = Inverter(cfg, G, tiny, say)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def code(path, seed, role):
-        if not path:
-            return seeded_w(G, seed, cfg.truncation)
-        p = Path(path)
-        if not p.is_file():
-            raise StyleMaskError(f"{p}: no such file (--{role})")
-        if p.suffix.lower() in LATENT_SUFFIXES:
-            return read_latent(p, G).to(device)
-        w, crop = invert(align.read_image(p), p.name)
-        (out / "aligned").mkdir(exist_ok=True)
-        cli.write_png(out / "aligned" / f"{role}.png", crop)
-        np.save(out / "aligned" / f"{role}.npy", w[0].cpu().numpy())  # the W+ code used: --source/--target it again
-        return w
-
-    w_s = code(cfg.source, cfg.source_seed, "source")
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-    if not (cfg.target and is_sequence(Path(cfg.target))):
-        src, tgt, rea = render(G, M, w_s, code(cfg.target, cfg.target_seed, "target"), cfg.alpha)
-        cli.write_png(out / "reenacted.png", cli.to_uint8(pooled(rea, cfg.size))[0])
-        cli.write_png(out / "grid.png", cli.image_grid([src, tgt, rea], cfg.size or None))
-        say(f"wrote {out / 'reenacted.png'} and {out / 'grid.png'} (source | target | reenacted), "
-            f"{cfg.size or sm.architecture(G)['resolution']} px, alpha {cfg.alpha}")
-        return 0
-
-    target = Path(cfg.target)
-    if not target.exists():
+    cli.check_out(out, cfg.overwrite)
+    device = cli.device(cfg.device)
+    target = Path(cfg.target) if cfg.target else None
+    if target is not None and not target.exists():
         raise StyleMaskError(f"{target}: no such file or folder (--target)")
+    if cfg.source and not Path(cfg.source).is_file():
+        raise StyleMaskError(f"{cfg.source}: {'is a folder' if Path(cfg.source).is_dir() else 'no such file'} (--source)")
+    nets, defaulted = weights.load_all(["generator", "masknet"], say=say, generator=cfg.generator, masknet=cfg.mask)
+    tiny = "generator" in defaulted
+    G, M = cli.to_device(nets["generator"], device), cli.to_device(nets["masknet"], device)
+    invert = Inverter(cfg, G, tiny, say)
+    with cli.staged(out, cfg.overwrite) as tmp:
+        def code(path, seed, role):
+            if not path:
+                return seeded_w(G, seed, cfg.truncation)
+            p = Path(path)
+            if p.suffix.lower() in LATENT_SUFFIXES:
+                return read_latent(p, G).to(device)
+            w, crop = invert(align.read_image(p), p.name)
+            (tmp / "aligned").mkdir(exist_ok=True)
+            cli.write_png(tmp / "aligned" / f"{role}.png", crop)
+            np.save(tmp / "aligned" / f"{role}.npy", w[0].cpu().numpy())  # the W+ code used: pass it again
+            return w
+
+        w_s = code(cfg.source, cfg.source_seed, "source")
+        cli.write_text(tmp / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        if target is None or not is_sequence(target):
+            src, tgt, rea = render(G, M, w_s, code(cfg.target, cfg.target_seed, "target"), cfg.alpha)
+            cli.write_png(tmp / "reenacted.png", cli.to_uint8(pooled(rea, cfg.size))[0])
+            cli.write_png(tmp / "grid.png", cli.image_grid([src, tgt, rea], cfg.size or None))
+            message = (f"wrote {out / 'reenacted.png'} and {out / 'grid.png'} (source | target | reenacted), "
+                       f"{cfg.size or sm.architecture(G)['resolution']} px, alpha {cfg.alpha}")
+        else:
+            message = run_sequence(cfg, G, M, w_s, target, invert, tmp, out)
+    say(message)
+    return 0
+
+
+def run_sequence(cfg, G, M, w_s, target, invert, tmp, out):
+    """Reenact every frame of a folder or video into tmp: frames/, reenacted.gif, grid.gif -> the message."""
     seq, count, video_fps = frames(target)
     notes = set()  # say each kind of note once per sequence ("N faces found" would repeat every frame)
 
@@ -261,7 +269,7 @@ def run(cfg, say=print):
             notes.add(kind)
             tqdm.write(msg + " (said once for the sequence)")
     invert.say = once
-    (out / "frames").mkdir(exist_ok=True)
+    (tmp / "frames").mkdir()
     done, skipped, reenacted_frames, grid_frames = 0, [], [], []
     for name, img, err in tqdm(seq, total=count, desc="reenact", unit="frame"):
         try:
@@ -276,7 +284,7 @@ def run(cfg, say=print):
             continue
         src, tgt, rea = render(G, M, w_s, w_t, cfg.alpha)
         frame = cli.to_uint8(pooled(rea, cfg.size))[0]
-        cli.write_png(out / "frames" / f"{done:05d}.png", frame)
+        cli.write_png(tmp / "frames" / f"{done:05d}.png", frame)
         reenacted_frames.append(frame.numpy())  # to_uint8 returns CPU tensors
         grid_frames.append(cli.image_grid([src, tgt, rea], min(cfg.size or 256, 256)).numpy())
         done += 1
@@ -284,13 +292,12 @@ def run(cfg, say=print):
     if not done:
         raise StyleMaskError(f"{target}: no face found in any of its {total} frames")
     fps = cfg.fps or video_fps or 10.0
-    cli.write_gif(out / "reenacted.gif", reenacted_frames, fps)
-    cli.write_gif(out / "grid.gif", grid_frames, fps)
-    say(f"reenacted {done} of {total} frames" + (f"; skipped {len(skipped)} (no face / unreadable): "
-                                                   f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}"
-                                                   if skipped else "")
-        + f"; wrote {out / 'frames'}/, {out / 'reenacted.gif'}, {out / 'grid.gif'} at {fps:g} fps")
-    return 0
+    cli.write_gif(tmp / "reenacted.gif", reenacted_frames, fps)
+    cli.write_gif(tmp / "grid.gif", grid_frames, fps)
+    return (f"reenacted {done} of {total} frames" + (f"; skipped {len(skipped)} (no face / unreadable): "
+                                                       f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}"
+                                                       if skipped else "")
+            + f"; wrote {out / 'frames'}/, {out / 'reenacted.gif'}, {out / 'grid.gif'} at {fps:g} fps")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import kernels
 
 # --- Glossary ----------------------------------------------------------------------------------
-# Shapes: B batch, C channels, H, W image size, D style dims (the width of s), L style layers.
+# Shapes: B batch, C channels, H, W image size, D style dims (the width of s); L is one style layer's row.
 # z (B, z_dim) latent, w (B, w_dim) or W+ (B, n_ws, w_dim), s (B, D) style code (all layers,
 # StyleSpace order), s_s / s_t source / target codes, ds = Δs = s_s − s_t, m (B, D_ctrl) mask over
 # the controlled channels, s_r reenacted code (Eq. 1). G generator parameters, M mask networks,
@@ -70,6 +70,9 @@ ARCHS = {
 def architecture(G):
     """The architecture of generator G, read off its tensor shapes (resolution, dims, channels)."""
     try:
+        if G["style.1.weight"].ndim != 2:
+            raise StyleMaskError(f"tensor 'style.1.weight' has shape {tuple(G['style.1.weight'].shape)}, "
+                                 f"expected (w_dim, z_dim)")
         w_dim, z_dim = G["style.1.weight"].shape
         depth = n_mlp(G)
         channels = {4: G["input.input"].shape[1]}
@@ -382,6 +385,8 @@ def reenact(s_s, s_t, M, alpha=1.0):
 def code(G, w, space):
     """w (B, w_dim) or W+ (B, n_ws, w_dim) -> the code a mask of this space mixes: s (B, D) in S, or
     the flattened W+ code (B, n_ws·w_dim) in W (the Table III ablation)."""
+    if space not in ("S", "W"):
+        raise StyleMaskError(f"code: space must be 'S' or 'W', got {space!r}")
     if space == "S":
         return styles(G, w)
     if w.ndim == 2:
@@ -391,6 +396,8 @@ def code(G, w, space):
 
 def code_to_s(G, c, space):
     """A code of `code(G, w, space)` -> the style code s (B, D) that synthesis renders."""
+    if space not in ("S", "W"):
+        raise StyleMaskError(f"code_to_s: space must be 'S' or 'W', got {space!r}")
     return c if space == "S" else styles(G, c.view(c.shape[0], n_ws(G), -1))
 
 

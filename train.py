@@ -2,7 +2,7 @@
 
     python train.py                                    # tiny embedded defaults: a short CPU pipeline run
     python train.py --out runs/paper                   # converted weights in weights/: the paper's setup
-    python train.py --resume runs/paper/checkpoint.safetensors   # continue exactly where it stopped
+    python train.py --resume runs/paper/checkpoint.safetensors   # continue exactly where it stopped, in runs/paper
 
 Each step samples source, target and (for the cycle loss) a second target latent, maps them with
 truncation 0.7, renders them and estimates their 3DMM parameters (no gradients), reenacts with the
@@ -14,7 +14,9 @@ run says so: it checks the pipeline, it does not learn faces. See weights/README
 # files are weights', the command line and image writing cli's.
 import dataclasses
 import json
-import os
+import math
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -51,7 +53,8 @@ class Config:
     deca: str = ""
     flame: str = ""
     out: str = "runs/stylemask"  # checkpoints, logs and grids
-    resume: str = ""             # a checkpoint.safetensors to continue from
+    resume: str = ""             # a checkpoint.safetensors to continue from (its folder, its flags)
+    overwrite: bool = False      # replace the results already in --out
     save_every: int = 0          # 0: 1000 with real weights (run_trainer.py), 100 on the tiny defaults
     log_every: int = 10          # run_trainer.py steps_per_log
     image_every: int = 0         # grid of held-out pairs every K steps; 0: same as save_every
@@ -72,15 +75,48 @@ HELP = dict(
     space="S: mix style codes (paper); W: mix W+ codes (Table III ablation)",
     mask="per-layer mask networks (paper) or one global network (Table IV ablation)", seed="random seed",
     generator="generator .safetensors", arcface="ArcFace IR-SE50 .safetensors", deca="DECA encoder .safetensors",
-    flame="FLAME .safetensors", out="output folder", resume="checkpoint to resume from",
+    flame="FLAME .safetensors", out="output folder (must not hold results, unless --overwrite)",
+    resume="checkpoint to resume from: continues its run in its folder with its flags (--steps may grow)",
+    overwrite="replace the results of an earlier run in --out",
     save_every="checkpoint every K steps (0: 1000 real, 100 tiny)", log_every="log line every K steps",
     image_every="image grid every K steps (0: with every checkpoint)", eval_pairs="held-out pairs (loss and grid)",
 )
 
 
-def parse_args(argv=None):
-    return cli.parse_config(Config, HELP, argv, description=__doc__,
-                            choices={"space": ["S", "W"], "mask": ["per-layer", "global"]})
+# Flags a resumed run may change; every other one is the checkpoint's (giving a different value is an error).
+RESUME_MAY_CHANGE = ("steps", "save_every", "log_every", "image_every", "out", "resume", "overwrite")
+
+
+def parse_args(argv=None, given=None):
+    """The Config of this command line, every flag checked (given receives the flags set explicitly)."""
+    cfg = cli.parse_config(Config, HELP, argv, description=__doc__, given=given,
+                           choices={"space": ["S", "W"], "mask": ["per-layer", "global"]})
+    cli.check_flags(cfg, steps=cli.at_least(0, " (0: the default)"), batch=cli.at_least(1),
+                    lr=cli.finite(0, note=" (0: the default)"), weight_decay=cli.finite(0),
+                    n_layers=cli.at_least(1), truncation=cli.finite(0, 1, note=" (0: the average face, 1: none)"),
+                    lambda_x=cli.finite(0), lambda_id=cli.finite(0), seed=cli.at_least(0),
+                    save_every=cli.at_least(0, " (0: the default)"), log_every=cli.at_least(1),
+                    image_every=cli.at_least(0, " (0: with every checkpoint)"), eval_pairs=cli.at_least(1))
+    return cfg
+
+
+def resumed_config(cfg, given):
+    """The config of the run a --resume continues: the checkpoint's flags, its folder as --out, and only the
+    flags of RESUME_MAY_CHANGE taken from the command line; any other flag must agree with the checkpoint."""
+    path = Path(cfg.resume)
+    stored = json.loads(weights.header(path, "checkpoint").get("config", "null") or "null")
+    if not isinstance(stored, dict):
+        raise sm.StyleMaskError(f"{path}: the checkpoint stores no run config; it was not written by train.py")
+    for name in sorted(given - set(RESUME_MAY_CHANGE)):
+        if name in stored and getattr(cfg, name) != stored[name]:
+            flag = "--" + name.replace("_", "-")
+            raise sm.StyleMaskError(f"{flag} {getattr(cfg, name)!r} contradicts the run being resumed ({flag} "
+                                    f"{stored[name]!r}, from {path}): drop it, or start a new run in another --out")
+    kept = {k: v for k, v in stored.items() if k in {f.name for f in dataclasses.fields(Config)}}
+    new = Config(**{**kept, **{k: getattr(cfg, k) for k in RESUME_MAY_CHANGE if k in given}, "resume": cfg.resume})
+    if "out" not in given:
+        new.out = str(path.parent)
+    return new
 
 
 # --- Codes, images and supervision ----------------------------------------------------------------
@@ -179,9 +215,7 @@ def trim_log(log_path, step):
     """Drop log lines written after the checkpoint we resume from (a killed run's lost steps)."""
     if log_path.is_file():
         keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= step]
-        tmp = log_path.with_suffix(".tmp")
-        tmp.write_text("".join(l + "\n" for l in keep))
-        os.replace(tmp, log_path)
+        cli.write_text(log_path, "".join(l + "\n" for l in keep))
 
 
 def save_grid(path, G, M, cfg, held_out, n=4):
@@ -201,8 +235,25 @@ def load_nets(cfg, say=print):
 
 # --- The loop --------------------------------------------------------------------------------------
 
+class Stop:
+    """SIGINT / SIGTERM during training: remembered, acted on between steps (a step is never cut in half)."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        self.signal = signum
+
+
 def main(argv=None):
-    cfg = parse_args(argv)
+    given = set()
+    cfg = parse_args(argv, given)
+    if cfg.resume:
+        cfg = resumed_config(cfg, given)
+    out = Path(cfg.out)
+    continuing = cfg.resume and out.resolve() == Path(cfg.resume).resolve().parent
+    if not continuing:
+        cli.check_out(out, cfg.overwrite, resume_hint=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.seed)
     nets, tiny = load_nets(cfg)
@@ -212,29 +263,51 @@ def main(argv=None):
     cfg.lr = cfg.lr or (1e-2 if tiny else 1e-4)
     cfg.save_every = cfg.save_every or (100 if tiny else 1000)
     cfg.image_every = cfg.image_every or cfg.save_every
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     M = cli.to_device(sm.init_mask(G, cfg.n_layers, seed=cfg.seed, kind=cfg.mask, space=cfg.space), device)
     for p in M.params.values():
         p.requires_grad_(True)
     opt = torch.optim.Adam(M.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
+    step = load_checkpoint(cfg.resume, M, opt, gen) if cfg.resume else 0
+    if step >= cfg.steps:
+        raise sm.StyleMaskError(f"{cfg.resume} is at step {step}, --steps is {cfg.steps}: pass a larger --steps "
+                                f"to train further")
     z_dim = G["style.1.weight"].shape[1]
     held_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # held-out pairs, never trained on
     held_z = torch.randn(3, cfg.eval_pairs, z_dim, generator=held_gen).to(device)
     held_out = tuple(sample(nets, cfg, z) for z in held_z)
     if not cfg.cycle:
         held_out = held_out[:2] + (None,)
-    step = 0
+
+    # Everything is checked and loaded: only now is --out touched.
+    if out.is_dir() and not continuing:
+        cli.clean_stale(out)
+        for p in out.iterdir():  # --overwrite (check_out refused a folder with results without it)
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise sm.StyleMaskError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
     if cfg.resume:
-        step = load_checkpoint(cfg.resume, M, opt, gen)
         trim_log(out / "log.jsonl", step)
         print(f"resumed from {cfg.resume} at step {step}")
-    (out / "config.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), tiny_default=tiny), indent=2) + "\n")
+    cli.write_text(out / "config.json", json.dumps(dict(dataclasses.asdict(cfg), tiny_default=tiny), indent=2) + "\n")
     print(f"training {cfg.mask} masks in {cfg.space} over {cfg.n_layers} layers, batch {cfg.batch}, "
           f"steps {step}..{cfg.steps} on {device}{' (TINY defaults)' if tiny else ''}; writing to {out}")
 
+    stop = Stop()
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return loop(cfg, nets, M, opt, gen, held_out, step, out, stop)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def loop(cfg, nets, M, opt, gen, held_out, step, out, stop):
+    """Steps step..cfg.steps: Eq. 8 on fresh pairs, logs, grids and checkpoints; a signal saves and stops."""
+    G, z_dim, device = nets[0], nets[0]["style.1.weight"].shape[1], nets[0]["style.1.weight"].device
     running, t0 = {}, time.time()
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
     for step in bar:
@@ -246,6 +319,9 @@ def main(argv=None):
         loss.backward()
         opt.step()
         vals = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
+        if not all(map(math.isfinite, vals.values())):
+            raise sm.StyleMaskError(f"step {step + 1}: the loss is not finite ({vals['loss']}); lower --lr, or "
+                                    f"--resume from the last checkpoint")
         running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in vals.items()}
         bar.set_postfix(loss=f"{running['loss']:.3f}", shape=f"{running['shape']:.3f}", id=f"{running['id']:.3f}")
         done = step + 1
@@ -259,8 +335,14 @@ def main(argv=None):
             t0 = time.time()
         if done % cfg.image_every == 0 or done == cfg.steps:
             save_grid(out / f"grid_{done:06d}.png", G, M, cfg, held_out)
-        if done % cfg.save_every == 0 or done == cfg.steps:
+        if done % cfg.save_every == 0 or done == cfg.steps or stop.signal:
             save_checkpoint(out, M, opt, done, gen, cfg)
+        if stop.signal:
+            bar.close()
+            name = signal.Signals(stop.signal).name
+            print(f"stopped by {name} at step {done}: checkpoint saved; continue with "
+                  f"python train.py --resume {out / 'checkpoint.safetensors'}", file=sys.stderr)
+            return 128 + stop.signal
     bar.close()
     print(f"done: {out / 'masknet.safetensors'} (held-out loss {evaluate(nets, M, cfg, held_out):.4f})")
     return 0

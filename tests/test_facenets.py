@@ -18,8 +18,8 @@ from weights import convert, defaults, layout
 from helpers import Backbone, ResnetEncoder, build, params_of, randomize
 
 
-TINY_IRSE = dict(blocks=[(16, 1), (32, 1), (48, 1), (64, 1)], stem=16)  # ARCFACE_CONFIGS['tiny']
-TINY_RESNET = dict(layers=((4, 1), (8, 1), (16, 1), (32, 1)), stem=8)  # DECA_CONFIGS['tiny']
+TINY_IRSE = dict(blocks=[(16, 1), (32, 1), (48, 1), (64, 1)], stem=16)  # ARCFACE_ARCHS['tiny']
+TINY_RESNET = dict(layers=((4, 1), (8, 1), (16, 1), (32, 1)), stem=8)  # DECA_ARCHS['tiny']
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def A_tiny():
 
 
 @pytest.fixture(scope="module")
-def D_tiny():
+def deca_tiny():
     return defaults.tiny_deca()
 
 
@@ -121,16 +121,16 @@ def test_deca_encode_matches_the_official_encoder(resnet50):
 @given(seed=st.integers(0, 2 ** 16), B=st.integers(1, 3))
 def test_tiny_resnet_runs_through_the_same_functions(seed, B):
     ref = randomize(ResnetEncoder(hidden=64, **TINY_RESNET), seed)
-    D = params_of(ref)
-    layout.check_deca(D)
+    deca = params_of(ref)
+    layout.check_deca(deca)
     x = torch.rand(B, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        assert_close(fn.deca_encode(D, x), ref(x))
+        assert_close(fn.deca_encode(deca, x), ref(x))
 
 
-def test_deca_encode_refuses_other_sizes(D_tiny):
+def test_deca_encode_refuses_other_sizes(deca_tiny):
     with pytest.raises(sm.StyleMaskError, match="224"):
-        fn.deca_encode(D_tiny, torch.rand(1, 3, 256, 256))
+        fn.deca_encode(deca_tiny, torch.rand(1, 3, 256, 256))
 
 
 def test_deca_split_is_decompose_code():
@@ -245,48 +245,48 @@ def test_deca_crop_is_bbox2point_kpt68():
     assert boxes.shape == (2, 3) and boxes[1, 2] == int((130 + 150) / 2 * 1.1 * 1.25)
 
 
-def test_deca_params_full_frame_crop_is_a_bilinear_resize(D_tiny):
+def test_deca_params_full_frame_crop_is_a_bilinear_resize(deca_tiny):
     # crop (127.5, 127.5, 255) makes kornia's warp exactly F.interpolate(bilinear, align_corners=False)
     img = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(5)) * 1.3
     x = (img.clamp(-1, 1) + 1) / (2 + 1e-5)  # calculate_shapemodel, then / 255 after the warp
     x = F.interpolate(x, size=224, mode="bilinear", align_corners=False)
-    want = fn.deca_split(fn.deca_encode(D_tiny, x))
-    got = fn.deca_params(D_tiny, img, crop=(127.5, 127.5, 255.0))
+    want = fn.deca_split(fn.deca_encode(deca_tiny, x))
+    got = fn.deca_params(deca_tiny, img, crop=(127.5, 127.5, 255.0))
     for k in want:  # (values of order 1; the official order ×255, warp, ÷255 rounds differently)
         assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
     assert_close(got["euler"], fn.axis_angle_to_euler(want["pose"][:, :3]) * (180 / math.pi), rtol=1e-4, atol=1e-3)
 
 
-def test_deca_params_crop_units_and_per_image_crops(D_tiny):
+def test_deca_params_crop_units_and_per_image_crops(deca_tiny):
     img = torch.randn(2, 3, 512, 512, generator=torch.Generator().manual_seed(6))
     P = adaptive_pool_matrix(512, 256)
-    a = fn.deca_params(D_tiny, img, crop=(300.5, 340.5, 400.0))  # input pixels of the 512 image
-    b = fn.deca_params(D_tiny, P @ img @ P.T, crop=(150.0, 170.0, 200.0))  # the same box at 256
+    a = fn.deca_params(deca_tiny, img, crop=(300.5, 340.5, 400.0))  # input pixels of the 512 image
+    b = fn.deca_params(deca_tiny, P @ img @ P.T, crop=(150.0, 170.0, 200.0))  # the same box at 256
     for k in a:
         assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     half = img[:, :, ::2, ::2]  # 256×256
-    both = fn.deca_params(D_tiny, half, crop=torch.tensor([fn.FFHQ_DECA_CROP, (120.0, 140.0, 180.0)]))
+    both = fn.deca_params(deca_tiny, half, crop=torch.tensor([fn.FFHQ_DECA_CROP, (120.0, 140.0, 180.0)]))
     tol = dict(rtol=1e-4, atol=1e-4)  # batch 2 vs 1: convolutions round differently
-    assert_close(both["exp"][1:], fn.deca_params(D_tiny, half[1:], crop=(120.0, 140.0, 180.0))["exp"], **tol)
-    assert_close(both["exp"][:1], fn.deca_params(D_tiny, half[:1])["exp"], **tol)  # the default: FFHQ_DECA_CROP
+    assert_close(both["exp"][1:], fn.deca_params(deca_tiny, half[1:], crop=(120.0, 140.0, 180.0))["exp"], **tol)
+    assert_close(both["exp"][:1], fn.deca_params(deca_tiny, half[:1])["exp"], **tol)  # the default: FFHQ_DECA_CROP
     with pytest.raises(sm.StyleMaskError, match="crop must be"):
-        fn.deca_params(D_tiny, half, crop=torch.zeros(3, 3))
+        fn.deca_params(deca_tiny, half, crop=torch.zeros(3, 3))
 
 
-def test_deca_params_are_differentiable_and_ignore_saturated_pixels(D_tiny):
+def test_deca_params_are_differentiable_and_ignore_saturated_pixels(deca_tiny):
     img = (torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(7)) * 1.5).requires_grad_(True)
-    p = fn.deca_params(D_tiny, img)
+    p = fn.deca_params(deca_tiny, img)
     (p["exp"].square().sum() + p["euler"].sum()).backward()
     g = img.grad
     assert torch.isfinite(g).all() and g.abs().sum() > 0
     assert g[img.detach().abs() > 1].abs().max() == 0  # clamp(-1, 1): saturated pixels pass no gradient
 
 
-def test_tiny_deca_gives_sensible_codes_on_the_tiny_generators_images(D_tiny):
+def test_tiny_deca_gives_sensible_codes_on_the_tiny_generators_images(deca_tiny):
     G = defaults.tiny_generator()
     z = torch.randn(8, G["style.1.weight"].shape[1], generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        p = fn.deca_params(D_tiny, sm.generate(G, z, truncation=0.7)[0])
+        p = fn.deca_params(deca_tiny, sm.generate(G, z, truncation=0.7)[0])
     assert p["pose"].abs().max() < 0.3 and p["shape"].abs().max() < 1 and p["exp"].abs().max() < 1
     assert ((p["cam"][:, 0] > 8) & (p["cam"][:, 0] < 10)).all() and p["exp"].std(0).mean() > 0.01
 
@@ -317,18 +317,18 @@ def test_ir_se50_checkpoint_converts_and_runs_the_same(irse50, tmp_path):
 def test_deca_checkpoint_converts_to_e_flame_only(resnet50, tmp_path):
     torch.save(deca_checkpoint(resnet50.state_dict()), tmp_path / "deca_model.tar")
     assert convert.main([str(tmp_path / "deca_model.tar"), str(tmp_path / "deca.safetensors")]) == 0
-    D = weights.read(tmp_path / "deca.safetensors", "deca")
-    assert D.keys() == params_of(resnet50).keys()
+    deca = weights.read(tmp_path / "deca.safetensors", "deca")
+    assert deca.keys() == params_of(resnet50).keys()
     x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
-        assert_close(fn.deca_encode(D, x), resnet50(x))
+        assert_close(fn.deca_encode(deca, x), resnet50(x))
 
 
 def test_legacy_format_deca_tar_converts(tmp_path):
     ref = randomize(ResnetEncoder(hidden=64, **TINY_RESNET), 12)
     torch.save(deca_checkpoint(ref.state_dict()), tmp_path / "deca_model.tar", _use_new_zipfile_serialization=False)
-    D, kind = convert.convert(tmp_path / "deca_model.tar")
-    assert kind == "deca" and all(torch.equal(D[k], v) for k, v in params_of(ref).items())
+    deca, kind = convert.convert(tmp_path / "deca_model.tar")
+    assert kind == "deca" and all(torch.equal(deca[k], v) for k, v in params_of(ref).items())
 
 
 def _tiny_arcface_sd():
@@ -376,15 +376,15 @@ def test_load_checks_the_file_and_defaults_fall_back_to_tiny(tmp_path, monkeypat
     A2, tiny = weights.load("arcface", say=lambda *_: None)
     assert not tiny and torch.equal(A2["input_layer.0.weight"], A["input_layer.0.weight"])
     notes = []
-    D, tiny = weights.load("deca", say=notes.append)
+    deca, tiny = weights.load("deca", say=notes.append)
     assert tiny and "TINY" in notes[0] and "deca_model.tar" in notes[0]
-    assert all(torch.equal(D[k], v) for k, v in defaults.tiny_deca().items())  # deterministic
+    assert all(torch.equal(deca[k], v) for k, v in defaults.tiny_deca().items())  # deterministic
     with pytest.raises(sm.StyleMaskError, match="no such file"):
         weights.load("deca", tmp_path / "absent.safetensors")
 
 
-def test_tiny_defaults_are_valid_networks_of_the_official_family(A_tiny, D_tiny):
+def test_tiny_defaults_are_valid_networks_of_the_official_family(A_tiny, deca_tiny):
     layout.check_arcface(A_tiny)
-    layout.check_deca(D_tiny)
+    layout.check_deca(deca_tiny)
     assert fn.arcface_arch(A_tiny) == fn.ARCFACE_ARCHS["tiny"]
-    assert {k: v for k, v in fn.deca_arch(D_tiny).items() if k != "n_out"} == fn.DECA_ARCHS["tiny"]
+    assert {k: v for k, v in fn.deca_arch(deca_tiny).items() if k != "n_out"} == fn.DECA_ARCHS["tiny"]

@@ -5,8 +5,11 @@
         else weights/<kind>.safetensors, else the embedded default (`weights.defaults`), said out loud.
     load_all(kinds, say=print, **paths) -> (nets, defaulted)
         Several kinds by that rule, all converted files or all embedded defaults, never a silent mix.
-    read(path, kind) / save(params, path, kind, **meta)
-        One safetensors file, checked fully against its kind's layout (`weights.layout`).
+    read(path, kind) / save(params, path, kind, **meta) / header(path, kind)
+        One safetensors file, checked fully against its kind's layout (`weights.layout`); its metadata.
+    find(name, path=None), DIR, KINDS, convert_command(kind)
+        The rule for other files (eval's expression ranges), where defaults live, the kinds, and the
+        command that makes a kind's file.
 
 A file's kind is stated in its safetensors metadata (`stylemask`: generator, masknet, checkpoint,
 flame, arcface, deca, e4e, inception), never guessed from its tensor names; mask files also state the
@@ -29,10 +32,10 @@ from weights import defaults, layout
 
 DIR = Path(__file__).resolve().parent  # where converted files are found by default (read at call time)
 
-Kind = namedtuple("Kind", "file what check default source")
+Kind = namedtuple("Kind", "file what check default source needed_for", defaults=(None,))
 Kind.__doc__ = """One kind of parameter file: its default file name in weights/, what it is (for messages), its
-check, its embedded default (None: there is none) and the official file `python -m weights.convert` reads
-for it (with any extra flags after {path})."""
+check, its embedded default (None: there is none), the official file `python -m weights.convert` reads
+for it (with any extra flags after {path}) and, without a default, what cannot be computed without it."""
 
 KINDS = {
     "generator": Kind("generator.safetensors", "a StyleGAN2 generator", layout.check_generator,
@@ -48,7 +51,7 @@ KINDS = {
                  "deca_model.tar {path}"),
     "e4e": Kind("e4e.safetensors", "an e4e encoder", layout.check_e4e, defaults.tiny_e4e, "e4e_ffhq_encode.pt {path}"),
     "inception": Kind("inception.safetensors", "the FID Inception-v3", layout.check_inception, None,
-                      FID_WEIGHTS + " {path}"),
+                      FID_WEIGHTS + " {path}", "FID"),
 }
 PRETRAINED = ("generator", "arcface", "deca", "flame", "e4e")  # all converted or all embedded defaults
 
@@ -72,7 +75,7 @@ def save(params, path, kind, **meta):
         header.update(mask_kind=M.kind, mask_space=M.space, ctrl_dims=json.dumps(list(M.dims)))
         tensors = {**M.params, **state}
     elif kind == "generator":
-        header["config"] = json.dumps(sm.architecture(params))
+        header["arch"] = json.dumps(sm.architecture(params))
     from safetensors.torch import save_file
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -84,16 +87,82 @@ def save(params, path, kind, **meta):
             tmp.unlink()
 
 
+def _missing(path, kind):
+    """The one-line error for a path that is not a file, with the advice that fits the kind."""
+    path = Path(path)
+    if path.is_dir():
+        return StyleMaskError(f"{path}: is a folder, not a file; pass the .safetensors file in it")
+    if kind == "checkpoint":
+        return StyleMaskError(f"{path}: no such file; train.py writes checkpoint.safetensors into its --out folder")
+    if kind == "masknet":
+        return StyleMaskError(f"{path}: no such file; train.py writes masknet.safetensors into its --out folder, or "
+                              f"convert StyleMask's: {convert_command(kind, path)}")
+    return StyleMaskError(f"{path}: no such file; convert the official weights: {convert_command(kind, path)} "
+                          f"(see weights/README.md)")
+
+
+def _check_kind(path, found, kind):
+    """Raise unless a file whose header says `found` may be read as `kind` (a masknet may come from a checkpoint)."""
+    if found not in KINDS:
+        raise StyleMaskError(f"{path}: not a stylemask parameter file (its header names no kind); convert the "
+                             f"official checkpoint with python -m weights.convert")
+    if kind == "checkpoint" and found == "masknet":
+        raise StyleMaskError(f"{path}: mask weights only, no training state: pass a checkpoint.safetensors")
+    if found != kind and not (kind == "masknet" and found == "checkpoint"):
+        raise StyleMaskError(f"{path}: not {KINDS[kind].what}: it holds {KINDS[found].what} (kind {found!r})")
+
+
+def _masks(path, meta, tensors):
+    """(sm.Masks, training state) of a mask or checkpoint file, from the kind, space and widths in its header.
+
+    Files written before the header stated them (stylemask before its layout change) marked a global mask by a
+    `ctrl_dims` tensor and a W+ mask by a `ctrl_index` tensor: those are read once, here, and dropped.
+    """
+    state = {k: v for k, v in tensors.items() if k.startswith("train.")}
+    params = {k: v for k, v in tensors.items() if not k.startswith("train.") and k not in ("ctrl_dims", "ctrl_index")}
+    kind, space = meta.get("mask_kind"), meta.get("mask_space")
+    try:
+        if kind is None:  # an older file
+            kind = "global" if "network_global.masknet.0.weight" in params else "per-layer"
+            space = "W" if "ctrl_index" in tensors else "S"
+        if "ctrl_dims" in tensors:
+            dims = [int(d) for d in tensors["ctrl_dims"]]
+        elif "ctrl_dims" in meta:
+            dims = [int(d) for d in json.loads(meta["ctrl_dims"])]
+        else:
+            n = sum(1 for k in params if k.endswith(".masknet.2.bias"))
+            dims = [int(params[f"network_{i:02d}.masknet.2.bias"].shape[0]) for i in range(n)]
+    except (ValueError, TypeError, KeyError):
+        raise StyleMaskError(f"{path}: damaged mask header (ctrl_dims); re-create the file") from None
+    return sm.Masks(kind, space, dims, params), state
+
+
+def header(path, kind):
+    """The metadata header of a file of this kind (e.g. a checkpoint's run config), without reading its tensors."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise _missing(path, kind)
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        raise StyleMaskError(f"{path}: not a readable safetensors file ({e})") from None
+    with f:
+        meta = f.metadata() or {}
+        found = meta.get("stylemask")
+        if found == "masknet" and "train.step" in f.keys():
+            found = "checkpoint"  # written before checkpoints had a kind of their own
+    _check_kind(path, found, kind)
+    return meta
+
+
 def read(path, kind, device="cpu"):
     """The parameters in the file at path, which must hold this kind (a masknet may also come from a
     checkpoint), checked fully. masknet: an sm.Masks; checkpoint: (sm.Masks, training-state tensors)."""
     from safetensors import safe_open
     path = Path(path)
-    if path.is_dir():
-        raise StyleMaskError(f"{path}: is a folder; pass the .safetensors file in it")
     if not path.is_file():
-        raise StyleMaskError(f"{path}: no such file; convert the official weights with "
-                             f"`python -m weights.convert SRC {path}` (see weights/README.md)")
+        raise _missing(path, kind)
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
@@ -102,18 +171,12 @@ def read(path, kind, device="cpu"):
         raise StyleMaskError(f"{path}: not a readable safetensors file ({e}); re-convert it with "
                              f"python -m weights.convert") from None
     found = meta.get("stylemask")
-    if found not in KINDS:
-        raise StyleMaskError(f"{path}: not a stylemask parameter file (its header names no kind); convert the "
-                             f"official checkpoint with python -m weights.convert")
-    if kind == "checkpoint" and found == "masknet":
-        raise StyleMaskError(f"{path}: mask weights only, no training state: pass a checkpoint.safetensors")
-    if found != kind and not (kind == "masknet" and found == "checkpoint"):
-        raise StyleMaskError(f"{path}: not {KINDS[kind].what}: it holds {KINDS[found].what} (kind {found!r})")
+    if found == "masknet" and "train.step" in tensors:
+        found = "checkpoint"  # written before checkpoints had a kind of their own
+    _check_kind(path, found, kind)
     params = tensors
     if found in ("masknet", "checkpoint"):
-        state = {k: v for k, v in tensors.items() if k.startswith("train.")}
-        params = sm.Masks(meta.get("mask_kind"), meta.get("mask_space"), json.loads(meta.get("ctrl_dims", "[]")),
-                          {k: v for k, v in tensors.items() if not k.startswith("train.")})
+        params, state = _masks(path, meta, tensors)
     try:
         KINDS[kind].check(params)
     except StyleMaskError as e:
@@ -123,12 +186,16 @@ def read(path, kind, device="cpu"):
 
 # --- The default rule -----------------------------------------------------------------------------------
 
-def find(name, path=None):
-    """The file the default rule picks: path if given (it must exist), else weights/<name> if present, else None."""
+def find(name, path=None, hint=""):
+    """The file the default rule picks: path if given (it must be a file), else weights/<name> if present, else None.
+    hint ends the error for a missing path (how to make the file)."""
     if path:
-        if not Path(path).exists():
-            raise StyleMaskError(f"{path}: no such file")
-        return Path(path)
+        path = Path(path)
+        if path.is_dir():
+            raise StyleMaskError(f"{path}: is a folder, not a file{hint}")
+        if not path.is_file():
+            raise StyleMaskError(f"{path}: no such file{hint}")
+        return path
     p = DIR / name
     return p if p.is_file() else None
 
@@ -139,40 +206,52 @@ def load(kind, path=None, say=print):
     k = KINDS[kind]
     if path:  # asked for by name: it must be there
         return read(path, kind), False
+    if k.file is None:
+        raise StyleMaskError(f"{k.what} has no default file: pass its path")
     p = DIR / k.file
     if p.is_file():
         return read(p, kind), False
     if k.default is None:
         say(f"note: {p} not found: {k.what} has no embedded default (random weights would give meaningless "
-            f"numbers), so what needs it is not computed. To compute it: {convert_command(kind)}")
+            f"numbers), so {k.needed_for} is not computed. To compute it: {convert_command(kind)}")
         return None, True
     say(f"note: {p} not found: using the TINY random default (a pipeline check, not a face model). "
         f"For real weights: {convert_command(kind)}")
     return k.default(), True
 
 
-def load_all(kinds, say=print, **paths):
+def load_all(kinds, say=print, tiny=None, **paths):
     """({kind: params}, defaulted kinds): each kind by the default rule, the networks of PRETRAINED all from
     converted files or all embedded defaults (real faces scored by random networks, or the reverse, would
-    mean nothing). Mask networks default only with the default generator and must fit the generator."""
+    mean nothing). With converted networks, mask networks and e4e must be converted too (no default fits
+    them); masks must fit the generator. tiny: the origin already chosen by networks loaded earlier
+    (True: tiny defaults, False: converted), for kinds loaded later on (reenact.py's e4e, on first use)."""
     for kind in kinds:
         if paths.get(kind) and not Path(paths[kind]).is_file():
-            raise StyleMaskError(f"{paths[kind]}: no such file (--{kind}); convert the official weights with "
-                                 f"python -m weights.convert (see weights/README.md)")
-    group = [k for k in kinds if k in PRETRAINED]
+            flag = "--mask" if kind == "masknet" else f"--{kind}"
+            raise StyleMaskError(f"{_missing(paths[kind], kind)} ({flag})")
+    group = [k for k in kinds if k in PRETRAINED and k != "e4e"]  # e4e: like the generator, told by tiny
     found = {k: bool(paths.get(k)) or (DIR / KINDS[k].file).is_file() for k in group}
+    if tiny is not None:
+        found["the networks loaded before"] = not tiny
     if any(found.values()) and not all(found.values()):
         have = ", ".join(k for k, v in found.items() if v)
-        lack = ", ".join(f"weights/{KINDS[k].file}" for k, v in found.items() if not v)
+        lack = ", ".join(f"weights/{KINDS[k].file}" if k in KINDS else k for k, v in found.items() if not v)
         raise StyleMaskError(f"converted weights found for {have} but not {lack}: convert all of "
                              f"{', '.join(group)} (see weights/README.md), or none for the tiny defaults")
     tiny = not any(found.values())
     quiet = (lambda *_: None) if tiny else say
     nets, defaulted = {}, set()
     for kind in kinds:
-        if kind == "masknet" and not tiny and not find(KINDS[kind].file, paths.get(kind)):
-            raise StyleMaskError(f"{DIR / KINDS[kind].file} not found: convert StyleMask's checkpoint "
-                                 f"({convert_command(kind)}) or pass --mask")
+        if kind in ("masknet", "e4e"):
+            present = find(KINDS[kind].file, paths.get(kind))
+            if not tiny and not present:
+                how = "or pass --mask" if kind == "masknet" else f"or pass --{kind}"
+                raise StyleMaskError(f"{DIR / KINDS[kind].file} not found: the converted generator needs its own "
+                                     f"{KINDS[kind].what} ({convert_command(kind)}) {how}")
+            if tiny and present and kind == "e4e":
+                raise StyleMaskError(f"{present}: a converted e4e encoder, but the generator is the tiny default "
+                                     f"({DIR / KINDS['generator'].file} not found): convert the generator too")
         nets[kind], is_default = load(kind, paths.get(kind), say=say if kind == "inception" else quiet)
         if is_default:
             defaulted.add(kind)
@@ -180,9 +259,12 @@ def load_all(kinds, say=print, **paths):
         try:
             layout.check_mask(nets["masknet"], nets["generator"])
         except StyleMaskError as e:
-            raise StyleMaskError(f"{paths.get('masknet') or DIR / KINDS['masknet'].file}: {e}") from None
-    if tiny:
+            why = (f" (the generator is the tiny default: {DIR / KINDS['generator'].file} not found)"
+                   if "generator" in defaulted else "")
+            raise StyleMaskError(f"{paths.get('masknet') or DIR / KINDS['masknet'].file}: {e}{why}") from None
+    if tiny and defaulted - {"inception"}:
         untrained = ", UNTRAINED mask networks" if "masknet" in defaulted else ""
-        say(f"note: no converted weights in weights/: using the TINY defaults (random {', '.join(group)}{untrained}). "
+        nets_said = ", ".join(k for k in group + (["e4e"] if "e4e" in kinds else []))
+        say(f"note: no converted weights in weights/: using the TINY defaults (random {nets_said}{untrained}). "
             f"This checks the pipeline; it says nothing about faces. See weights/README.md.")
     return nets, defaulted

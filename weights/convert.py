@@ -74,9 +74,12 @@ def read_pt(path):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if found:
-            raise StyleMaskError(f"{path}: refused to load: unpickling it would run code ({found.group(1)})") from None
+        # torch's weights-only unpickler names the callable it refused; its wording changes between releases
+        found = re.search(r"(?:[Uu]nsupported global:? GLOBAL|unsupported GLOBAL|GLOBAL) ([\w.]+)", str(e))
+        if found or "Weights only load failed" in str(e):
+            what = f" ({found.group(1)})" if found else ""
+            raise StyleMaskError(f"{path}: refused to load: unpickling it would run code{what}. Only load such a "
+                                 f"file if you trust it; official checkpoints never need this") from None
         raise StyleMaskError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt?") from None
     except Exception as e:
         raise StyleMaskError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({type(e).__name__})") from None
@@ -475,6 +478,8 @@ def _is_flame_pickle(path):
 def convert(src, kind="auto", say=print, landmarks=None):
     """Read src (and, for FLAME, DECA's landmark file) and return (params, kind) in stylemask's layout."""
     src = Path(src)
+    if src.is_dir():
+        raise StyleMaskError(f"{src}: is a folder; pass the official checkpoint file in it")
     if not src.is_file():
         raise StyleMaskError(f"{src}: no such file")
     fmt = detect(src)

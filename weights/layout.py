@@ -75,7 +75,13 @@ def generator_shapes(arch):
 
 def check_generator(G):
     """Raise StyleMaskError unless G has exactly the tensors and shapes of its architecture."""
-    want = generator_shapes(sm.architecture(G))
+    arch = sm.architecture(G)  # w_dim and z_dim come from style.1.weight: hold it to the other tensors first
+    w_dim = G["conv1.conv.modulation.weight"].shape[-1] if "conv1.conv.modulation.weight" in G else arch["w_dim"]
+    z_dim = G["style.1.weight"].shape[-1]
+    if G["style.1.weight"].ndim != 2 or arch["w_dim"] != w_dim:
+        raise StyleMaskError(f"tensor 'style.1.weight' has shape {tuple(G['style.1.weight'].shape)}, expected "
+                             f"{(w_dim, z_dim)} (w_dim {w_dim}, as the style modulations read)")
+    want = generator_shapes(arch)
     missing = [k for k in want if k not in G]
     if missing:
         raise StyleMaskError(f"not a complete generator: {len(missing)} tensors missing, e.g. {missing[0]!r}")

@@ -1,0 +1,299 @@
+"""The scripts' promises: a run's folder is never lost or half-written, bad flags and inputs are one-line
+errors (exit 2) before any work, SIGINT/SIGTERM stop training with a checkpoint, messages name the problem
+and the fix. Everything runs on the tiny defaults; each folder is compared byte for byte around a failure."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cli
+import eval as ev
+import reenact
+import stylemask as sm
+import train
+import weights
+from weights import convert, defaults
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["--eval-pairs", "1", "--log-every", "1", "--save-every", "2", "--lr", "1e-2"]
+EVAL = ["--pairs", "2", "--batch", "2", "--range-samples", "2", "--size", "32", "--grid-pairs", "1"]
+
+
+@pytest.fixture(autouse=True)
+def no_weights(tmp_path, monkeypatch):
+    """Every test sees an empty weights/ (the tiny defaults), whatever the checkout holds."""
+    monkeypatch.setattr(weights, "DIR", tmp_path / "no-weights")
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under folder: what 'left as it was' is checked against."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run(script, argv, capsys):
+    """(exit code, stderr) of a script's main as its command line runs it."""
+    capsys.readouterr()
+    code = cli.run_script(script.main, argv)
+    return code, capsys.readouterr().err
+
+
+def log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# --- Output safety: the three data-loss cases, and failures that must leave a folder as it was -----------
+
+def test_resume_continues_the_checkpoints_run_in_its_folder_with_its_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/stylemask, is relative to the working folder
+    default = tmp_path / "runs" / "stylemask"
+    assert train.main(TRAIN + ["--batch", "1", "--steps", "2"]) == 0  # a finished run in the default folder
+    before = snapshot(default)
+    x = tmp_path / "runs" / "x"
+    assert train.main(TRAIN + ["--batch", "2", "--steps", "2", "--out", str(x)]) == 0
+    assert train.main(["--resume", str(x / "checkpoint.safetensors"), "--steps", "3"]) == 0  # no --out
+    assert snapshot(default) == before  # the default folder is not touched
+    cfg = json.loads((x / "config.json").read_text())
+    assert cfg["batch"] == 2 and cfg["steps"] == 3 and cfg["log_every"] == 1  # the checkpoint's flags
+    assert [r["step"] for r in log(x)] == [1, 2, 3]
+
+
+def test_resume_refuses_a_flag_that_contradicts_the_run(tmp_path, capsys):
+    x = tmp_path / "x"
+    assert train.main(TRAIN + ["--batch", "1", "--steps", "2", "--out", str(x)]) == 0
+    before = snapshot(x)
+    code, err = run(train, ["--resume", str(x / "checkpoint.safetensors"), "--steps", "4", "--batch", "6"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--batch 6 contradicts the run being resumed (--batch 1" in err
+    code, err = run(train, ["--resume", str(x / "checkpoint.safetensors")], capsys)  # already at its --steps
+    assert code == 2 and "larger --steps" in err
+    assert snapshot(x) == before
+
+
+def test_a_new_run_never_writes_into_a_finished_one(tmp_path, capsys):
+    x = tmp_path / "x"
+    assert train.main(TRAIN + ["--batch", "1", "--steps", "2", "--out", str(x)]) == 0
+    before = snapshot(x)
+    code, err = run(train, TRAIN + ["--batch", "1", "--steps", "3", "--out", str(x)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--overwrite" in err and "--resume" in err
+    assert snapshot(x) == before
+    assert train.main(TRAIN + ["--batch", "1", "--steps", "1", "--out", str(x), "--overwrite"]) == 0
+    assert [r["step"] for r in log(x)] == [1] and not (x / "grid_000002.png").exists()  # replaced, not appended
+
+
+def test_a_failed_eval_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert ev.main(EVAL + ["--out", str(out)]) == 0
+    before = snapshot(out)
+    code, err = run(ev, EVAL + ["--out", str(out)], capsys)  # holds results: refused
+    assert code == 2 and "--overwrite" in err
+    code, err = run(ev, EVAL + ["--size", "-1", "--overwrite", "--out", str(out)], capsys)
+    assert code == 2 and err.startswith("error: --size -1: must be")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("a fault in the middle of the run")
+    monkeypatch.setattr(ev, "evaluate", boom)
+    with pytest.raises(RuntimeError):
+        ev.main(EVAL + ["--overwrite", "--out", str(out)])
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staged leftovers
+    monkeypatch.undo()
+    monkeypatch.setattr(weights, "DIR", tmp_path / "no-weights")
+    (out / "stale.txt").write_text("from an older run")
+    assert ev.main(EVAL + ["--seed", "3", "--overwrite", "--out", str(out)]) == 0
+    assert not (out / "stale.txt").exists() and json.loads((out / "results.json").read_text())["settings"]["seed"] == 3
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())  # readable by all
+
+
+def frames_folder(folder, n, seed=0, size=48):
+    folder.mkdir()
+    gen = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(gen.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"f{i:02d}.png")
+    return folder
+
+
+def test_reenact_replaces_a_sequence_whole_and_a_failure_changes_nothing(tmp_path):
+    out = tmp_path / "out"
+    args = ["--aligned", "--size", "32", "--out", str(out)]
+    assert reenact.main(["--target", str(frames_folder(tmp_path / "five", 5))] + args) == 0
+    assert len(list((out / "frames").iterdir())) == 5
+    before = snapshot(out)
+    (tmp_path / "bad.mp4").write_bytes(b"not a video at all")
+    assert reenact.main(["--target", str(tmp_path / "bad.mp4"), "--overwrite"] + args) == 2
+    assert snapshot(out) == before
+    assert reenact.main(["--target", str(frames_folder(tmp_path / "three", 3, seed=1)), "--overwrite"] + args) == 0
+    assert len(list((out / "frames").iterdir())) == 3  # no stale frames 00003, 00004 from the longer run
+
+
+def test_stale_staging_folders_of_killed_runs_are_cleaned(tmp_path):
+    out = tmp_path / "out"
+    dead = 2 ** 22 + 12345  # above the kernel's default pid_max: no such process
+    (tmp_path / f".out.tmp{dead}").mkdir()
+    (tmp_path / f".out.tmp{dead}" / "table.md").write_text("half written")
+    assert ev.main(EVAL + ["--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# --- Validation up front: one line, exit 2, nothing written ---------------------------------------------
+
+BAD_FLAGS = [
+    (train, ["--log-every", "0"], "--log-every 0"), (train, ["--batch", "0"], "--batch 0"),
+    (train, ["--batch", "-1"], "--batch -1"), (train, ["--eval-pairs", "0"], "--eval-pairs 0"),
+    (train, ["--lr", "-1"], "--lr -1.0"), (train, ["--steps", "-5"], "--steps -5"),
+    (train, ["--truncation", "nan"], "--truncation nan"), (train, ["--lambda-id", "inf"], "--lambda-id inf"),
+    (ev, ["--size", "-1"], "--size -1"), (ev, ["--grid-pairs", "0"], "--grid-pairs 0"),
+    (ev, ["--truncation", "nan"], "--truncation nan"), (ev, ["--range-samples", "1"], "--range-samples 1"),
+    (ev, ["--pairs", "-3"], "--pairs -3"),
+    (reenact, ["--fps", "0.001"], "--fps 0.001"), (reenact, ["--alpha", "nan"], "--alpha nan"),
+    (reenact, ["--truncation", "-0.5"], "--truncation -0.5"), (reenact, ["--device", "tpu:0"], "--device"),
+]
+
+
+@pytest.mark.parametrize("script,argv,message", BAD_FLAGS, ids=[" ".join(a) for _, a, _ in BAD_FLAGS])
+def test_bad_flags_are_one_line_errors_before_any_work(script, argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run(script, argv + ["--out", str(out)], capsys)
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_missing_cuda_device_is_named(tmp_path, capsys):
+    code, err = run(reenact, ["--device", "cuda", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--device cuda: no such CUDA device here" in err and "--device cpu" in err
+
+
+@pytest.mark.parametrize("script", [train, ev, reenact])
+def test_an_output_folder_that_cannot_be_made_is_one_line(script, tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    code, err = run(script, ["--out", str(tmp_path / "file" / "run")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "choose another --out" in err
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    G = defaults.tiny_generator()
+    np.save(tmp_path / "nan.npy", np.full((14, 32), np.nan, np.float32))
+    code, err = run(reenact, ["--source", str(tmp_path / "nan.npy"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "NaN or Inf" in err and "nan.npy" in err
+    M = defaults.tiny_mask()
+    torn = M._replace(params={k: v for k, v in M.params.items() if not k.startswith("network_03.")})
+    weights.save(torn, tmp_path / "torn.safetensors", "masknet")
+    for script, argv in ((ev, EVAL), (reenact, [])):
+        code, err = run(script, argv + ["--mask", str(tmp_path / "torn.safetensors"), "--out", str(tmp_path / "o")],
+                        capsys)
+        assert code == 2 and err.count("\n") == 1 and "torn.safetensors" in err and "network_03" in err, err
+    weights.save(G, tmp_path / "g.safetensors", "generator")
+    code, err = run(ev, EVAL + ["--mask", str(tmp_path / "g.safetensors"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "not StyleMask mask networks: it holds a StyleGAN2 generator" in err
+    code, err = run(ev, EVAL + ["--mask", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "is a folder" in err
+    assert not (tmp_path / "o").exists()
+
+
+# --- Signals ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_and_the_resumed_run_is_exact(sig, tmp_path, monkeypatch, capsys):
+    flags = TRAIN + ["--batch", "1", "--steps", "4", "--save-every", "4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(flags + ["--out", str(straight)]) == 0
+    calls, pair_loss = [], train.pair_loss
+
+    def signalled(*args, **kwargs):  # the signal arrives in the middle of the second step
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(sig)
+        return pair_loss(*args, **kwargs)
+    monkeypatch.setattr(train, "pair_loss", signalled)
+    capsys.readouterr()
+    assert train.main(flags + ["--out", str(split)]) == 128 + sig
+    err = capsys.readouterr().err
+    assert f"stopped by {signal.Signals(sig).name} at step 2: checkpoint saved" in err and "--resume" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.setattr(train, "pair_loss", pair_loss)
+    assert train.main(["--resume", str(split / "checkpoint.safetensors")]) == 0
+    a, b = log(straight), log(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and [r["loss"] for r in a] == [r["loss"] for r in b]
+    (Ma, sa), (Mb, sb) = (weights.read(d / "checkpoint.safetensors", "checkpoint") for d in (straight, split))
+    assert all(torch.equal(Ma.params[k], Mb.params[k]) for k in Ma.params)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --- Messages -----------------------------------------------------------------------------------------
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def test_a_pickle_that_would_run_code_says_so(tmp_path, capsys):
+    torch.save({"g_ema": {"style.1.weight": RunsCode()}}, tmp_path / "evil.pt")
+    code, err = run(convert, [str(tmp_path / "evil.pt"), str(tmp_path / "g.safetensors")], capsys)
+    assert code == 2 and "refused to load: unpickling it would run code" in err and "system" in err
+    assert "this must never run" not in capsys.readouterr().out and not (tmp_path / "g.safetensors").exists()
+
+
+def test_folders_missing_files_and_advice_per_kind(tmp_path, capsys):
+    with pytest.raises(sm.StyleMaskError, match="is a folder"):
+        weights.read(tmp_path, "generator")
+    code, err = run(convert, [str(tmp_path), str(tmp_path / "g.safetensors")], capsys)
+    assert code == 2 and "is a folder" in err
+    with pytest.raises(sm.StyleMaskError, match="train.py writes checkpoint.safetensors"):
+        weights.read(tmp_path / "absent.safetensors", "checkpoint")
+    with pytest.raises(sm.StyleMaskError, match="python -m weights.convert deca_model.tar"):
+        weights.read(tmp_path / "absent.safetensors", "deca")
+
+
+def test_a_wrong_shaped_mapping_weight_is_named(tmp_path):
+    G = defaults.tiny_generator()
+    G["style.1.weight"] = G["style.1.weight"][:16]  # (16, 32): w_dim 16, but the modulations read 32
+    weights.save(G, tmp_path / "g.safetensors", "generator")
+    with pytest.raises(sm.StyleMaskError, match=r"'style\.1\.weight' has shape \(16, 32\), expected \(32, 32\)"):
+        weights.read(tmp_path / "g.safetensors", "generator")
+
+
+def test_eval_uses_a_ranges_file_given_on_the_defaults(tmp_path):
+    ranges = [[-1.0 - i, 1.0 + i] for i in range(54)]
+    (tmp_path / "r.json").write_text(json.dumps({"ranges": ranges}))
+    assert ev.main(EVAL + ["--ranges", str(tmp_path / "r.json"), "--out", str(tmp_path / "o")]) == 0
+    settings = json.loads((tmp_path / "o" / "results.json").read_text())["settings"]
+    assert settings["expression_ranges"] == str(tmp_path / "r.json")
+    assert not (tmp_path / "o" / "expression_ranges.json").exists()
+
+
+def test_align_has_a_help_and_one_line_errors(tmp_path):
+    r = subprocess.run([sys.executable, "align.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "usage" in r.stdout and "--size" in r.stdout
+    r = subprocess.run([sys.executable, "align.py", str(tmp_path / "none.jpg"), str(tmp_path / "a.png")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_files_written_before_kinds_were_stated_still_load(tmp_path):
+    """Mask files and checkpoints of the earlier layout: a `masknet` header with no mask kind; global and W+
+    masks marked by `ctrl_dims` / `ctrl_index` tensors; checkpoints labelled `masknet` with train.* tensors."""
+    from safetensors.torch import save_file
+    for kind, space in (("per-layer", "S"), ("global", "S"), ("per-layer", "W")):
+        M = sm.init_mask(sm.ARCHS["tiny"], kind=kind, space=space, seed=3)
+        old = dict(M.params)
+        if kind == "global":
+            old["ctrl_dims"] = torch.tensor(M.dims)
+        if space == "W":
+            old["ctrl_index"] = torch.arange(sum(M.dims))
+        save_file(old, str(tmp_path / "m.safetensors"), metadata={"stylemask": "masknet"})
+        got = weights.read(tmp_path / "m.safetensors", "masknet")
+        assert (got.kind, got.space, got.dims) == (kind, space, M.dims)
+        assert got.params.keys() == M.params.keys() and all(torch.equal(got.params[k], M.params[k]) for k in M.params)
+    M = defaults.tiny_mask()
+    state = {"train.step": torch.tensor(7), "train.rng": torch.Generator().get_state()}
+    save_file({**M.params, **state}, str(tmp_path / "ck.safetensors"),
+              metadata={"stylemask": "masknet", "config": json.dumps({"batch": 2}), "step": "7"})
+    saved, got_state = weights.read(tmp_path / "ck.safetensors", "checkpoint")
+    assert saved.dims == M.dims and int(got_state["train.step"]) == 7
+    assert json.loads(weights.header(tmp_path / "ck.safetensors", "checkpoint")["config"]) == {"batch": 2}
