@@ -130,6 +130,56 @@ def align_face(img, size, name="image", say=print):
     return align(img, landmarks(img, name, say), size)
 
 
+# --- Back into the photo: the crop's place in it, paste-back, and steadier landmarks over a video ----------
+
+def crop_corners(lm):
+    """(68, 2) landmarks -> (4, 2) corners in the photo's continuous pixel coordinates (pixel k spans [k, k+1))
+    of the crop align() makes: top-left, bottom-left, bottom-right, top-right (the quad that PIL resamples)."""
+    return ffhq_quad(lm)[0] + 0.5
+
+
+def frame_corners(H, W):
+    """The corners, as crop_corners gives them, of a crop that is the whole (H, W) frame (--aligned input)."""
+    return np.array([(0.0, 0.0), (0.0, H), (W, H), (W, 0.0)])
+
+
+def paste_back(frame, crop, corners, feather=0.1):
+    """Warp a (R, R, 3) crop back to where it came from in the (H, W, 3) frame and blend it in -> (H, W, 3) uint8.
+
+    The inverse of align(): the crop's square maps onto the parallelogram `corners` (crop_corners), so each
+    frame pixel reads the crop at A⁻¹(p − top-left)·R with A = [top-right − top-left, bottom-left − top-left]
+    (bilinear). The blend weight is 1 inside the square and falls linearly to 0 over the outer `feather`
+    fraction of its side, so no seam shows; outside the square the frame is kept as it was.
+    """
+    from PIL import Image
+    H, W, _ = frame.shape
+    R = crop.shape[0]
+    tl, bl, _, tr = np.asarray(corners, dtype=np.float64)
+    A_inv = np.linalg.inv(np.stack([tr - tl, bl - tl], 1)) * R  # frame offset -> crop coordinates
+    data = (*A_inv[0], -(A_inv[0] @ tl), *A_inv[1], -(A_inv[1] @ tl))  # PIL: output (x, y) reads input (ax+by+c, dx+ey+f)
+    warped = np.asarray(Image.fromarray(crop).transform((W, H), Image.AFFINE, data, Image.BILINEAR), np.float32)
+    d = (np.arange(R, dtype=np.float32) + 0.5) / R
+    edge = np.minimum(np.minimum(d, 1 - d)[:, None], np.minimum(d, 1 - d)[None, :])  # distance to the border
+    weight = np.clip(edge / max(feather, 1e-6), 0, 1)
+    m = np.asarray(Image.fromarray(weight, "F").transform((W, H), Image.AFFINE, data, Image.BILINEAR))[..., None]
+    return np.clip(np.rint(frame * (1 - m) + warped * m), 0, 255).astype(np.uint8)
+
+
+class Smoother:
+    """Steadier landmarks over a video: an exponential moving average, lm ← a·lm_t + (1 − a)·lm, that starts
+    over after a frame without a face. a = 1 is no smoothing; smaller a is steadier and lags more."""
+
+    def __init__(self, a=0.5):
+        self.a, self.lm = a, None
+
+    def __call__(self, lm):
+        self.lm = lm if self.lm is None else self.a * lm + (1 - self.a) * self.lm
+        return self.lm
+
+    def reset(self):
+        self.lm = None
+
+
 def image_files(folder):
     """The image files of a folder (png, jpg, jpeg, bmp, webp), in name order: the frames of a sequence."""
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -23,6 +23,7 @@ import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -241,13 +242,33 @@ def to_uint8(img):
     return (x + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def image_grid(columns, size=None):
-    """Columns of (B, 3, H, W) images -> one (B·H, n·W, 3) uint8 grid: row b shows sample b of every column."""
+def image_grid(columns, size=None, titles=None):
+    """Columns of (B, 3, H, W) images -> one (B·H [+ a title strip], n·W, 3) uint8 grid: row b shows sample b of
+    every column; titles (one per column) are written above the columns, in a strip TITLE_HEIGHT pixels high."""
     if size is not None:
         columns = [F.adaptive_avg_pool2d(c, size) if c.shape[-1] != size else c for c in columns]
     cells = torch.stack([to_uint8(c) for c in columns], 1)  # (B, n, H, W, 3)
     B, n, H, W, _ = cells.shape
-    return cells.permute(0, 2, 1, 3, 4).reshape(B * H, n * W, 3)
+    grid = cells.permute(0, 2, 1, 3, 4).reshape(B * H, n * W, 3)
+    return grid if titles is None else torch.cat([title_strip(titles, W), grid])
+
+
+TITLE_HEIGHT = 14
+
+
+def title_strip(titles, width):
+    """(TITLE_HEIGHT, len(titles)·width, 3) uint8: each title centred over its column, white on dark grey,
+    in Pillow's built-in bitmap font (shortened with '…' where a column is too narrow)."""
+    from PIL import Image, ImageDraw, ImageFont
+    strip = Image.new("RGB", (len(titles) * width, TITLE_HEIGHT), (40, 40, 40))
+    draw, font = ImageDraw.Draw(strip), ImageFont.load_default()
+    for i, title in enumerate(titles):
+        text = str(title)
+        while len(text) > 1 and draw.textlength(text, font=font) > width - 2:
+            text = text[:-2] + "…"
+        x = i * width + (width - draw.textlength(text, font=font)) / 2
+        draw.text((x, 1), text, fill=(255, 255, 255), font=font)
+    return torch.from_numpy(np.array(strip))
 
 
 def write_png(path, img):
@@ -275,3 +296,40 @@ def write_gif(path, images, fps):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     pics[0].save(tmp, format="GIF", save_all=True, append_images=pics[1:], duration=int(round(1000 / fps)), loop=0)
     os.replace(tmp, path)
+
+
+class VideoWriter:
+    """Frames -> an H.264 MP4 (yuv420p, through imageio-ffmpeg's ffmpeg), streamed: each frame goes to the
+    encoder as it comes, so memory does not grow with the video's length. Frames are (H, W, 3) uint8, all
+    of one size; odd sizes are padded to even ones (yuv420p's chroma is subsampled 2×2)."""
+
+    def __init__(self, path, fps):
+        try:
+            import imageio_ffmpeg
+        except ImportError:
+            raise StyleMaskError("writing MP4 needs the optional extra: pip install imageio-ffmpeg") from None
+        self.path, self.fps, self.size, self._ffmpeg, self._out = Path(path), fps, None, imageio_ffmpeg, None
+        self.count = 0
+
+    def write(self, frame):
+        frame = np.ascontiguousarray(frame)
+        H, W, _ = frame.shape
+        if self._out is None:
+            self.size = (W + W % 2, H + H % 2)
+            self._out = self._ffmpeg.write_frames(str(self.path), self.size, fps=self.fps, codec="libx264",
+                                                  pix_fmt_out="yuv420p", macro_block_size=1, quality=8)
+            self._out.send(None)  # start ffmpeg
+        if (W + W % 2, H + H % 2) != self.size:
+            raise StyleMaskError(f"{self.path}: frame {self.count} is {W}×{H}, the video's frames are "
+                                 f"{self.size[0]}×{self.size[1]}")
+        if W % 2 or H % 2:
+            frame = np.pad(frame, ((0, H % 2), (0, W % 2), (0, 0)), mode="edge")
+        self._out.send(frame.tobytes())
+        self.count += 1
+
+    def close(self):
+        """Finish the file (ffmpeg writes the index); the file is complete only after this."""
+        if self._out is not None:
+            self._out.close()
+            os.chmod(self.path, 0o644)
+            self._out = None

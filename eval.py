@@ -282,7 +282,7 @@ def main(argv=None):
     with cli.staged(out, cfg.overwrite) as tmp:  # all of it, or none of it
         cli.write_text(tmp / "table.md", f"{title}\n\n{table}\n")
         cli.write_text(tmp / "results.json", json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
-        cli.write_png(tmp / "grid.png", cli.image_grid(list(grid.values()), cfg.size or None))
+        cli.write_png(tmp / "grid.png", cli.image_grid(list(grid.values()), cfg.size or None, titles=list(grid)))
         if ranges_json:
             cli.write_text(tmp / "expression_ranges.json", ranges_json)
     print(f"{title}\n\n{table}\n\ncolumns of {out / 'grid.png'}: {' | '.join(grid)}; numbers in {out / 'results.json'}")

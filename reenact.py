@@ -55,7 +55,9 @@ class Config:
     alpha: float = 1.0        # our extension: 0 source, 1 Eq. 1
     size: int = 0             # output size in pixels; 0: the generator's resolution (official: 256 for display)
     aligned: bool = False     # photos are already FFHQ-aligned crops: no face detection, only a resize
-    fps: float = 0.0          # GIF frame rate; 0: the video's own rate, else 10
+    fps: float = 0.0          # frame rate of the MP4 and GIF; 0: the video's own rate, else 10
+    paste_back: bool = False  # sequences: warp each reenacted face back into its full input frame
+    smooth: bool = True       # sequences: smooth the alignment landmarks over time (less jitter)
     generator: str = ""       # converted weights; empty: weights/<name>.safetensors, else the tiny default
     mask: str = ""
     e4e: str = ""
@@ -74,7 +76,9 @@ HELP = dict(
     alpha="OUR EXTENSION: how much of the target's pose/expression to take, s_s + alpha·(s_r − s_s); 0 = source, 1 = Eq. 1",
     size="output size in pixels, average-pooled (0: full generator resolution; the official code showed 256)",
     aligned="inputs are already FFHQ-aligned face crops: skip detection (needed on the tiny defaults' images)",
-    fps="frame rate of the GIF (0: the video's rate, else 10)", generator="generator .safetensors",
+    fps="frame rate of the MP4 and GIF (0: the video's rate, else 10)", generator="generator .safetensors",
+    paste_back="sequences: warp each reenacted face back into its input frame (full-size frames and MP4)",
+    smooth="sequences: smooth the alignment landmarks over time, against jitter (--no-smooth: per frame)",
     mask="mask networks .safetensors", e4e="e4e encoder .safetensors (python -m weights.convert e4e_ffhq_encode.pt ...)",
     device="torch device (empty: cuda when available, else cpu)",
     out="output folder (must not hold results, unless --overwrite; written only when the run succeeds)",
@@ -136,20 +140,25 @@ class Inverter:
 
     def __init__(self, cfg, G, tiny, say):
         self.cfg, self.G, self.tiny, self.say, self.E = cfg, G, tiny, say, None
+        self.smoother = None  # an align.Smoother over the frames of a sequence
 
     def __call__(self, img, name):
-        """(H, W, 3) uint8 photo -> (W+ (1, n_ws, w_dim), aligned crop (R, R, 3) uint8) at generator resolution R."""
+        """(H, W, 3) uint8 photo -> (W+ (1, n_ws, w_dim), aligned crop (R, R, 3) uint8 at generator resolution R,
+        the crop's corners in the photo (align.crop_corners))."""
         if self.E is None:
             self.E = self.load()
         R = sm.architecture(self.G)["resolution"]
         if self.cfg.aligned:
             crop = img if img.shape[:2] == (R, R) else resize(img, R)
+            corners = align.frame_corners(*img.shape[:2])
         else:
-            crop = align.align_face(img, R, name, self.say)
+            lm = align.landmarks(img, name, self.say)
+            lm = self.smoother(lm) if self.smoother else lm
+            crop, corners = align.align(img, lm, R), align.crop_corners(lm)
         x = torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None].float().to(self.G["latent_avg"].device)
         x = x / 127.5 - 1  # [-1, 1]
         w, avg, psi = e4e.e4e(self.E, x), self.G["latent_avg"], self.cfg.inversion_truncation
-        return avg + psi * (w - avg), crop  # (1, n_ws, w_dim); the official generate_image truncates W+ too
+        return avg + psi * (w - avg), crop, corners  # W+ truncated as the official generate_image does
 
     def load(self):
         """The e4e encoder by weights' default rule, of the same origin as the generator (converted or tiny)."""
@@ -233,24 +242,30 @@ def run(cfg, say=print):
     invert = Inverter(cfg, G, tiny, say)
     with cli.staged(out, cfg.overwrite) as tmp:
         def code(path, seed, role):
+            """(w or W+ code, the aligned photo or None) of a --source / --target."""
             if not path:
-                return seeded_w(G, seed, cfg.truncation)
+                return seeded_w(G, seed, cfg.truncation), None
             p = Path(path)
             if p.suffix.lower() in LATENT_SUFFIXES:
-                return read_latent(p, G).to(device)
-            w, crop = invert(align.read_image(p), p.name)
+                return read_latent(p, G).to(device), None
+            w, crop, _ = invert(align.read_image(p), p.name)
             (tmp / "aligned").mkdir(exist_ok=True)
             cli.write_png(tmp / "aligned" / f"{role}.png", crop)
             np.save(tmp / "aligned" / f"{role}.npy", w[0].cpu().numpy())  # the W+ code used: pass it again
-            return w
+            return w, crop
 
-        w_s = code(cfg.source, cfg.source_seed, "source")
+        w_s, photo_s = code(cfg.source, cfg.source_seed, "source")
         cli.write_text(tmp / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
         if target is None or not is_sequence(target):
-            src, tgt, rea = render(G, M, w_s, code(cfg.target, cfg.target_seed, "target"), cfg.alpha)
+            w_t, photo_t = code(cfg.target, cfg.target_seed, "target")
+            src, tgt, rea = render(G, M, w_s, w_t, cfg.alpha)
+            columns = [("source photo", photo_s), ("source", src), ("target photo", photo_t), ("target", tgt),
+                       ("reenacted", rea)]
+            columns = [(t, crop_tensor(c, src) if isinstance(c, np.ndarray) else c) for t, c in columns if c is not None]
             cli.write_png(tmp / "reenacted.png", cli.to_uint8(pooled(rea, cfg.size))[0])
-            cli.write_png(tmp / "grid.png", cli.image_grid([src, tgt, rea], cfg.size or None))
-            message = (f"wrote {out / 'reenacted.png'} and {out / 'grid.png'} (source | target | reenacted), "
+            cli.write_png(tmp / "grid.png", cli.image_grid([c for _, c in columns], cfg.size or None,
+                                                           titles=[t for t, _ in columns]))
+            message = (f"wrote {out / 'reenacted.png'} and {out / 'grid.png'} ({' | '.join(t for t, _ in columns)}), "
                        f"{cfg.size or sm.architecture(G)['resolution']} px, alpha {cfg.alpha}")
         else:
             message = run_sequence(cfg, G, M, w_s, target, invert, tmp, out)
@@ -259,8 +274,13 @@ def run(cfg, say=print):
 
 
 def run_sequence(cfg, G, M, w_s, target, invert, tmp, out):
-    """Reenact every frame of a folder or video into tmp: frames/, reenacted.gif, grid.gif -> the message."""
+    """Reenact every frame of a folder or video into tmp, streaming each result to disk as it is made:
+    frames/NNNNN.png and grids/NNNNN.png numbered by input frame; reenacted.mp4 with one frame per input
+    frame (a skipped frame shows the input frame with --paste-back, else the previous result); grid.mp4 and
+    the GIF previews with the reenacted frames only; frames.json (every input frame: its output, or why it
+    was skipped) -> the message to print."""
     seq, count, video_fps = frames(target)
+    fps = cfg.fps or video_fps or 10.0
     notes = set()  # say each kind of note once per sequence ("N faces found" would repeat every frame)
 
     def once(msg):
@@ -269,35 +289,97 @@ def run_sequence(cfg, G, M, w_s, target, invert, tmp, out):
             notes.add(kind)
             tqdm.write(msg + " (said once for the sequence)")
     invert.say = once
+    invert.smoother = align.Smoother() if cfg.smooth and not cfg.aligned else None
     (tmp / "frames").mkdir()
-    done, skipped, reenacted_frames, grid_frames = 0, [], [], []
-    for name, img, err in tqdm(seq, total=count, desc="reenact", unit="frame"):
+    (tmp / "grids").mkdir()
+    videos = Videos(tmp, fps, once)
+    manifest, skipped, last, leading = [], [], None, 0
+    for index, (name, img, err) in enumerate(tqdm(seq, total=count, desc="reenact", unit="frame")):
         try:
             if err:
                 raise StyleMaskError(err)
-            w_t, _ = invert(img, name)
+            w_t, crop, corners = invert(img, name)
         except StyleMaskError as e:
             if "optional extra" in str(e) or "not found: " in str(e):  # a setup problem, not a bad frame
                 raise
             tqdm.write(f"skipped {e}")
             skipped.append(name)
+            manifest.append(dict(index=index, name=name, skipped=str(e)))
+            if invert.smoother:
+                invert.smoother.reset()
+            # the MP4 keeps the input's timing: the input frame itself (paste-back), else the last result
+            filler = img if cfg.paste_back and img is not None else last
+            if filler is None:
+                leading += 1  # no result yet: black frames, written once the size is known
+            else:
+                videos.write("reenacted", filler)
             continue
         src, tgt, rea = render(G, M, w_s, w_t, cfg.alpha)
-        frame = cli.to_uint8(pooled(rea, cfg.size))[0]
-        cli.write_png(tmp / "frames" / f"{done:05d}.png", frame)
-        reenacted_frames.append(frame.numpy())  # to_uint8 returns CPU tensors
-        grid_frames.append(cli.image_grid([src, tgt, rea], min(cfg.size or 256, 256)).numpy())
-        done += 1
-    total = done + len(skipped)
+        if cfg.paste_back:
+            frame = align.paste_back(img, cli.to_uint8(rea)[0].numpy(), corners)
+        else:
+            frame = cli.to_uint8(pooled(rea, cfg.size))[0].numpy()
+        for _ in range(leading):
+            videos.write("reenacted", np.zeros_like(frame))
+        leading, last = 0, frame
+        cell = min(cfg.size or 256, 256)
+        grid = cli.image_grid([crop_tensor(crop, src), src, tgt, rea], cell, titles=GRID_COLUMNS).numpy()
+        cli.write_png(tmp / "frames" / f"{index:05d}.png", frame)
+        cli.write_png(tmp / "grids" / f"{index:05d}.png", grid)
+        videos.write("reenacted", frame)
+        videos.write("grid", grid)
+        manifest.append(dict(index=index, name=name, output=f"frames/{index:05d}.png"))
+    done = len(manifest) - len(skipped)
     if not done:
-        raise StyleMaskError(f"{target}: no face found in any of its {total} frames")
-    fps = cfg.fps or video_fps or 10.0
-    cli.write_gif(tmp / "reenacted.gif", reenacted_frames, fps)
-    cli.write_gif(tmp / "grid.gif", grid_frames, fps)
-    return (f"reenacted {done} of {total} frames" + (f"; skipped {len(skipped)} (no face / unreadable): "
-                                                       f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}"
-                                                       if skipped else "")
-            + f"; wrote {out / 'frames'}/, {out / 'reenacted.gif'}, {out / 'grid.gif'} at {fps:g} fps")
+        raise StyleMaskError(f"{target}: no face found in any of its {len(manifest)} frames")
+    written = videos.close()
+    outputs = sorted(p for p in (tmp / "frames").iterdir())
+    cli.write_gif(tmp / "reenacted.gif", (align.read_image(p) for p in outputs), fps)
+    cli.write_gif(tmp / "grid.gif", (align.read_image(tmp / "grids" / p.name) for p in outputs), fps)
+    cli.write_text(tmp / "frames.json", json.dumps(dict(
+        input=str(target), fps=fps, frames=len(manifest), reenacted=done, skipped=len(skipped),
+        grid_columns=GRID_COLUMNS, paste_back=cfg.paste_back, smooth=invert.smoother is not None, list=manifest),
+        indent=1) + "\n")
+    return (f"reenacted {done} of {len(manifest)} frames" + (f"; skipped {len(skipped)} (no face / unreadable): "
+                                                             f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}"
+                                                             if skipped else "")
+            + f"; wrote {out / 'frames'}/, " + "".join(f"{out / n}, " for n in written)
+            + f"{out / 'reenacted.gif'}, {out / 'grid.gif'} at {fps:g} fps ({out / 'frames.json'} lists every frame)")
+
+
+GRID_COLUMNS = ["input (aligned)", "source", "target (inverted)", "reenacted"]
+
+
+def crop_tensor(crop, like):
+    """An (R, R, 3) uint8 crop as a (1, 3, R, R) image in [-1, 1] on like's device, for the grids."""
+    return torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None].to(like.device, torch.float32) / 127.5 - 1
+
+
+class Videos:
+    """reenacted.mp4 and grid.mp4, streamed; without imageio-ffmpeg, or when frames change size, none (said once)."""
+
+    def __init__(self, folder, fps, say):
+        self.folder, self.fps, self.say, self.writers, self.off = folder, fps, say, {}, set()
+
+    def write(self, name, frame):
+        if name in self.off:
+            return
+        try:
+            if name not in self.writers:
+                self.writers[name] = cli.VideoWriter(self.folder / f"{name}.mp4", self.fps)
+            self.writers[name].write(frame)
+        except StyleMaskError as e:
+            self.say(f"note: no {name}.mp4: {e}")
+            self.off.add(name)
+            if name in self.writers:
+                self.writers.pop(name).close()
+                (self.folder / f"{name}.mp4").unlink(missing_ok=True)
+
+    def close(self):
+        """Finish every video; the names of those written."""
+        for w in self.writers.values():
+            w.close()
+        return [f"{name}.mp4" for name in self.writers]
 
 
 if __name__ == "__main__":

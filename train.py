@@ -223,7 +223,7 @@ def save_grid(path, G, M, cfg, held_out, n=4):
     src, tgt, _ = held_out
     with torch.no_grad():
         rec = render(G, sm.reenact(src["code"][:n], tgt["code"][:n], M), cfg)
-    cli.write_png(path, cli.image_grid([src["img"][:n], tgt["img"][:n], rec]))
+    cli.write_png(path, cli.image_grid([src["img"][:n], tgt["img"][:n], rec], titles=["source", "target", "reenacted"]))
 
 
 def load_nets(cfg, say=print):

@@ -105,13 +105,13 @@ def test_reference_rows_bound_the_metrics(tiny_run):
 
 def test_grid_and_table(tiny_run):
     grid = read_png(tiny_run / "grid.png")
-    assert grid.shape == (3 * 64, 3 * 64, 3)  # 3 pairs × (source | target | method)
+    assert grid.shape == (cli.TITLE_HEIGHT + 3 * 64, 3 * 64, 3)  # titles, then 3 pairs × (source | target | method)
     G = defaults.tiny_generator()
     gen = torch.Generator().manual_seed(5)
     z_s, z_t = torch.randn(6, 32, generator=gen), torch.randn(6, 32, generator=gen)
     s_s, s_t = (sm.styles(G, sm.mapping(G, z[:3], 0.7)) for z in (z_s, z_t))
     want = cli.image_grid([sm.synthesis(G, s) for s in (s_s, s_t)], 64)
-    assert (grid[:, :128].int() - want.int()).abs().max() <= 1  # batching may move a pixel by one level
+    assert (grid[cli.TITLE_HEIGHT:, :128].int() - want.int()).abs().max() <= 1  # batching may move a pixel by one level
     table = (tiny_run / "table.md").read_text()
     assert "TINY" in table and "| source |" in table and "CSIM" in table and "NME" in table
     ranges = json.loads((tiny_run / "expression_ranges.json").read_text())

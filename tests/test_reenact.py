@@ -65,7 +65,7 @@ def test_default_run_is_a_generated_pair_on_the_tiny_defaults(G, tmp_path, capsy
     want = cli.to_uint8(torch.nn.functional.adaptive_avg_pool2d(rea, 64))[0].numpy()
     assert np.array_equal(png(tmp_path / "o" / "reenacted.png"), want)
     grid = png(tmp_path / "o" / "grid.png")
-    assert grid.shape == (64, 192, 3) and np.array_equal(grid[:, 128:], want)
+    assert grid.shape == (cli.TITLE_HEIGHT + 64, 192, 3) and np.array_equal(grid[cli.TITLE_HEIGHT:, 128:], want)  # under the titles
 
 
 def test_latent_files_and_alpha_zero_gives_the_source(G, tmp_path):
@@ -77,9 +77,9 @@ def test_latent_files_and_alpha_zero_gives_the_source(G, tmp_path):
     assert reenact.main(["--source", str(tmp_path / "s.npy"), "--target", str(tmp_path / "t.pt"),
                          "--alpha", "0", "--out", str(out)]) == 0
     grid = png(out / "grid.png")
-    assert grid.shape == (256, 768, 3)  # full resolution by default
+    assert grid.shape == (cli.TITLE_HEIGHT + 256, 768, 3)  # full resolution by default
     want = cli.to_uint8(sm.synthesis(G, sm.styles(G, w_s[None])))[0].numpy()
-    assert np.array_equal(grid[:, :256], want) and np.array_equal(png(out / "reenacted.png"), want)
+    assert np.array_equal(grid[cli.TITLE_HEIGHT:, :256], want) and np.array_equal(png(out / "reenacted.png"), want)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -142,18 +142,19 @@ def test_a_folder_of_aligned_frames(G, tmp_path, capsys):
     assert reenact.main(["--target", str(folder), "--aligned", "--size", "32", "--out", str(out)]) == 0
     said = capsys.readouterr()
     assert "reenacted 3 of 4 frames; skipped 1" in said.out and "001b.png: not a readable image" in said.out + said.err
-    assert sorted(p.name for p in (out / "frames").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    # numbered by input frame: 001b.png, the third input, is skipped (frames.json says why)
+    assert sorted(p.name for p in (out / "frames").iterdir()) == ["00000.png", "00001.png", "00003.png"]
     gif = Image.open(out / "reenacted.gif")
     assert gif.n_frames == 3 and gif.size == (32, 32) and gif.info["duration"] == 100  # 10 fps
-    assert Image.open(out / "grid.gif").size == (96, 32)
-    # frame 2 is the source (seed 0) reenacted with the e4e inversion of 002.png
+    assert Image.open(out / "grid.gif").size == (128, cli.TITLE_HEIGHT + 32)  # input | source | target | reenacted
+    # frame 3 is the source (seed 0) reenacted with the e4e inversion of 002.png
     E = defaults.tiny_e4e(G=G)
     x = torch.from_numpy(reenact.resize(synthetic_frames(3, 0)[2], 256).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
     w_t = G["latent_avg"] + 0.7 * (e4e.e4e(E, x) - G["latent_avg"])  # run_inference's psi 0.7 on inversions
     s_s, s_t = sm.styles(G, reenact.seeded_w(G, 0, 0.7)), sm.styles(G, w_t)
     want = cli.to_uint8(torch.nn.functional.adaptive_avg_pool2d(
         sm.synthesis(G, sm.reenact(s_s, s_t, sm.init_mask(G, seed=0))), 32))[0].numpy()
-    assert np.abs(png(out / "frames" / "00002.png").astype(int) - want).max() <= 1
+    assert np.abs(png(out / "frames" / "00003.png").astype(int) - want).max() <= 1
 
 
 def test_a_video(tmp_path, capsys):

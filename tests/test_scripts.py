@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import align
 import cli
 import eval as ev
 import reenact
@@ -297,3 +298,93 @@ def test_files_written_before_kinds_were_stated_still_load(tmp_path):
     saved, got_state = weights.read(tmp_path / "ck.safetensors", "checkpoint")
     assert saved.dims == M.dims and int(got_state["train.step"]) == 7
     assert json.loads(weights.header(tmp_path / "ck.safetensors", "checkpoint")["config"]) == {"batch": 2}
+
+
+# --- Video: MP4 at the input's timing, numbering by input frame, a manifest, paste-back, smoothing ---------
+
+def write_video(path, frames, fps):
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    H, W, _ = frames[0].shape
+    writer = imageio_ffmpeg.write_frames(str(path), (W, H), fps=fps, macro_block_size=1)
+    writer.send(None)
+    for f in frames:
+        writer.send(np.ascontiguousarray(f).tobytes())
+    writer.close()
+
+
+def video_facts(path):
+    """(frame count, fps, (W, H)) of a video, as ffmpeg reads it back."""
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    return sum(1 for _ in reader), meta["fps"], tuple(meta["size"])
+
+
+def test_a_video_gives_an_mp4_with_its_frame_count_and_fps_and_a_manifest(tmp_path):
+    gen = np.random.default_rng(4)
+    clip = [gen.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(5)]
+    write_video(tmp_path / "clip.mp4", clip, fps=6)
+    out = tmp_path / "o"
+    assert reenact.main(["--target", str(tmp_path / "clip.mp4"), "--aligned", "--size", "32", "--out", str(out)]) == 0
+    assert video_facts(out / "reenacted.mp4") == (5, 6.0, (32, 32))
+    manifest = json.loads((out / "frames.json").read_text())
+    assert manifest["frames"] == 5 and [f["output"] for f in manifest["list"]] == [f"frames/{i:05d}.png" for i in range(5)]
+    # --paste-back: full frames of the input's size, in the PNGs and the MP4
+    assert reenact.main(["--target", str(tmp_path / "clip.mp4"), "--aligned", "--paste-back", "--out",
+                         str(tmp_path / "p")]) == 0
+    assert video_facts(tmp_path / "p" / "reenacted.mp4") == (5, 6.0, (64, 48))
+    assert Image.open(tmp_path / "p" / "frames" / "00004.png").size == (64, 48)
+
+
+def test_skipped_frames_keep_the_input_timing_and_are_listed_with_the_reason(tmp_path):
+    folder = frames_folder(tmp_path / "f", 4)
+    (folder / "f01.png").write_bytes(b"not an image")  # the second frame cannot be read
+    out = tmp_path / "o"
+    assert reenact.main(["--target", str(folder), "--aligned", "--size", "32", "--fps", "5", "--out", str(out)]) == 0
+    manifest = json.loads((out / "frames.json").read_text())
+    assert [("output" in f, f["name"]) for f in manifest["list"]] == [(True, "f00.png"), (False, "f01.png"),
+                                                                        (True, "f02.png"), (True, "f03.png")]
+    assert "not a readable image" in manifest["list"][1]["skipped"]
+    assert sorted(p.name for p in (out / "frames").iterdir()) == ["00000.png", "00002.png", "00003.png"]
+    assert video_facts(out / "reenacted.mp4")[:2] == (4, 5.0)  # one frame per input frame: the gap is filled
+    assert Image.open(out / "reenacted.gif").n_frames == 3  # the preview shows the results only
+
+
+def test_paste_back_inverts_the_alignment_crop():
+    """Crop a parallelogram out of a frame as align() does (PIL's QUAD resampling), paste the crop back: inside,
+    the frame again (two bilinear resamplings: ±1 level; half a pixel off would be 2), outside, untouched."""
+    H, W = 120, 160
+    yy, xx = np.mgrid[0:H, 0:W]
+    frame = np.stack([xx * 1.5, yy * 2.0, 128 + 0 * xx], -1).astype(np.uint8)  # ramps: misplacement shows
+    c, x, y = np.array([80.0, 60.0]), np.array([30.0, 8.0]), np.array([-8.0, 30.0])
+    quad = np.stack([c - x - y, c - x + y, c + x + y, c + x - y])  # FFHQ's kind: a rotated square
+    crop = np.asarray(Image.fromarray(frame).transform((64, 64), Image.QUAD, (quad + 0.5).flatten(), Image.BILINEAR))
+    out = align.paste_back(frame, crop, quad + 0.5)
+    st = (np.stack([xx + 0.5, yy + 0.5], -1) - (quad[0] + 0.5)) @ np.linalg.inv(np.stack([x * 2, y * 2], 1)).T
+    inside, outside = ((st > 0.15) & (st < 0.85)).all(-1), ((st < -0.02) | (st > 1.02)).any(-1)
+    diff = np.abs(out.astype(int) - frame.astype(int))
+    assert inside.sum() > 1500 and diff[inside].max() <= 1 and diff[outside].max() == 0
+    # and the crop align() itself makes, from landmarks, goes back to its place through crop_corners
+    lm = np.full((68, 2), 80.0)
+    lm[36:42], lm[42:48], lm[48], lm[54] = (68.0, 52.0), (92.0, 55.0), (70.0, 82.0), (88.0, 84.0)
+    crop = align.align(frame, lm, 64)
+    out = align.paste_back(frame, crop, align.crop_corners(lm))
+    quad = align.crop_corners(lm) - 0.5
+    st = (np.stack([xx + 0.5, yy + 0.5], -1) - (quad[0] + 0.5)) @ np.linalg.inv(np.stack([quad[3] - quad[0],
+                                                                                       quad[1] - quad[0]], 1)).T
+    inside = ((st > 0.15) & (st < 0.85)).all(-1)
+    diff = np.abs(out.astype(int) - frame.astype(int))[inside]  # align() resamples twice (4× up, Lanczos down):
+    assert inside.sum() > 1500 and diff.max() <= 2 and diff.mean() < 1.2  # ±2 levels; half a pixel off: mean 1.8
+
+
+def test_the_smoother_steadies_jitter_and_starts_over_after_a_gap():
+    gen = np.random.default_rng(0)
+    truth = np.tile(np.array([[100.0, 120.0]]), (68, 1))
+    smooth, raw, steady = align.Smoother(0.5), [], []
+    for _ in range(200):
+        lm = truth + gen.normal(0, 2.0, truth.shape)
+        raw.append(lm)
+        steady.append(smooth(lm))
+    assert np.std(np.array(steady[10:]) - truth) < 0.65 * np.std(np.array(raw[10:]) - truth)  # √(1/3) in theory
+    smooth.reset()
+    assert np.array_equal(smooth(truth + 5), truth + 5)  # no memory of the frames before a skipped one
