@@ -2,23 +2,28 @@
 
     python reenact.py                                          # a generated pair (seeds 0, 1), tiny defaults on CPU
     python reenact.py --source a.jpg --target b.jpg            # photos: FFHQ-align, invert with e4e, reenact
-    python reenact.py --source a.jpg --target clip.mp4 --alpha 0.8 --size 256   # a video (or a frame folder)
+    python reenact.py --source a.jpg --target clip.mp4 --paste-back   # a video (or a frame folder), full frames
+    python reenact.py --source photos/ --target drivers/       # batch: every source × every target
 
 Sources and targets are photos (aligned here, or pre-aligned with --aligned), W+ latent files (.pt or
 .npy, as e4e inversions are saved: (18, 512), (1, 18, 512), or one w (512,)), or, when not given, faces
 generated from --source-seed / --target-seed (truncation 0.7, the official trainer's). A target may also
-be a folder of frames or a video file: every frame is reenacted, frames where no face is found are
-reported and skipped (and counted), and the sequence is written as PNG frames and an animated GIF.
-Photos are inverted with e4e (sm.styles of e4e.e4e) as StyleMask's run_inference.py does, which
-also truncates the inverted codes with psi 0.7 (--inversion-truncation; toward the stored latent_avg here,
-toward a fresh mean_latent(4096) there). Latent files are used as they are, untruncated.
+be a folder of frames or a video file: every frame is reenacted and streamed to disk (frames/NNNNN.png by
+input frame, reenacted.mp4 at the input's frame count and fps, grid.mp4, GIF previews); frames where no
+face is found are reported, skipped and listed with the reason in frames.json. A folder of sources is
+batch mode (pairs/, pairs.json). Photos are inverted with e4e (sm.styles of e4e.e4e) as StyleMask's
+run_inference.py does, which also truncates the inverted codes with psi 0.7 (--inversion-truncation;
+toward the stored latent_avg here, toward a fresh mean_latent(4096) there). Latent files are used as
+they are, untruncated.
 
 --alpha is OUR EXTENSION, not the paper's: s_r = s_s + alpha · (reenact(s_s, s_t) − s_s) scales how much
 of the target is taken (0: the source, 1: Eq. 1, in between: a partial transfer).
-Outputs in --out: reenacted.png and grid.png (source | target | reenacted, the codes rendered by the
-generator, as the official grids), aligned/ crops; for sequences frames/NNNNN.png, reenacted.gif, grid.gif;
-aligned/{source,target}.npy (the W+ codes used); config.json. Without converted weights in weights/ everything runs on the tiny defaults (random generator
-and e4e, untrained mask) and says so: a pipeline check, not faces.
+Outputs in --out (written only when the run succeeds; an --out that holds results needs --overwrite):
+reenacted.png and grid.png (titled columns: the input photos beside source | target | reenacted, the
+codes rendered by the generator, as the official grids), aligned/ crops and their W+ codes (.npy: pass
+them again as --source/--target), config.json; the sequence and batch outputs above. Without converted
+weights in weights/ everything runs on the tiny defaults (random generator and e4e, untrained mask) and
+says so: a pipeline check, not faces.
 """
 # Inputs (photos, latents, frame sequences) and outputs only: reenactment is stylemask's, alignment
 # align's, inversion e4e's, parameters weights', the command line and image writing cli's.
@@ -58,6 +63,7 @@ class Config:
     fps: float = 0.0          # frame rate of the MP4 and GIF; 0: the video's own rate, else 10
     paste_back: bool = False  # sequences: warp each reenacted face back into its full input frame
     smooth: bool = True       # sequences: smooth the alignment landmarks over time (less jitter)
+    num_pairs: int = 0        # a folder of sources: reenact this many random pairs (0: every source × target)
     generator: str = ""       # converted weights; empty: weights/<name>.safetensors, else the tiny default
     mask: str = ""
     e4e: str = ""
@@ -79,6 +85,7 @@ HELP = dict(
     fps="frame rate of the MP4 and GIF (0: the video's rate, else 10)", generator="generator .safetensors",
     paste_back="sequences: warp each reenacted face back into its input frame (full-size frames and MP4)",
     smooth="sequences: smooth the alignment landmarks over time, against jitter (--no-smooth: per frame)",
+    num_pairs="batch mode (--source a folder): this many pairs, drawn at random with --source-seed (0: all pairs)",
     mask="mask networks .safetensors", e4e="e4e encoder .safetensors (python -m weights.convert e4e_ffhq_encode.pt ...)",
     device="torch device (empty: cuda when available, else cpu)",
     out="output folder (must not hold results, unless --overwrite; written only when the run succeeds)",
@@ -90,7 +97,8 @@ def parse_args(argv=None):
     """The Config of this command line, every flag checked."""
     cfg = cli.parse_config(Config, HELP, argv, description=__doc__)
     psi = cli.finite(0, 1, note=" (0: the average face, 1: none)")
-    cli.check_flags(cfg, source_seed=cli.at_least(0), target_seed=cli.at_least(0), truncation=psi,
+    cli.check_flags(cfg, source_seed=cli.at_least(0), target_seed=cli.at_least(0), num_pairs=cli.at_least(0),
+                    truncation=psi,
                     inversion_truncation=psi,
                     alpha=cli.finite(-1, 2, note=" (0: the source, 1: Eq. 1; beyond [0, 1] it extrapolates)"),
                     size=cli.at_least(0, " (0: the generator's resolution)"),
@@ -231,46 +239,114 @@ def run(cfg, say=print):
     out = Path(cfg.out)
     cli.check_out(out, cfg.overwrite)
     device = cli.device(cfg.device)
-    target = Path(cfg.target) if cfg.target else None
-    if target is not None and not target.exists():
-        raise StyleMaskError(f"{target}: no such file or folder (--target)")
-    if cfg.source and not Path(cfg.source).is_file():
-        raise StyleMaskError(f"{cfg.source}: {'is a folder' if Path(cfg.source).is_dir() else 'no such file'} (--source)")
+    source, target = (Path(p) if p else None for p in (cfg.source, cfg.target))
+    for p, flag, what in ((source, "--source", "file"), (target, "--target", "file or folder")):
+        if p is not None and not p.exists():
+            raise StyleMaskError(f"{p}: no such {what} ({flag})")
+    batch = source is not None and source.is_dir()
+    if batch and (target is None or (target.is_file() and target.suffix.lower() in VIDEO_SUFFIXES)):
+        raise StyleMaskError(f"{source}: a folder of sources (batch mode) needs --target: a photo, a latent file or "
+                             f"a folder of them (to reenact a video, pass one --source at a time)")
     nets, defaulted = weights.load_all(["generator", "masknet"], say=say, generator=cfg.generator, masknet=cfg.mask)
     tiny = "generator" in defaulted
     G, M = cli.to_device(nets["generator"], device), cli.to_device(nets["masknet"], device)
     invert = Inverter(cfg, G, tiny, say)
     with cli.staged(out, cfg.overwrite) as tmp:
-        def code(path, seed, role):
-            """(w or W+ code, the aligned photo or None) of a --source / --target."""
-            if not path:
-                return seeded_w(G, seed, cfg.truncation), None
-            p = Path(path)
-            if p.suffix.lower() in LATENT_SUFFIXES:
-                return read_latent(p, G).to(device), None
-            w, crop, _ = invert(align.read_image(p), p.name)
-            (tmp / "aligned").mkdir(exist_ok=True)
-            cli.write_png(tmp / "aligned" / f"{role}.png", crop)
-            np.save(tmp / "aligned" / f"{role}.npy", w[0].cpu().numpy())  # the W+ code used: pass it again
-            return w, crop
-
-        w_s, photo_s = code(cfg.source, cfg.source_seed, "source")
         cli.write_text(tmp / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-        if target is None or not is_sequence(target):
-            w_t, photo_t = code(cfg.target, cfg.target_seed, "target")
-            src, tgt, rea = render(G, M, w_s, w_t, cfg.alpha)
-            columns = [("source photo", photo_s), ("source", src), ("target photo", photo_t), ("target", tgt),
-                       ("reenacted", rea)]
-            columns = [(t, crop_tensor(c, src) if isinstance(c, np.ndarray) else c) for t, c in columns if c is not None]
-            cli.write_png(tmp / "reenacted.png", cli.to_uint8(pooled(rea, cfg.size))[0])
-            cli.write_png(tmp / "grid.png", cli.image_grid([c for _, c in columns], cfg.size or None,
-                                                           titles=[t for t, _ in columns]))
-            message = (f"wrote {out / 'reenacted.png'} and {out / 'grid.png'} ({' | '.join(t for t, _ in columns)}), "
-                       f"{cfg.size or sm.architecture(G)['resolution']} px, alpha {cfg.alpha}")
+        if batch:
+            message = run_batch(cfg, G, M, invert, source, target, tmp, out)
         else:
-            message = run_sequence(cfg, G, M, w_s, target, invert, tmp, out)
+            w_s, photo_s = encode(cfg, G, invert, source, cfg.source_seed, tmp, "source")
+            if target is None or not is_sequence(target):
+                w_t, photo_t = encode(cfg, G, invert, target, cfg.target_seed, tmp, "target")
+                src, tgt, rea = render(G, M, w_s, w_t, cfg.alpha)
+                columns = titled(src, tgt, rea, photo_s, photo_t)
+                cli.write_png(tmp / "reenacted.png", cli.to_uint8(pooled(rea, cfg.size))[0])
+                cli.write_png(tmp / "grid.png", cli.image_grid([c for _, c in columns], cfg.size or None,
+                                                               titles=[t for t, _ in columns]))
+                message = (f"wrote {out / 'reenacted.png'} and {out / 'grid.png'} "
+                           f"({' | '.join(t for t, _ in columns)}), {cfg.size or sm.architecture(G)['resolution']} px, "
+                           f"alpha {cfg.alpha}")
+            else:
+                message = run_sequence(cfg, G, M, w_s, target, invert, tmp, out)
     say(message)
     return 0
+
+
+def encode(cfg, G, invert, path, seed, tmp, name):
+    """(w or W+ code (1, [n_ws,] w_dim), the aligned photo or None) of a source or target: a face generated from
+    seed (no path), a latent file, or a photo (aligned and inverted; crop and code saved in aligned/<name>)."""
+    if path is None:
+        return seeded_w(G, seed, cfg.truncation), None
+    if path.suffix.lower() in LATENT_SUFFIXES:
+        return read_latent(path, G).to(G["latent_avg"].device), None
+    w, crop, _ = invert(align.read_image(path), path.name)
+    (tmp / "aligned").mkdir(exist_ok=True)
+    cli.write_png(tmp / "aligned" / f"{name}.png", crop)
+    np.save(tmp / "aligned" / f"{name}.npy", w[0].cpu().numpy())  # the W+ code used: pass it again
+    return w, crop
+
+
+def titled(src, tgt, rea, photo_s=None, photo_t=None):
+    """[(title, (1, 3, H, W) image)] of a pair's grid: the input photos (when photos) beside their renders."""
+    columns = [("source photo", photo_s), ("source", src), ("target photo", photo_t), ("target", tgt),
+               ("reenacted", rea)]
+    return [(t, crop_tensor(c, src) if isinstance(c, np.ndarray) else c) for t, c in columns if c is not None]
+
+
+def run_batch(cfg, G, M, invert, source, target, tmp, out):
+    """Batch mode, as the official run_inference.py: every source of a folder × every target (a file or the
+    files of a folder), or --num-pairs of those pairs at random -> pairs/<source>__<target>.png, grid.png
+    (the first 16 pairs), pairs.json (every pair: its output, or why it failed) -> the message to print."""
+    def inputs(p):
+        if p.is_file():
+            return [p]
+        files = [f for f in sorted(p.iterdir()) if f.suffix.lower() in align.IMAGE_SUFFIXES + LATENT_SUFFIXES]
+        if not files:
+            raise StyleMaskError(f"{p}: no photos ({', '.join(align.IMAGE_SUFFIXES)}) or latent files in the folder")
+        return files
+    sources, targets = inputs(source), inputs(target)
+    pairs = [(s, t) for s in sources for t in targets if s != t]
+    if cfg.num_pairs and cfg.num_pairs < len(pairs):
+        pick = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.source_seed))[:cfg.num_pairs]
+        pairs = [pairs[i] for i in sorted(pick.tolist())]
+    codes = {}  # each input aligned and inverted once: (code, photo) or the reason it failed
+
+    def code_of(p):
+        if p not in codes:
+            try:
+                codes[p] = encode(cfg, G, invert, p, 0, tmp, p.name.replace(".", "_"))
+            except StyleMaskError as e:
+                if "optional extra" in str(e) or "not found: " in str(e):  # a setup problem, not a bad input
+                    raise
+                codes[p] = str(e)
+        return codes[p]
+    (tmp / "pairs").mkdir()
+    manifest, rows = [], []
+    for s, t in tqdm(pairs, desc="reenact pairs", unit="pair"):
+        entry = dict(source=str(s), target=str(t))
+        (cs, ps), (ct, pt) = ((c, None) if isinstance(c, str) else c for c in (code_of(s), code_of(t)))
+        if isinstance(cs, str) or isinstance(ct, str):
+            entry["skipped"] = cs if isinstance(cs, str) else ct
+            tqdm.write(f"skipped {s.name} × {t.name}: {entry['skipped']}")
+        else:
+            src, tgt, rea = render(G, M, cs, ct, cfg.alpha)
+            name = f"pairs/{s.stem}__{t.stem}.png"
+            cli.write_png(tmp / name, cli.to_uint8(pooled(rea, cfg.size))[0])
+            entry["output"] = name
+            if len(rows) < 16:
+                rows.append(titled(src, tgt, rea, ps, pt))
+        manifest.append(entry)
+    if not rows:
+        raise StyleMaskError(f"no pair could be reenacted (of {len(pairs)}): see the reasons above")
+    cell = min(cfg.size or 256, 256)
+    widest = max(rows, key=len)  # a row without photos (latent inputs) is padded with grey cells
+    grid = [cli.image_grid([dict(r).get(t, torch.zeros_like(r[0][1])) for t, _ in widest], cell) for r in rows]
+    cli.write_png(tmp / "grid.png", torch.cat([cli.title_strip([t for t, _ in widest], cell), *grid]))
+    done = sum("output" in e for e in manifest)
+    cli.write_text(tmp / "pairs.json", json.dumps(dict(pairs=len(pairs), reenacted=done, list=manifest), indent=1) + "\n")
+    return (f"reenacted {done} of {len(pairs)} pairs; wrote {out / 'pairs'}/, {out / 'grid.png'} (the first "
+            f"{len(rows)}) and {out / 'pairs.json'}")
 
 
 def run_sequence(cfg, G, M, w_s, target, invert, tmp, out):

@@ -15,6 +15,7 @@ from PIL import Image
 
 import align
 import cli
+import e4e
 import eval as ev
 import reenact
 import stylemask as sm
@@ -388,3 +389,35 @@ def test_the_smoother_steadies_jitter_and_starts_over_after_a_gap():
     assert np.std(np.array(steady[10:]) - truth) < 0.65 * np.std(np.array(raw[10:]) - truth)  # √(1/3) in theory
     smooth.reset()
     assert np.array_equal(smooth(truth + 5), truth + 5)  # no memory of the frames before a skipped one
+
+
+# --- Batch mode -----------------------------------------------------------------------------------------
+
+def test_batch_mode_reenacts_every_source_with_every_target(tmp_path):
+    G = defaults.tiny_generator()
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    gen = torch.Generator().manual_seed(1)
+    for name in ("a", "b"):
+        np.save(sources / f"{name}.npy", sm.mapping(G, torch.randn(1, 32, generator=gen))[0].numpy())
+    (sources / "c.png").write_bytes(b"not an image")  # fails: its pairs are listed with the reason
+    targets = frames_folder(tmp_path / "targets", 2, size=64)
+    out = tmp_path / "o"
+    assert reenact.main(["--source", str(sources), "--target", str(targets), "--aligned", "--size", "32",
+                         "--out", str(out)]) == 0
+    manifest = json.loads((out / "pairs.json").read_text())
+    assert manifest["pairs"] == 6 and manifest["reenacted"] == 4
+    assert sorted(p.name for p in (out / "pairs").iterdir()) == ["a__f00.png", "a__f01.png", "b__f00.png", "b__f01.png"]
+    assert all("not a readable image" in e["skipped"] for e in manifest["list"] if "c.png" in e["source"])
+    # one pair by hand: source a (a w), target f01 (its e4e inversion), Eq. 1 with the untrained default mask
+    crop = reenact.resize(np.asarray(Image.open(targets / "f01.png")), 256)
+    x = torch.from_numpy(crop.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    w_t = G["latent_avg"] + 0.7 * (e4e.e4e(defaults.tiny_e4e(G=G), x) - G["latent_avg"])
+    w_s = torch.from_numpy(np.load(sources / "a.npy"))[None]
+    want = cli.to_uint8(torch.nn.functional.adaptive_avg_pool2d(
+        sm.synthesis(G, sm.reenact_w(G, w_s, w_t, defaults.tiny_mask())), 32))[0].numpy()
+    got = np.asarray(Image.open(out / "pairs" / "a__f01.png"))
+    assert np.abs(got.astype(int) - want).max() <= 1
+    assert reenact.main(["--source", str(sources), "--target", str(targets), "--aligned", "--num-pairs", "3",
+                         "--size", "32", "--out", str(tmp_path / "three")]) == 0
+    assert json.loads((tmp_path / "three" / "pairs.json").read_text())["pairs"] == 3
