@@ -421,3 +421,17 @@ def test_batch_mode_reenacts_every_source_with_every_target(tmp_path):
     assert reenact.main(["--source", str(sources), "--target", str(targets), "--aligned", "--num-pairs", "3",
                          "--size", "32", "--out", str(tmp_path / "three")]) == 0
     assert json.loads((tmp_path / "three" / "pairs.json").read_text())["pairs"] == 3
+
+
+@pytest.mark.parametrize("interrupt,code", [(KeyboardInterrupt, 130), (cli.Interrupted, 143)])
+def test_ctrl_c_or_sigterm_in_eval_is_one_line_and_leaves_the_folder(interrupt, code, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert ev.main(EVAL + ["--out", str(out)]) == 0
+    before = snapshot(out)
+
+    def stopped(*args, **kwargs):
+        raise interrupt()
+    monkeypatch.setattr(ev, "evaluate", stopped)
+    got, err = run(ev, EVAL + ["--overwrite", "--out", str(out)], capsys)
+    assert got == code and err.count("\n") == 1 and "interrupted" in err
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # staging removed
