@@ -14,6 +14,7 @@ Images here are (H, W, 3) uint8 RGB numpy arrays (the layout PIL reads); Pillow 
 Not here: inversion to W+ (`e4e.py`) and the reenactment itself (`reenact.py`, `stylemask.py`).
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def read_image(path):
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise StyleMaskError(f"{path}: not a readable image ({type(e).__name__})") from None
 
 
@@ -196,11 +197,15 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     def run(_):
-        if a.size < 16:
-            raise StyleMaskError(f"--size {a.size}: must be an integer >= 16")
+        if not 16 <= a.size <= 4096:
+            raise StyleMaskError(f"--size {a.size}: must be an integer in [16, 4096] (FFHQ: 1024)")
         out = Path(a.out)
+        if out.is_dir():
+            raise StyleMaskError(f"{out}: is a folder; name the .png file to write")
         if out.exists() and not a.overwrite:
             raise StyleMaskError(f"{out} exists; pass --overwrite to replace it")
+        if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+            raise StyleMaskError(f"{out}: cannot write into {out.parent} (no such folder, or no permission)")
         if out.suffix.lower() != ".png":
             raise StyleMaskError(f"{out}: the crop is written as PNG; name it .png")
         if not Path(a.photo).is_file():

@@ -50,6 +50,15 @@ def run_script(main, argv=None):
     except StyleMaskError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        print(f"error: out of memory ({type(e).__name__}): lower --batch, --size, --eval-pairs or the like", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "allocate" not in str(e):
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0][:120]}): lower --batch, --size, --eval-pairs or the like",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         name = "SIGTERM" if isinstance(e, Interrupted) else "Ctrl-C"
         print(f"interrupted ({name}): nothing more was written", file=sys.stderr)
@@ -138,13 +147,24 @@ def device(name):
 
 def _results(out):
     """The entries of folder out, hidden temporary files of a killed run aside."""
-    return sorted(p.name for p in Path(out).iterdir() if not re.fullmatch(r"\..*\.tmp\d+", p.name))
+    return sorted(p.name for p in Path(out).iterdir()
+                  if p.name not in (".lock", MARK) and not re.fullmatch(r"\..*\.tmp\d+", p.name))
+
+
+MARK = ".stylemask-run"  # in every run folder: the script that wrote it; --overwrite replaces only such folders
+
+
+def mark(folder, script):
+    """Mark folder as a run of script (train.py, eval.py, reenact.py)."""
+    write_text(Path(folder) / MARK, script + "\n")
 
 
 def clean_stale(out):
-    """Remove what killed runs left beside or in out: hidden .<name>.tmp<pid> / .old<pid> of processes gone."""
+    """Remove what killed runs left beside or in out: the hidden staging folders (.<name>.tmp<pid>) and temp
+    files of processes gone. A set-aside old run (.<name>.old<pid>) is never deleted here: it may be all
+    that is left of it."""
     out = Path(out)
-    for folder, pattern in ((out.parent, rf"\.{re.escape(out.name)}\.(tmp|old)(\d+)"), (out, r"\..*\.(tmp)(\d+)")):
+    for folder, pattern in ((out.parent, rf"\.{re.escape(out.name)}\.(tmp)(\d+)"), (out, r"\..*\.(tmp)(\d+)")):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
@@ -165,16 +185,24 @@ def _alive(pid):
     return True
 
 
-def check_out(out, overwrite=False, resume_hint=False):
-    """Raise unless folder out may receive a new run's results: absent, empty, or --overwrite given; writable."""
+def check_out(out, overwrite=False, script="", resume_hint=False):
+    """Raise unless folder out may receive a new run's results: absent, empty, or a run of this script and
+    --overwrite given; writable; a folder of its own (not ., .., / or a folder the run would sit in)."""
     out = Path(out)
+    if out.name in ("", ".", "..") or out.resolve() == Path.cwd() or out.resolve().parent == out.resolve():
+        raise StyleMaskError(f"--out {str(out) or repr('')}: name a folder of its own for the results (not ., .. or /)")
     if out.exists() and not out.is_dir():
         raise StyleMaskError(f"--out {out}: is a file, not a folder; choose another --out")
-    if out.is_dir() and _results(out) and not overwrite:
-        names = _results(out)
+    names = _results(out) if out.is_dir() else []
+    if names and not overwrite:
         how = "--resume its checkpoint.safetensors to continue it, " if resume_hint else ""
         raise StyleMaskError(f"--out {out} already holds results ({len(names)} entries, e.g. {names[0]}): pass "
                              f"{how}--overwrite to replace them, or choose another --out")
+    marker = out / MARK
+    if names and (not marker.is_file() or marker.read_text().strip() != script):
+        what = marker.read_text().strip() if marker.is_file() else "not a run folder"
+        raise StyleMaskError(f"--out {out} holds files that {script} did not write ({what}; e.g. {names[0]}): "
+                             f"--overwrite replaces only a folder of a {script} run; choose another --out")
     parent = out
     while not parent.exists():
         parent = parent.parent
@@ -183,11 +211,11 @@ def check_out(out, overwrite=False, resume_hint=False):
 
 
 @contextmanager
-def staged(out, overwrite=False):
+def staged(out, overwrite, script):
     """A hidden folder beside out to write a run's results into; on success it becomes out (replacing what
     --overwrite allowed, all at once), on any failure it is removed and out stays exactly as it was."""
     out = Path(out)
-    check_out(out, overwrite)
+    check_out(out, overwrite, script)
     clean_stale(out)
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     try:
@@ -196,13 +224,17 @@ def staged(out, overwrite=False):
         raise StyleMaskError(f"--out {out}: cannot create {tmp.parent} ({e.strerror}); choose another --out") from None
     try:
         yield tmp
-        _publish(tmp, out)
+        mark(tmp, script)
+        _publish(tmp, out, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _publish(tmp, out):
+def _publish(tmp, out, overwrite):
     """Make tmp's files 0644 (folders 0755) and put tmp in out's place; the old out, if any, goes."""
+    if not overwrite and out.is_dir() and _results(out):  # another run filled it since check_out
+        raise StyleMaskError(f"--out {out}: another run wrote results there while this one ran; nothing of this run "
+                             f"was kept: run again with another --out, or --overwrite")
     for p in [tmp, *tmp.rglob("*")]:
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
     old = out.parent / f".{out.name}.old{os.getpid()}"
@@ -210,6 +242,34 @@ def _publish(tmp, out):
         os.rename(out, old)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def lock(out, what):
+    """Hold out/.lock while a run writes into the folder in place (train.py): a second run into the same
+    folder is a one-line error, not two runs interleaving their checkpoints; a dead run's lock is taken over."""
+    path = Path(out) / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                raise StyleMaskError(f"--out {out}: {what} (pid {pid}) is writing there now; wait for it, or "
+                                     f"choose another --out") from None
+            path.unlink(missing_ok=True)  # left by a run that was killed
+    else:
+        raise StyleMaskError(f"--out {out}: cannot take its lock file {path}; choose another --out")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def write_text(path, text):
@@ -294,7 +354,8 @@ def write_gif(path, images, fps):
     path = Path(path)
     pics = [Image.fromarray(im) for im in images]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pics[0].save(tmp, format="GIF", save_all=True, append_images=pics[1:], duration=int(round(1000 / fps)), loop=0)
+    duration = max(20, int(round(1000 / fps)))  # GIF timing is in 1/100 s, and players slow anything under 20 ms
+    pics[0].save(tmp, format="GIF", save_all=True, append_images=pics[1:], duration=duration, loop=0)
     os.replace(tmp, path)
 
 
@@ -320,8 +381,7 @@ class VideoWriter:
                                                   pix_fmt_out="yuv420p", macro_block_size=1, quality=8)
             self._out.send(None)  # start ffmpeg
         if (W + W % 2, H + H % 2) != self.size:
-            raise StyleMaskError(f"{self.path}: frame {self.count} is {W}×{H}, the video's frames are "
-                                 f"{self.size[0]}×{self.size[1]}")
+            raise StyleMaskError(f"frame {self.count} is {W}×{H}, the video's frames are {self.size[0]}×{self.size[1]}")
         if W % 2 or H % 2:
             frame = np.pad(frame, ((0, H % 2), (0, W % 2), (0, 0)), mode="edge")
         self._out.send(frame.tobytes())

@@ -56,7 +56,7 @@ class Config:
     range_samples: int = 0    # images for computing the ranges: 0 = 2000 (extract_statistics.py), 64 tiny
     grid_pairs: int = 4       # pairs shown in grid.png
     size: int = 256           # grid cell size (the official code shows 256; 0 = full resolution)
-    out: str = "out"
+    out: str = "out/eval"
     overwrite: bool = False   # replace the results already in --out
 
 
@@ -84,7 +84,8 @@ def parse_args(argv=None):
                     truncation=cli.finite(0, 1, note=" (0: the average face, 1: none)"),
                     batch=cli.at_least(0, " (0: the default)"),
                     range_samples=((lambda n: n == 0 or n >= 2), "0 (the default) or >= 2: ranges need two images"),
-                    grid_pairs=cli.at_least(1), size=cli.at_least(0, " (0: full resolution)"))
+                    grid_pairs=cli.at_least(1),
+                    size=((lambda v: 0 <= v <= 4096), "an integer in [0, 4096] (0: full resolution)"))
     return cfg
 
 
@@ -259,12 +260,12 @@ def markdown_table(results, has_fid):
 def main(argv=None):
     cfg = parse_args(argv)
     out = Path(cfg.out)
-    cli.check_out(out, cfg.overwrite)  # fail before any work; results are staged and published at the end
+    cli.check_out(out, cfg.overwrite, "eval.py")  # fail before any work; results are staged, published at the end
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.seed)
     nets, tiny = load_nets(cfg)
     cfg.pairs = cfg.pairs or (32 if tiny else 5000)
-    cfg.batch = cfg.batch or (16 if device == "cuda" else 8)
+    cfg.batch = min(cfg.batch or (16 if device == "cuda" else 8), cfg.pairs)  # never more than there are pairs
     nets = {k: ({m: cli.to_device(M, device) for m, M in P.items()} if k == "masks" else
                 cli.to_device(P, device) if P is not None else None) for k, P in nets.items()}
     with torch.no_grad():
@@ -279,7 +280,7 @@ def main(argv=None):
                     expression_ranges=ranges_src, nme_normaliser="outer-eye-corner distance (landmarks 36, 45) "
                     "of the ground-truth 3-D landmarks", fid_reference="the generated sources and targets"
                     if has_fid else "n/a: no weights/inception.safetensors")
-    with cli.staged(out, cfg.overwrite) as tmp:  # all of it, or none of it
+    with cli.staged(out, cfg.overwrite, "eval.py") as tmp:  # all of it, or none of it
         cli.write_text(tmp / "table.md", f"{title}\n\n{table}\n")
         cli.write_text(tmp / "results.json", json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
         cli.write_png(tmp / "grid.png", cli.image_grid(list(grid.values()), cfg.size or None, titles=list(grid)))

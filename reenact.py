@@ -29,6 +29,7 @@ says so: a pipeline check, not faces.
 # align's, inversion e4e's, parameters weights', the command line and image writing cli's.
 import dataclasses
 import json
+import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,7 @@ def parse_args(argv=None):
                     truncation=psi,
                     inversion_truncation=psi,
                     alpha=cli.finite(-1, 2, note=" (0: the source, 1: Eq. 1; beyond [0, 1] it extrapolates)"),
-                    size=cli.at_least(0, " (0: the generator's resolution)"),
+                    size=((lambda v: 0 <= v <= 4096), "an integer in [0, 4096] (0: the generator's resolution)"),
                     fps=((lambda f: f == 0 or 1 <= f <= 100), "0 (the video's rate) or in [1, 100] (GIF timing)"))
     return cfg
 
@@ -127,6 +128,9 @@ def read_latent(path, G):
             w = torch.from_numpy(np.load(path, allow_pickle=False)).float()
         else:
             w = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise StyleMaskError(f"{path}: refused to load: unpickling it would run code (or it is damaged); save "
+                             f"latents as plain tensors (torch.save(w)) or .npy") from None
     except Exception as e:
         raise StyleMaskError(f"{path}: not a readable latent file ({type(e).__name__})") from None
     if isinstance(w, dict) and len(w) == 1:  # {'latent': tensor}
@@ -237,7 +241,7 @@ def main(argv=None, say=print):
 def run(cfg, say=print):
     """Reenact as cfg says; every result is written into a staged folder that becomes --out on success."""
     out = Path(cfg.out)
-    cli.check_out(out, cfg.overwrite)
+    cli.check_out(out, cfg.overwrite, "reenact.py")
     device = cli.device(cfg.device)
     source, target = (Path(p) if p else None for p in (cfg.source, cfg.target))
     for p, flag, what in ((source, "--source", "file"), (target, "--target", "file or folder")):
@@ -251,7 +255,7 @@ def run(cfg, say=print):
     tiny = "generator" in defaulted
     G, M = cli.to_device(nets["generator"], device), cli.to_device(nets["masknet"], device)
     invert = Inverter(cfg, G, tiny, say)
-    with cli.staged(out, cfg.overwrite) as tmp:
+    with cli.staged(out, cfg.overwrite, "reenact.py") as tmp:
         cli.write_text(tmp / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
         if batch:
             message = run_batch(cfg, G, M, invert, source, target, tmp, out)
@@ -331,7 +335,7 @@ def run_batch(cfg, G, M, invert, source, target, tmp, out):
             tqdm.write(f"skipped {s.name} × {t.name}: {entry['skipped']}")
         else:
             src, tgt, rea = render(G, M, cs, ct, cfg.alpha)
-            name = f"pairs/{s.stem}__{t.stem}.png"
+            name = f"pairs/{s.name.replace('.', '_')}__{t.name.replace('.', '_')}.png"  # a.png, a.jpg: two names
             cli.write_png(tmp / name, cli.to_uint8(pooled(rea, cfg.size))[0])
             entry["output"] = name
             if len(rows) < 16:

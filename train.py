@@ -15,6 +15,7 @@ run says so: it checks the pipeline, it does not learn faces. See weights/README
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -85,6 +86,7 @@ HELP = dict(
 
 # Flags a resumed run may change; every other one is the checkpoint's (giving a different value is an error).
 RESUME_MAY_CHANGE = ("steps", "save_every", "log_every", "image_every", "out", "resume", "overwrite")
+ZERO_MEANS_DEFAULT = ("steps", "lr", "save_every", "image_every")
 
 
 def parse_args(argv=None, given=None):
@@ -108,6 +110,8 @@ def resumed_config(cfg, given):
     if not isinstance(stored, dict):
         raise sm.StyleMaskError(f"{path}: the checkpoint stores no run config; it was not written by train.py")
     for name in sorted(given - set(RESUME_MAY_CHANGE)):
+        if name in ZERO_MEANS_DEFAULT and getattr(cfg, name) == 0:
+            continue  # "the default": the run's own value
         if name in stored and getattr(cfg, name) != stored[name]:
             flag = "--" + name.replace("_", "-")
             raise sm.StyleMaskError(f"{flag} {getattr(cfg, name)!r} contradicts the run being resumed ({flag} "
@@ -214,8 +218,16 @@ def load_checkpoint(path, M, opt, gen):
 def trim_log(log_path, step):
     """Drop log lines written after the checkpoint we resume from (a killed run's lost steps)."""
     if log_path.is_file():
-        keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= step]
+        keep = [line for line in log_path.read_text().splitlines() if _logged_step(line) <= step]
         cli.write_text(log_path, "".join(l + "\n" for l in keep))
+
+
+def _logged_step(line):
+    """The step of a log line; a line cut short by a kill (or not JSON) counts as after every checkpoint."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 1 << 62
 
 
 def save_grid(path, G, M, cfg, held_out, n=4):
@@ -251,9 +263,12 @@ def main(argv=None):
     if cfg.resume:
         cfg = resumed_config(cfg, given)
     out = Path(cfg.out)
-    continuing = cfg.resume and out.resolve() == Path(cfg.resume).resolve().parent
+    continuing = bool(cfg.resume) and out.resolve() == Path(cfg.resume).resolve().parent
+    if continuing and cfg.overwrite:
+        raise sm.StyleMaskError("--overwrite with --resume: a resumed run continues its own folder; drop --overwrite "
+                                "(or pass --out elsewhere to start a branch of the run there)")
     if not continuing:
-        cli.check_out(out, cfg.overwrite, resume_hint=True)
+        cli.check_out(out, cfg.overwrite, "train.py", resume_hint=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.seed)
     nets, tiny = load_nets(cfg)
@@ -280,32 +295,63 @@ def main(argv=None):
     if not cfg.cycle:
         held_out = held_out[:2] + (None,)
 
-    # Everything is checked and loaded: only now is --out touched.
-    if out.is_dir() and not continuing:
-        cli.clean_stale(out)
-        for p in out.iterdir():  # --overwrite (check_out refused a folder with results without it)
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    # Everything is checked and loaded: only now is --out touched, and only under its lock.
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise sm.StyleMaskError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
-    if cfg.resume:
-        trim_log(out / "log.jsonl", step)
-        print(f"resumed from {cfg.resume} at step {step}")
-    cli.write_text(out / "config.json", json.dumps(dict(dataclasses.asdict(cfg), tiny_default=tiny), indent=2) + "\n")
-    print(f"training {cfg.mask} masks in {cfg.space} over {cfg.n_layers} layers, batch {cfg.batch}, "
-          f"steps {step}..{cfg.steps} on {device}{' (TINY defaults)' if tiny else ''}; writing to {out}")
-
     stop = Stop()
     handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return loop(cfg, nets, M, opt, gen, held_out, step, out, stop)
+        with cli.lock(out, "another train.py"):
+            cli.clean_stale(out)
+            aside = None
+            if not continuing:
+                cli.check_out(out, cfg.overwrite, "train.py", resume_hint=True)  # again: another run may have ended here
+                aside = set_aside(out)  # --overwrite: the old run waits beside until this one's first checkpoint
+            cli.mark(out, "train.py")
+            if cfg.resume:
+                trim_log(out / "log.jsonl", step)
+                print(f"resumed from {cfg.resume} at step {step}")
+            cli.write_text(out / "config.json", json.dumps(dict(dataclasses.asdict(cfg), tiny_default=tiny), indent=2)
+                           + "\n")
+            print(f"training {cfg.mask} masks in {cfg.space} over {cfg.n_layers} layers, batch {cfg.batch}, "
+                  f"steps {step}..{cfg.steps} on {device}{' (TINY defaults)' if tiny else ''}; writing to {out}")
+            try:
+                return loop(cfg, nets, M, opt, gen, held_out, step, out, stop,
+                            on_checkpoint=lambda: aside and shutil.rmtree(aside, ignore_errors=True))
+            except BaseException:
+                if aside and aside.exists():  # no checkpoint of this run yet: the old run comes back
+                    restore(aside, out)
+                raise
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
 
-def loop(cfg, nets, M, opt, gen, held_out, step, out, stop):
+def set_aside(out):
+    """Move the files of an earlier run in out (--overwrite) into a hidden sibling folder; None if none."""
+    old = [p for p in out.iterdir() if p.name not in (".lock", cli.MARK)]
+    if not old:
+        return None
+    aside = out.parent / f".{out.name}.old{os.getpid()}"
+    aside.mkdir()
+    for p in old:
+        os.rename(p, aside / p.name)
+    return aside
+
+
+def restore(aside, out):
+    """Undo set_aside: this run's files go, the earlier run's come back."""
+    for p in out.iterdir():
+        if p.name not in (".lock", cli.MARK):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in aside.iterdir():
+        os.rename(p, out / p.name)
+    aside.rmdir()
+
+
+def loop(cfg, nets, M, opt, gen, held_out, step, out, stop, on_checkpoint=lambda: None):
     """Steps step..cfg.steps: Eq. 8 on fresh pairs, logs, grids and checkpoints; a signal saves and stops."""
     G, z_dim, device = nets[0], nets[0]["style.1.weight"].shape[1], nets[0]["style.1.weight"].device
     running, t0 = {}, time.time()
@@ -337,6 +383,7 @@ def loop(cfg, nets, M, opt, gen, held_out, step, out, stop):
             save_grid(out / f"grid_{done:06d}.png", G, M, cfg, held_out)
         if done % cfg.save_every == 0 or done == cfg.steps or stop.signal:
             save_checkpoint(out, M, opt, done, gen, cfg)
+            on_checkpoint()
         if stop.signal:
             bar.close()
             name = signal.Signals(stop.signal).name

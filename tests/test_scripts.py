@@ -407,7 +407,8 @@ def test_batch_mode_reenacts_every_source_with_every_target(tmp_path):
                          "--out", str(out)]) == 0
     manifest = json.loads((out / "pairs.json").read_text())
     assert manifest["pairs"] == 6 and manifest["reenacted"] == 4
-    assert sorted(p.name for p in (out / "pairs").iterdir()) == ["a__f00.png", "a__f01.png", "b__f00.png", "b__f01.png"]
+    assert sorted(p.name for p in (out / "pairs").iterdir()) == ["a_npy__f00_png.png", "a_npy__f01_png.png",
+                                                                 "b_npy__f00_png.png", "b_npy__f01_png.png"]
     assert all("not a readable image" in e["skipped"] for e in manifest["list"] if "c.png" in e["source"])
     # one pair by hand: source a (a w), target f01 (its e4e inversion), Eq. 1 with the untrained default mask
     crop = reenact.resize(np.asarray(Image.open(targets / "f01.png")), 256)
@@ -416,7 +417,7 @@ def test_batch_mode_reenacts_every_source_with_every_target(tmp_path):
     w_s = torch.from_numpy(np.load(sources / "a.npy"))[None]
     want = cli.to_uint8(torch.nn.functional.adaptive_avg_pool2d(
         sm.synthesis(G, sm.reenact_w(G, w_s, w_t, defaults.tiny_mask())), 32))[0].numpy()
-    got = np.asarray(Image.open(out / "pairs" / "a__f01.png"))
+    got = np.asarray(Image.open(out / "pairs" / "a_npy__f01_png.png"))
     assert np.abs(got.astype(int) - want).max() <= 1
     assert reenact.main(["--source", str(sources), "--target", str(targets), "--aligned", "--num-pairs", "3",
                          "--size", "32", "--out", str(tmp_path / "three")]) == 0
@@ -435,3 +436,120 @@ def test_ctrl_c_or_sigterm_in_eval_is_one_line_and_leaves_the_folder(interrupt, 
     got, err = run(ev, EVAL + ["--overwrite", "--out", str(out)], capsys)
     assert got == code and err.count("\n") == 1 and "interrupted" in err
     assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # staging removed
+
+
+def test_two_runs_into_one_folder_never_mix(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text(str(os.getppid()))  # a live process (pytest's parent) holds the folder
+    code, err = run(train, TRAIN + ["--batch", "1", "--steps", "1", "--out", str(out)], capsys)
+    assert code == 2 and "is writing there now" in err and sorted(p.name for p in out.iterdir()) == [".lock"]
+    (out / ".lock").write_text("4200000")  # a killed run's lock: taken over, and removed at the end
+    assert train.main(TRAIN + ["--batch", "1", "--steps", "1", "--out", str(out)]) == 0 and not (out / ".lock").exists()
+    # eval: another run published results into --out while this one ran: this one's are not published over them
+    real_staged, other = cli.staged, tmp_path / "other"
+
+    def meanwhile(folder, overwrite, script):
+        ctx = real_staged(folder, overwrite, script)
+        tmp = ctx.__enter__()
+        (folder).mkdir(parents=True, exist_ok=True)
+        (folder / "theirs.txt").write_text("another run's result")
+        return _Exit(ctx, tmp)
+    monkeypatch.setattr(cli, "staged", meanwhile)
+    code, err = run(ev, EVAL + ["--out", str(other)], capsys)
+    assert code == 2 and "another run wrote results there" in err
+    assert sorted(p.name for p in other.iterdir()) == ["theirs.txt"]
+
+
+class _Exit:
+    """A context manager around an entered one (for swapping what happens inside cli.staged)."""
+
+    def __init__(self, ctx, value):
+        self.ctx, self.value = ctx, value
+
+    def __enter__(self):
+        return self.value
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc)
+
+
+
+# --- What --overwrite may replace, and what a crash must not take with it ---------------------------------
+
+def test_overwrite_replaces_only_a_run_of_the_same_script(tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "thesis.txt").write_text("years of work")
+    code, err = run(ev, EVAL + ["--out", str(docs), "--overwrite"], capsys)
+    assert code == 2 and "did not write (not a run folder" in err and (docs / "thesis.txt").exists()
+    x = tmp_path / "x"
+    assert train.main(TRAIN + ["--batch", "1", "--steps", "1", "--out", str(x)]) == 0
+    before = snapshot(x)
+    code, err = run(ev, EVAL + ["--out", str(x), "--overwrite"], capsys)  # would delete the trained masks
+    assert code == 2 and "eval.py did not write (train.py" in err and snapshot(x) == before
+    for bad in (".", str(tmp_path / "x" / "..")):
+        code, err = run(reenact, ["--out", bad, "--overwrite"], capsys)
+        assert code == 2 and "name a folder of its own" in err
+
+
+def test_a_new_run_that_fails_before_its_first_checkpoint_gives_the_old_run_back(tmp_path, monkeypatch):
+    x = tmp_path / "x"
+    assert train.main(TRAIN + ["--batch", "1", "--steps", "2", "--out", str(x)]) == 0
+    before = snapshot(x)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a fault in the first step")
+    monkeypatch.setattr(train, "pair_loss", broken)
+    with pytest.raises(RuntimeError):
+        train.main(TRAIN + ["--batch", "1", "--steps", "3", "--seed", "1", "--out", str(x), "--overwrite"])
+    assert snapshot(x) == before and sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+    assert all((x / n).stat().st_mode & 0o777 == 0o644 for n in ("checkpoint.safetensors", "masknet.safetensors"))
+
+
+def test_resume_survives_a_cut_log_line_and_rejects_overwrite(tmp_path, capsys):
+    x = tmp_path / "x"
+    assert train.main(TRAIN + ["--batch", "1", "--steps", "2", "--out", str(x)]) == 0
+    with open(x / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a kill in the middle of a write
+    code, err = run(train, ["--resume", str(x / "checkpoint.safetensors"), "--steps", "3", "--overwrite"], capsys)
+    assert code == 2 and "--overwrite with --resume" in err
+    assert train.main(["--resume", str(x / "checkpoint.safetensors"), "--steps", "3", "--lr", "0"]) == 0  # 0: its own
+    assert [r["step"] for r in log(x)] == [1, 2, 3]
+
+
+def test_converter_destinations_and_sources_that_cannot_be(tmp_path, capsys):
+    G = defaults.tiny_generator()
+    weights.save(G, tmp_path / "g.safetensors", "generator")
+    (tmp_path / "d.safetensors").mkdir()
+    for argv, message in (([str(tmp_path / "g.safetensors"), str(tmp_path / "h.safetensors")], "already a safetensors"),
+                          ([str(tmp_path / "g.safetensors"), str(tmp_path / "d.safetensors")], "is a folder"),
+                          ([str(tmp_path / "g.safetensors"), str(tmp_path / "no" / "h.safetensors")], "no such folder")):
+        code, err = run(convert, argv, capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_batch_outputs_of_same_stem_inputs_do_not_collide(tmp_path):
+    sources = frames_folder(tmp_path / "s", 1, size=48)
+    os.rename(sources / "f00.png", sources / "a.png")
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(sources / "a.jpg")
+    targets = frames_folder(tmp_path / "t", 1, seed=2, size=48)
+    assert reenact.main(["--source", str(sources), "--target", str(targets), "--aligned", "--size", "16",
+                         "--out", str(tmp_path / "o")]) == 0
+    assert sorted(p.name for p in (tmp_path / "o" / "pairs").iterdir()) == ["a_jpg__f00_png.png", "a_png__f00_png.png"]
+
+
+def test_images_too_large_and_memory_running_out_are_one_line(tmp_path, capsys, monkeypatch):
+    from PIL import Image as PILImage
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # a 48×48 image then counts as a decompression bomb
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(tmp_path / "big.png")
+    code, err = run(reenact, ["--source", str(tmp_path / "big.png"), "--aligned", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "big.png: not a readable image (DecompressionBombError)" in err
+    monkeypatch.undo()
+    monkeypatch.setattr(weights, "DIR", tmp_path / "no-weights")
+
+    def hungry(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried")
+    monkeypatch.setattr(ev, "evaluate", hungry)
+    code, err = run(ev, EVAL + ["--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "error: out of memory" in err and err.count("\n") == 1  # (after a progress bar)

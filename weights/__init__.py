@@ -81,7 +81,10 @@ def save(params, path, kind, **meta):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except Exception as e:  # OSError, or safetensors' own error for an unwritable path
+        raise StyleMaskError(f"{path}: cannot write it ({e})") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -482,6 +482,8 @@ def convert(src, kind="auto", say=print, landmarks=None):
         raise StyleMaskError(f"{src}: is a folder; pass the official checkpoint file in it")
     if not src.is_file():
         raise StyleMaskError(f"{src}: no such file")
+    if src.suffix == ".safetensors":
+        raise StyleMaskError(f"{src}: already a safetensors file (converted?): pass it to the scripts as it is")
     fmt = detect(src)
     if kind == "flame" or (kind == "auto" and fmt == "pickle" and _is_flame_pickle(src)):
         return from_flame(src, landmarks), "flame"
@@ -518,6 +520,10 @@ def run(argv=None):
     p.add_argument("--force", action="store_true", help="replace dst if it exists")
     a = p.parse_args(argv)
     dst = Path(a.dst)
+    if dst.is_dir():
+        raise StyleMaskError(f"{dst}: is a folder; name the .safetensors file to write")
+    if not dst.parent.is_dir():
+        raise StyleMaskError(f"{dst}: no such folder {dst.parent}; create it first")
     if dst.exists() and not a.force:
         raise StyleMaskError(f"{dst} exists; pass --force to replace it")
     if dst.suffix != ".safetensors":
