@@ -251,6 +251,11 @@ def run(cfg, say=print):
     if batch and (target is None or (target.is_file() and target.suffix.lower() in VIDEO_SUFFIXES)):
         raise StyleMaskError(f"{source}: a folder of sources (batch mode) needs --target: a photo, a latent file or "
                              f"a folder of them (to reenact a video, pass one --source at a time)")
+    sequence = not batch and target is not None and is_sequence(target)
+    for flag, used in (("--num-pairs", not cfg.num_pairs or batch), ("--paste-back", not cfg.paste_back or sequence)):
+        if not used:
+            say(f"note: {flag} applies to {'a folder of sources' if flag == '--num-pairs' else 'a video or frame folder'}"
+                f" only: ignored here")
     nets, defaulted = weights.load_all(["generator", "masknet"], say=say, generator=cfg.generator, masknet=cfg.mask)
     tiny = "generator" in defaulted
     G, M = cli.to_device(nets["generator"], device), cli.to_device(nets["masknet"], device)
