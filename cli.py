@@ -173,6 +173,11 @@ def clean_stale(out):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def glob_escape(name):
+    """name with glob's special characters taken literally."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 def _alive(pid):
     if pid == os.getpid():
         return False  # our own leftovers from an earlier call
@@ -193,6 +198,11 @@ def check_out(out, overwrite=False, script="", resume_hint=False):
         raise StyleMaskError(f"--out {str(out) or repr('')}: name a folder of its own for the results (not ., .. or /)")
     if out.exists() and not out.is_dir():
         raise StyleMaskError(f"--out {out}: is a file, not a folder; choose another --out")
+    for p in out.parent.glob(f".{glob_escape(out.name)}.old*") if out.parent.is_dir() else []:
+        pid = p.name.rsplit(".old", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            raise StyleMaskError(f"--out {out}: a run killed while replacing it left the earlier results in {p}; "
+                                 f"move them back into {out} (or delete {p}), then run again")
     names = _results(out) if out.is_dir() else []
     if names and not overwrite:
         how = "--resume its checkpoint.safetensors to continue it, " if resume_hint else ""

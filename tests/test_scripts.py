@@ -553,3 +553,12 @@ def test_images_too_large_and_memory_running_out_are_one_line(tmp_path, capsys, 
     monkeypatch.setattr(ev, "evaluate", hungry)
     code, err = run(ev, EVAL + ["--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "error: out of memory" in err and err.count("\n") == 1  # (after a progress bar)
+
+
+
+def test_an_old_run_left_aside_by_a_killed_run_is_pointed_out(tmp_path, capsys):
+    out, aside = tmp_path / "x", tmp_path / ".x.old4200000"  # what a SIGKILL between set-aside and checkpoint leaves
+    aside.mkdir()
+    (aside / "checkpoint.safetensors").write_bytes(b"the earlier run")
+    code, err = run(train, TRAIN + ["--batch", "1", "--steps", "1", "--out", str(out)], capsys)
+    assert code == 2 and str(aside) in err and "move them back" in err and aside.is_dir() and not out.exists()
