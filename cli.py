@@ -67,6 +67,10 @@ def run_script(main, argv=None):
         signal.signal(signal.SIGTERM, previous)
 
 
+OUT_HELP = dict(out="output folder (must not hold results, unless --overwrite; written only when the run succeeds)",
+                overwrite="replace the results of an earlier run of this script in --out")
+
+
 def parse_config(Config, help, argv=None, description=None, choices=None, check=None, given=None):
     """Config dataclass + {field: help} -> a filled Config from the command line (`--help` lists every default).
 
@@ -85,25 +89,14 @@ def parse_config(Config, help, argv=None, description=None, choices=None, check=
             p.add_argument(flag, dest=f.name, type=f.type, default=f.default, choices=choices.get(f.name),
                            help=f"{help[f.name]} (default: {f.default!r})")
     cfg = Config(**vars(p.parse_args(argv)))
-    if given is not None:
-        given.update(_given_fields(p, argv))
+    if given is not None:  # parse again with no defaults at all: what remains was on the command line
+        for a in p._actions:
+            a.default = argparse.SUPPRESS
+        given.update(vars(p.parse_args(argv)))
     problem = check(cfg) if check else None
     if problem:
         p.error(problem)
     return cfg
-
-
-def _given_fields(parser, argv):
-    """The dests of the options present in argv (each flag's own spelling, or an unambiguous prefix)."""
-    argv = sys.argv[1:] if argv is None else argv
-    flags = {o: a.dest for a in parser._actions for o in a.option_strings}
-    given = set()
-    for tok in argv:
-        if tok.startswith("--"):
-            name = tok.split("=", 1)[0]
-            hits = [d for o, d in flags.items() if o == name] or [d for o, d in flags.items() if o.startswith(name)]
-            given.update(hits[:1])
-    return given
 
 
 # --- Checking flags: before any work or write ---------------------------------------------------------

@@ -72,8 +72,7 @@ HELP = dict(
     ranges="expression ranges JSON (absent: computed from generated images and saved in --out)",
     range_samples="generated images for the expression ranges (0: 2000 real, 64 tiny)",
     grid_pairs="pairs in grid.png", size="grid cell size in pixels (0: full resolution)",
-    out="output folder (must not hold results, unless --overwrite; written only when the run succeeds)",
-    overwrite="replace the results of an earlier run in --out",
+    **cli.OUT_HELP,
 )
 
 
@@ -136,10 +135,7 @@ def load_nets(cfg, say=print):
     for name, p in (("global mask", cfg.global_mask), ("w/o cycle loss", cfg.no_cycle_mask), ("W+ space", cfg.w_mask)):
         if p:
             masks[name] = weights.read(p, "masknet")
-            try:
-                weights.layout.check_mask(masks[name], nets["generator"])
-            except sm.StyleMaskError as e:
-                raise sm.StyleMaskError(f"{p}: {e}") from None
+            weights.check_fits(masks[name], "masknet", nets["generator"], p)
     nets["masks"] = masks
     return nets, "generator" in defaulted
 

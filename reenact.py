@@ -89,8 +89,7 @@ HELP = dict(
     num_pairs="batch mode (--source a folder): this many pairs, drawn at random with --source-seed (0: all pairs)",
     mask="mask networks .safetensors", e4e="e4e encoder .safetensors (python -m weights.convert e4e_ffhq_encode.pt ...)",
     device="torch device (empty: cuda when available, else cpu)",
-    out="output folder (must not hold results, unless --overwrite; written only when the run succeeds)",
-    overwrite="replace the results of an earlier run in --out",
+    **cli.OUT_HELP,
 )
 
 
@@ -176,10 +175,7 @@ class Inverter:
         """The e4e encoder by weights' default rule, of the same origin as the generator (converted or tiny)."""
         nets, _ = weights.load_all(["e4e"], say=lambda *_: None, tiny=self.tiny, e4e=self.cfg.e4e)
         E = nets["e4e"]
-        try:
-            weights.layout.check_e4e(E, self.G)
-        except StyleMaskError as e:
-            raise StyleMaskError(f"{self.cfg.e4e or weights.DIR / 'e4e.safetensors'}: {e}") from None
+        weights.check_fits(E, "e4e", self.G, self.cfg.e4e or weights.DIR / "e4e.safetensors")
         return cli.to_device(E, self.G["latent_avg"].device)
 
 

@@ -76,7 +76,7 @@ HELP = dict(
     space="S: mix style codes (paper); W: mix W+ codes (Table III ablation)",
     mask="per-layer mask networks (paper) or one global network (Table IV ablation)", seed="random seed",
     generator="generator .safetensors", arcface="ArcFace IR-SE50 .safetensors", deca="DECA encoder .safetensors",
-    flame="FLAME .safetensors", out="output folder (must not hold results, unless --overwrite)",
+    flame="FLAME .safetensors", out="output folder (must not hold results, unless --overwrite)",  # train: in place
     resume="checkpoint to resume from: continues its run in its folder with its flags (--steps may grow)",
     overwrite="replace the results of an earlier run in --out",
     save_every="checkpoint every K steps (0: 1000 real, 100 tiny)", log_every="log line every K steps",

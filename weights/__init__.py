@@ -104,6 +104,21 @@ def _missing(path, kind):
                           f"(see weights/README.md)")
 
 
+def _file_kind(meta, names):
+    """The kind a file's header states; a 'masknet' with training state is a checkpoint written before
+    checkpoints had a kind of their own."""
+    found = meta.get("stylemask")
+    return "checkpoint" if found == "masknet" and "train.step" in names else found
+
+
+def check_fits(P, kind, G, path, why=""):
+    """Raise a StyleMaskError naming path unless mask networks or an e4e encoder P fit generator G."""
+    try:
+        (layout.check_mask if kind == "masknet" else layout.check_e4e)(P, G)
+    except StyleMaskError as e:
+        raise StyleMaskError(f"{path}: {e}{why}") from None
+
+
 def _check_kind(path, found, kind):
     """Raise unless a file whose header says `found` may be read as `kind` (a masknet may come from a checkpoint)."""
     if found not in KINDS:
@@ -152,9 +167,7 @@ def header(path, kind):
         raise StyleMaskError(f"{path}: not a readable safetensors file ({e})") from None
     with f:
         meta = f.metadata() or {}
-        found = meta.get("stylemask")
-        if found == "masknet" and "train.step" in f.keys():
-            found = "checkpoint"  # written before checkpoints had a kind of their own
+        found = _file_kind(meta, f.keys())
     _check_kind(path, found, kind)
     return meta
 
@@ -173,9 +186,7 @@ def read(path, kind, device="cpu"):
     except Exception as e:  # safetensors raises its own error types for every kind of damage
         raise StyleMaskError(f"{path}: not a readable safetensors file ({e}); re-convert it with "
                              f"python -m weights.convert") from None
-    found = meta.get("stylemask")
-    if found == "masknet" and "train.step" in tensors:
-        found = "checkpoint"  # written before checkpoints had a kind of their own
+    found = _file_kind(meta, tensors)
     _check_kind(path, found, kind)
     params = tensors
     if found in ("masknet", "checkpoint"):
@@ -259,12 +270,10 @@ def load_all(kinds, say=print, tiny=None, **paths):
         if is_default:
             defaulted.add(kind)
     if "masknet" in nets and "generator" in nets:
-        try:
-            layout.check_mask(nets["masknet"], nets["generator"])
-        except StyleMaskError as e:
-            why = (f" (the generator is the tiny default: {DIR / KINDS['generator'].file} not found)"
-                   if "generator" in defaulted else "")
-            raise StyleMaskError(f"{paths.get('masknet') or DIR / KINDS['masknet'].file}: {e}{why}") from None
+        why = (f" (the generator is the tiny default: {DIR / KINDS['generator'].file} not found)"
+               if "generator" in defaulted else "")
+        check_fits(nets["masknet"], "masknet", nets["generator"], paths.get("masknet") or DIR / KINDS["masknet"].file,
+                   why)
     if tiny and defaulted - {"inception"}:
         untrained = ", UNTRAINED mask networks" if "masknet" in defaulted else ""
         nets_said = ", ".join(k for k in group + (["e4e"] if "e4e" in kinds else []))
