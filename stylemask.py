@@ -194,7 +194,8 @@ def synthesis(G, s, noise="const", rng=None):
     """s (B, D) -> image (B, 3, H, W) in the official generator's value range (no clamping).
 
     The 'skip' architecture of config-f: per block a 2× up-sampling modulated conv, a modulated
-    conv, and a ToRGB whose output is added to the up-sampled image of the previous block.
+    conv, and a ToRGB whose output is added to the up-sampled image of the previous block; each
+    layer is one `kernels.layer` (reference, fast CPU or Triton: kernels/dispatch.py picks).
     noise: 'const' (the noise buffers in G, as StyleMask uses them), 'random' (drawn from the
     torch.Generator `rng`), 'none', or a list with one (B or 1, 1, r, r) tensor per conv layer.
     """
@@ -203,71 +204,35 @@ def synthesis(G, s, noise="const", rng=None):
     if s.ndim != 2 or s.shape[1] != D:
         raise StyleMaskError(f"synthesis: s must be (B, {D}) for this generator, got {tuple(s.shape)}")
     noises = _noise_inputs(G, noise, s.shape[0], rng)
-    clamp = float(G["conv_clamp"]) if "conv_clamp" in G else None  # NVlabs-converted files only
     x = G["input.input"].expand(s.shape[0], -1, -1, -1)  # (B, C, 4, 4)
-    if kernels.fast_cpu(s):  # the same network on the fast CPU ops; STYLEMASK_FAST=0 runs the loop below
-        return _synthesis_cpu(G, s, layout, noises, clamp, x)
-    noises = iter(noises)
-    img = None
-    for L in layout:
+    if kernels.fast_cpu(s):
+        kernels.keep_freed_memory()
+    return _layers(G, s, layout, noises, x).contiguous()  # (B, 3, H, W), NCHW
+
+
+def _layers(G, s, layout, noises, x, img=None):
+    """The synthesis loop from layout[0] on: one `kernels.layer` per style layer.
+
+    On the fast CPU path, once a conv layer's activations outgrow its weights, each sample runs the
+    remaining layers alone (kernels.runs_per_sample), so that every large layer modulates weights, not
+    activations, and no batch is ever copied together.
+    """
+    clamp = float(G["conv_clamp"]) if "conv_clamp" in G else None  # NVlabs-converted files only
+    for i, L in enumerate(layout):
         s_l = s[:, L.offset:L.offset + L.dim]  # (B, dim)
         weight = G[f"{L.name}.conv.weight"][0]  # (Cout, Cin, k, k)
-        weight = weight * (1 / math.sqrt(weight[0].numel()))  # equalized-lr scale 1/sqrt(Cin·k·k)
+        if L.kind == "conv" and kernels.runs_per_sample(x, weight, s_l):
+            return torch.cat([_layers(G, s[b:b + 1], layout[i:], [_sample(n, b) for n in noises], x[b:b + 1],
+                                      _sample(img, b)) for b in range(s.shape[0])])
         if L.kind == "conv":
-            x = kernels.modconv(x, weight, s_l, demodulate=True, up=L.up,
-                                fir=G.get(f"{L.name}.conv.blur.kernel"))  # (B, C, r, r)
-            n = next(noises)
-            if n is not None:
-                x = x + G[f"{L.name}.noise.weight"] * n
-            x = F.leaky_relu(x + G[f"{L.name}.activate.bias"][None, :, None, None], 0.2) * SQRT2
-            if clamp is not None:
-                x = x.clamp(-clamp, clamp)
-        else:
-            y = kernels.modconv(x, weight, s_l, demodulate=False) + G[f"{L.name}.bias"]  # (B, 3, r, r)
-            if clamp is not None:
-                y = y.clamp(-clamp, clamp)
-            if img is not None:  # up-sample the running image 2× with the [1,3,3,1] filter
-                y = y + kernels.upfirdn2d(img, G[f"{L.name}.upsample.kernel"], up=2, pad=(2, 1, 2, 1))
-            img = y
-    return img
-
-
-def _synthesis_cpu(G, s, layout, noises, clamp, x, img=None):
-    """synthesis from layout[0] on the fast CPU ops (kernels.modconv_cpu): the same image up to rounding.
-
-    Differences from the loop in `synthesis`, each exact in real arithmetic and measured in
-    bench/speed.py: the equalized-lr scale multiplies s, not the weight; the layer bias and the
-    activation gain √2 go into the convolution (lrelu(√2·z) = √2·lrelu(z)); noise and leaky ReLU update
-    the fresh conv output in place; activations from 32×32 up are channels-last; and once a conv layer's
-    activations outgrow its weights, each sample runs the remaining layers alone, so that every large
-    layer modulates weights, not activations, and no batch is ever copied together. glibc keeps freed
-    blocks for reuse (kernels.keep_freed_memory).
-    """
-    kernels.keep_freed_memory()
-    for i, L in enumerate(layout):
-        weight = G[f"{L.name}.conv.weight"][0]  # (Cout, Cin, k, k)
-        # the equalized-lr scale 1/sqrt(Cin·k·k) scales s instead of the big weight: (w·c)·s = w·(c·s)
-        s_l = s[:, L.offset:L.offset + L.dim] * (1 / math.sqrt(weight[0].numel()))  # (B, dim)
-        if L.kind == "conv" and s.shape[0] > 1 and kernels.modulates_weights(x, weight, s_l):
-            return torch.cat([_synthesis_cpu(G, s[b:b + 1], layout[i:], [_sample(n, b) for n in noises], clamp,
-                                             x[b:b + 1], _sample(img, b)) for b in range(s.shape[0])])
-        if L.kind == "conv":
-            x = kernels.modconv_cpu(x, weight, s_l, up=L.up, fir=G.get(f"{L.name}.conv.blur.kernel"),
-                                    bias=G[f"{L.name}.activate.bias"] * SQRT2, gain=SQRT2)  # (B, C, r, r)
             n, noises = noises[0], noises[1:]
-            if n is not None:  # (not addcmul_(n, w): its three-way broadcast is 2× slower here)
-                x.add_(n * (G[f"{L.name}.noise.weight"] * SQRT2))
-            F.leaky_relu_(x, 0.2)  # = √2 · lrelu(conv + noise + bias)
-            if clamp is not None:
-                x = x.clamp(-clamp, clamp)  # not in place: the leaky ReLU's backward reads its output
+            x = kernels.layer(x, weight, s_l, G[f"{L.name}.activate.bias"], up=L.up,
+                              fir=G.get(f"{L.name}.conv.blur.kernel"), noise=n,
+                              noise_strength=G[f"{L.name}.noise.weight"], clamp=clamp)  # (B, C, r, r)
         else:
-            y = kernels.modconv_cpu(x, weight, s_l, demodulate=False, bias=G[f"{L.name}.bias"].flatten())
-            if clamp is not None:
-                y = y.clamp(-clamp, clamp)
-            if img is not None:  # the 2× up-FIR of the running image, as one depthwise transposed conv
-                y.add_(kernels.upfirdn2d_cpu(img, G[f"{L.name}.upsample.kernel"], up=2, pad=(2, 1, 2, 1)))
-            img = y
-    return img.contiguous()  # (B, 3, H, W), NCHW as the reference returns it
+            img = kernels.layer(x, weight, s_l, G[f"{L.name}.bias"].flatten(), rgb=True, img=img,
+                                img_fir=G.get(f"{L.name}.upsample.kernel"), clamp=clamp)  # (B, 3, r, r)
+    return img
 
 
 def _sample(t, b):

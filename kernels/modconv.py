@@ -215,90 +215,186 @@ def _fir_cpu(P, fir, bias, padding=0):
 
 
 # --- Triton kernel ----------------------------------------------------------------------------------
+# The GPU formulation (NVlabs' non-fused path, as modconv_ref): the style scales the *activations* as they
+# are loaded, so that the weight is one plain GEMM operand shared by the whole batch, and the
+# demodulation is a (B, COUT) scale computed once, outside the loop. Activations are channels-last
+# (B, H, W, C): a tile of BLOCK_K channels of one pixel is contiguous, so loads are 16-byte vectors.
+# The 2× up-sampling layer runs as its four polyphase sub-convolutions (2×2, 2×1, 1×2 and 1×1 taps of
+# the 3×3 kernel; no zero taps), each an ordinary convolution writing its phase of the transposed
+# output T straight into the FIR's zero-bordered input.
 
 @triton.jit
 def _modconv_kernel(
-    x_ptr,                   # activations (B, CIN, H, W), any strides
-    w_ptr,                   # weight (COUT, CIN, K, K), equalized-lr scale already applied
-    s_ptr,                   # styles (B, CIN): the modulation of Eq. 1 of StyleGAN2
-    y_ptr,                   # output (B, COUT, OH, OW), contiguous
-    CIN, COUT, H, W, OH, OW,
-    sxb, sxc, sxh, sxw,      # strides of x
-    swo, swi, swh, sww,      # strides of weight
-    ssb, ssi,                # strides of s
-    eps,                     # demodulation epsilon (1e-8, as officially)
-    K: tl.constexpr,         # kernel size (3 for convs, 1 for ToRGB)
-    UP: tl.constexpr,        # 1: 'same' convolution; 2: transposed stride-2 convolution, no padding
-    DEMOD: tl.constexpr,     # demodulate (Eq. 3 of StyleGAN2) or not (ToRGB)
-    IEEE: tl.constexpr,      # exact fp32 products in tl.dot (no TF32) for fp32 inputs
-    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+    x_ptr,                   # activations (B, H, W, CIN), channels-last: channel stride 1
+    w_ptr,                   # weight as a GEMM operand (K·K taps, CIN, COUT), contiguous
+    s_ptr,                   # (B, CIN) modulation (the equalized-lr scale folded in), contiguous
+    d_ptr,                   # (B, COUT) output scale: the demodulation (read only if SCALE)
+    n_ptr,                   # noise (NB, QH, QW), already times its strength (read only if NOISE)
+    bias_ptr,                # (COUT,) bias (read only if BIAS)
+    y_ptr,                   # output, channels-last: pixel (qy, qx) of phase (py, px) at
+                             #   y_off + b·syb + (UP·qy + py)·syh + (UP·qx + px)·syw
+    H, W, CIN, COUT,         # input size and channels
+    QH, QW,                  # output grid of phase (0, 0) (UP=1: H, W; UP=2: H + 1, W + 1)
+    sxb, sxh, sxw,           # strides of x (elements)
+    syb, syh, syw, y_off,    # strides and offset of y (elements)
+    snb,                     # batch stride of the noise (0: one noise image for the batch)
+    clamp,                   # |output| bound (used only if CLAMP)
+    K: tl.constexpr,         # kernel size: 3, or 1 (ToRGB-like)
+    UP: tl.constexpr,        # 1: 'same' convolution; 2: one phase (PY, PX) of the transposed stride-2 conv
+    PY: tl.constexpr, PX: tl.constexpr,  # the phase: parity of the output rows / columns it writes (UP=2)
+    KB: tl.constexpr,        # channel blocks per tap: cdiv(CIN, BLOCK_K)
+    EVEN_K: tl.constexpr,    # CIN % BLOCK_K == 0: no channel masks
+    SCALE: tl.constexpr, NOISE: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr,
+    PREC: tl.constexpr,      # tl.dot input precision for fp32: "ieee" (exact) or "tf32"
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Implicit GEMM per sample b: y[b] (pixels × COUT) = patches(x[b]) (pixels × CIN·K·K) @ w'[b]ᵀ,
-    # where w'[b] = weight · s[b] is modulated on the fly, tile by tile. Grid
-    # (B, cdiv(OH·OW, BLOCK_P), cdiv(COUT, BLOCK_O)): program (b, tp, to) owns BLOCK_P output pixels
-    # × BLOCK_O output channels of sample b and loops over input-channel blocks and the K×K taps.
-    # The demodulation Σ_{i,kh,kw} w'[b,o,i,kh,kw]² accumulates over exactly the same tiles.
-    # Index math is int64: no overflow at 1024² × large batches.
-    b = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,) flat output pixel
-    o = tl.program_id(2).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,) output channel
-    oy, ox = p // OW, p % OW
-    p_ok, o_ok = p < OH * OW, o < COUT
-    acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
-    wsq = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    for i0 in range(0, CIN, BLOCK_I):
-        i = i0 + tl.arange(0, BLOCK_I)  # (BLOCK_I,) input channel
-        i_ok = i < CIN
-        s = tl.load(s_ptr + b * ssb + i * ssi, mask=i_ok, other=0.0).to(tl.float32)
-        for kh in tl.static_range(K):
-            for kw in tl.static_range(K):
-                if UP == 1:  # y[oy, ox] += x[oy + kh − K//2, ox + kw − K//2] · w[kh, kw]
-                    iy, ix = oy + kh - K // 2, ox + kw - K // 2
-                    ok = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-                else:        # transposed: y[2·iy + kh, 2·ix + kw] += x[iy, ix] · w[kh, kw]
-                    ty, tx = oy - kh, ox - kw
-                    iy, ix = ty // 2, tx // 2
-                    ok = (ty >= 0) & (tx >= 0) & (ty % 2 == 0) & (tx % 2 == 0) & (iy < H) & (ix < W)
-                xv = tl.load(x_ptr + b * sxb + i[None, :] * sxc + iy[:, None] * sxh + ix[:, None] * sxw,
-                             mask=(ok & p_ok)[:, None] & i_ok[None, :], other=0.0)   # (BLOCK_P, BLOCK_I)
-                wv = tl.load(w_ptr + o[None, :] * swo + i[:, None] * swi + kh * swh + kw * sww,
-                             mask=i_ok[:, None] & o_ok[None, :], other=0.0)           # (BLOCK_I, BLOCK_O)
-                wv = wv.to(tl.float32) * s[:, None]                                    # modulate
-                if DEMOD:
-                    wsq += tl.sum(wv * wv, axis=0)
-                if IEEE:
-                    acc = tl.dot(xv, wv, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xv, wv.to(xv.dtype), acc)
-    if DEMOD:
-        acc = acc * tl.rsqrt(wsq + eps)[None, :]
-    y = y_ptr + b * COUT * OH * OW + o[None, :] * (OH * OW) + p[:, None]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
+    # Implicit GEMM per sample b (and phase): y (pixels × COUT) = Σ_taps x_shifted·s (pixels × CIN) @ w[tap]
+    # (CIN × COUT). Grid (B · tiles_m · tiles_n,): output-channel tiles are the fastest axis, so the
+    # programs that read one x tile run together and share it through L2. Program (b, tm, tn) owns BLOCK_M
+    # pixels of one sample × BLOCK_N output channels and runs ONE flat loop over (tap, channel block),
+    # which Triton software-pipelines; the tap decoding is constexpr arithmetic. Epilogue: × d, + noise,
+    # + bias, leaky ReLU · √2, clamp. Offsets inside a sample are int32; the sample base is int64.
+    tiles_n = tl.cdiv(COUT, BLOCK_N)
+    QHP = QH - PY                                  # this phase's grid: (QH − PY) × (QW − PX)
+    QWP = QW - PX
+    tiles_m = tl.cdiv(QHP * QWP, BLOCK_M)
+    pid = tl.program_id(0)
+    tn = pid % tiles_n
+    tm = (pid // tiles_n) % tiles_m
+    b = pid // (tiles_n * tiles_m)
+    q = tm * BLOCK_M + tl.arange(0, BLOCK_M)       # (BLOCK_M,) pixel of the phase grid
+    qy = q // QWP
+    qx = q % QWP
+    m_ok = q < QHP * QWP
+    n = tn * BLOCK_N + tl.arange(0, BLOCK_N)       # (BLOCK_N,) output channel
+    n_ok = n < COUT
+    kc = tl.arange(0, BLOCK_K)                     # (BLOCK_K,) channel within the block
+    x_rows = x_ptr + b.to(tl.int64) * sxb + (qy * sxh + qx * sxw)[:, None] + kc[None, :]  # tap (0, 0)
+    s_b = s_ptr + b * CIN + kc
+    w_n = w_ptr + kc[:, None] * COUT + n[None, :]
+    NTX: tl.constexpr = 2 - PX if UP == 2 else K  # taps along x: 2 (even phase) or 1 (odd), or K
+    NTY: tl.constexpr = 2 - PY if UP == 2 else K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(NTY * NTX * KB):
+        t = it // KB
+        i0 = (it - t * KB) * BLOCK_K
+        ty = t // NTX
+        tx = t - ty * NTX
+        if UP == 2:  # T[2q + PY] += x[q − ty] · w[PY + 2·ty]: tap ty of the phase reads row q − ty
+            dy = -ty
+            dx = -tx
+            tap = (PY + 2 * ty) * 3 + PX + 2 * tx
+        else:        # y[q] += x[q + t − K//2] · w[t]
+            dy = ty - K // 2
+            dx = tx - K // 2
+            tap = t
+        ok = m_ok & ((qy + dy).to(tl.uint32) < H) & ((qx + dx).to(tl.uint32) < W)  # inside the image
+        if EVEN_K:
+            xv = tl.load(x_rows + (dy * sxh + dx * sxw + i0), mask=ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K)
+            sv = tl.load(s_b + i0)                                                         # (BLOCK_K,)
+            wv = tl.load(w_n + (tap * CIN + i0) * COUT, mask=n_ok[None, :], other=0.0)     # (BLOCK_K, BLOCK_N)
+        else:
+            i_ok = (i0 + kc) < CIN
+            xv = tl.load(x_rows + (dy * sxh + dx * sxw + i0), mask=ok[:, None] & i_ok[None, :], other=0.0)
+            sv = tl.load(s_b + i0, mask=i_ok, other=0.0)
+            wv = tl.load(w_n + (tap * CIN + i0) * COUT, mask=i_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(xv * sv[None, :], wv, acc, input_precision=PREC)  # modulate the x tile, then MMA
+    if SCALE:
+        acc = acc * tl.load(d_ptr + b * COUT + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if NOISE:
+        acc = acc + tl.load(n_ptr + b * snb + qy * QW + qx, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+    if BIAS:
+        acc = acc + tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT:  # leaky ReLU (slope 0.2) times its gain √2
+        acc = tl.where(acc > 0, acc, acc * 0.2) * 1.4142135623730951
+    if CLAMP:
+        acc = tl.minimum(tl.maximum(acc, -clamp), clamp)
+    y = y_ptr + b.to(tl.int64) * syb + y_off + ((UP * qy + PY) * syh + (UP * qx + PX) * syw)[:, None] + n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-# Fixed tiles (pixels, output channels, input channels): GPU-sized, and large for the CPU interpreter,
-# whose cost is per operation of a program rather than per element.
-MODCONV_BLOCKS = {"cuda": (64, 32, 32), "interpreter": (4096, 32, 32)}
+def _pow2(n, lo, hi):
+    """The power of two ≥ n, clipped to [lo, hi]."""
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def _modconv_triton(x, weight, s, demodulate, up, fir, eps=1e-8):
-    """Check, allocate, launch: the forward of `modconv` on the Triton kernel (+ the FIR for up=2)."""
+def modconv_config(pixels, cin, cout, dtype, gpu=True):
+    """Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one layer class: the shape table.
+
+    pixels: output pixels of one sample and phase. On the GPU: M tiles of 16–128 pixels (a 4×4 layer
+    fills 16), N tiles up to 128 channels, K steps of 64 bytes·2 per row, all within the A100's shared
+    memory and without spills (checked by bench/aot.py for every launch of the synthesis). The CPU
+    interpreter costs per operation, not per element: there, few large tiles.
+    """
+    if not gpu:
+        return _pow2(pixels, 16, 4096), _pow2(cout, 16, 64), _pow2(cin, 16, 32), 4, 1
+    bm = _pow2(pixels, 16, 128)
+    bn = _pow2(cout, 16, 128)
+    bk = _pow2(cin, 16, 64 if dtype != torch.float32 else 32)
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return bm, bn, bk, warps, 3
+
+
+def _precision(dtype):
+    """tl.dot precision for fp32: TF32 when PyTorch allows TF32 convolutions (its own switch), else exact."""
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32" if dtype == torch.float32 else "ieee"  # (ignored for fp16 / bf16)
+
+
+def _on_gpu(x):
+    """CUDA tensors, and meta tensors (bench/aot.py plans the GPU launches with them), take GPU tiles."""
+    return x.is_cuda or x.device.type == "meta"
+
+
+def demodulation(weight, s, eps=1e-8):
+    """(B, COUT) demodulation coefficients 1/sqrt(Σ_i s[b,i]² Σ_{kh,kw} weight[o,i]² + eps) (StyleGAN2 Eq. 3)."""
+    return torch.rsqrt(s.float().square() @ weight.float().square().sum([2, 3]).t() + eps)
+
+
+def gemm_weight(weight, dtype):
+    """(COUT, CIN, k, k) -> (k·k, CIN, COUT): the weight as the GEMM operand of `_modconv_kernel`."""
+    return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[1], weight.shape[0]).to(dtype).contiguous()
+
+
+def _channels_last(x):
+    return x.contiguous(memory_format=NHWC)
+
+
+def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None, act=False, clamp=None):
+    """Check, allocate, launch `_modconv_kernel`: gain-free modconv with an optional fused epilogue.
+
+    x (B, CIN, H, W) (made channels-last), weight (COUT, CIN, k, k), s (B, CIN); d (B, COUT) scales the
+    output (demodulation) or None; up=2 writes the transposed conv's (2H + 1)² result into `out` (the
+    channels-last, zero-bordered FIR input) at offset (p0, p0), given as (out, p0). Returns y (B, COUT,
+    H, W) channels-last for up=1, the filled `out` for up=2.
+    """
     B, CIN, H, W = x.shape
     COUT, _, K, _ = weight.shape
-    if weight.shape[1] != CIN or s.shape != (B, CIN) or up not in (1, 2):
-        raise ValueError(f"modconv: x {tuple(x.shape)}, weight {tuple(weight.shape)}, s {tuple(s.shape)}, up {up}")
-    OH, OW = (H, W) if up == 1 else (2 * H + K - 2, 2 * W + K - 2)
-    y = torch.empty(B, COUT, OH, OW, device=x.device, dtype=x.dtype)
-    weight, s = weight.to(x.dtype), s.to(x.dtype)
-    BLOCK_P, BLOCK_O, BLOCK_I = MODCONV_BLOCKS["cuda" if x.is_cuda else "interpreter"]
-    grid = (B, triton.cdiv(OH * OW, BLOCK_P), triton.cdiv(COUT, BLOCK_O))
-    _modconv_kernel[grid](x, weight, s, y, CIN, COUT, H, W, OH, OW, *x.stride(), *weight.stride(), *s.stride(),
-                          eps, K=K, UP=up, DEMOD=bool(demodulate), IEEE=x.dtype == torch.float32,
-                          BLOCK_P=BLOCK_P, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I)
-    if up == 2:  # the [1,3,3,1] low-pass that follows the transposed conv: (2H + K − 2) -> 2H
-        p = (fir.shape[0] - 2) - (K - 1)
-        p0, p1 = (p + 1) // 2 + 1, p // 2 + 1
-        y = _upfirdn2d_triton(y, fir, 1, 1, (p0, p1, p0, p1), False, 1.0)
+    x = _channels_last(x)
+    s = s.to(x.dtype).contiguous()
+    wg = gemm_weight(weight, x.dtype)
+    if up == 1:
+        QH, QW, phases = H, W, 1
+        y = torch.empty(B, COUT, H, W, device=x.device, dtype=x.dtype, memory_format=NHWC)
+        off = 0
+    else:
+        QH, QW, phases = H + 1, W + 1, 4
+        y, p0 = out
+        off = p0 * y.stride(2) + p0 * y.stride(3)
+    dummy = s
+    nz = noise.to(x.dtype) if noise is not None else None
+    BM, BN, BK, warps, stages = modconv_config(QH * QW, CIN, COUT, x.dtype, _on_gpu(x))
+    for py, px in ((0, 0), (0, 1), (1, 0), (1, 1))[:phases]:
+        grid = (B * triton.cdiv((QH - py) * (QW - px), BM) * triton.cdiv(COUT, BN),)
+        _modconv_kernel[grid](
+            x, wg, s, d if d is not None else dummy, nz if nz is not None else dummy,
+            bias if bias is not None else dummy, y,
+            H, W, CIN, COUT, QH, QW, x.stride(0), x.stride(2), x.stride(3), y.stride(0), y.stride(2), y.stride(3),
+            off, nz.stride(0) if nz is not None and nz.shape[0] > 1 else 0, float(clamp or 0.0),
+            K=K, UP=up, PY=py, PX=px, KB=triton.cdiv(CIN, BK), EVEN_K=CIN % BK == 0, SCALE=d is not None,
+            NOISE=nz is not None, BIAS=bias is not None, ACT=bool(act), CLAMP=clamp is not None,
+            PREC=_precision(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -309,7 +405,12 @@ class _ModConv(torch.autograd.Function):
     def forward(ctx, x, weight, s, demodulate, up, fir):
         ctx.save_for_backward(x, weight, s, fir)
         ctx.args = (demodulate, up)
-        return _modconv_triton(x, weight, s, demodulate, up, fir)
+        d = demodulation(weight, s) if demodulate else None
+        if up == 1:
+            return _modconv_triton(x, weight, s, d).contiguous()
+        P = fir_input(x.shape[0], weight.shape[0], 2 * x.shape[2] + 1, 2 * x.shape[3] + 1, fir, x)
+        _modconv_triton(x, weight, s, d, up=2, out=P)
+        return fir_act(P[0], fir).contiguous()
 
     @staticmethod
     def backward(ctx, dy):
@@ -322,10 +423,93 @@ class _ModConv(torch.autograd.Function):
         return tuple(next(grads) if t.requires_grad else None for t in inputs) + (None, None, None)
 
 
+def fir_input(B, C, TH, TW, fir, like):
+    """(P, p0): the channels-last FIR input for a (TH, TW) transposed-conv result, its border zeroed.
+
+    The [1,3,3,1] low-pass after the transposed conv pads T by p0 = p1 = (kf − 2 − (3 − 1) + 1)//2 + 1
+    (modconv_ref's padding, 1 for kf = 4); only the border is written here, the phases fill the rest.
+    """
+    p = fir.shape[0] - 4
+    p0, p1 = (p + 1) // 2 + 1, p // 2 + 1
+    P = torch.empty(B, C, TH + p0 + p1, TW + p0 + p1, device=like.device, dtype=like.dtype, memory_format=NHWC)
+    P[:, :, :p0], P[:, :, P.shape[2] - p1:] = 0, 0
+    P[:, :, :, :p0], P[:, :, :, P.shape[3] - p1:] = 0, 0
+    return P, p0
+
+
 def modconv(x, weight, s, demodulate=True, up=1, fir=None, impl="auto"):
     """Modulated convolution; see `modconv_ref` for the math and shapes (kernels/dispatch.py picks the code)."""
     if resolve(x, impl) == "triton":
+        if weight.shape[1] != x.shape[1] or s.shape != x.shape[:2] or up not in (1, 2) or (up == 2 and
+                                                                                          weight.shape[-1] != 3):
+            raise ValueError(f"modconv: x {tuple(x.shape)}, weight {tuple(weight.shape)}, s {tuple(s.shape)}, "
+                             f"up {up}")
         return _ModConv.apply(x, weight, s, demodulate, up, fir)
     if fast_cpu(x, impl):
         return modconv_cpu(x, weight, s, demodulate=demodulate, up=up, fir=fir)
     return modconv_ref(x, weight, s, demodulate=demodulate, up=up, fir=fir)
+
+
+# --- Triton FIR with the layer's epilogue ---------------------------------------------------------
+
+@triton.jit
+def _fir_act_kernel(
+    p_ptr,                   # FIR input P (B, PH, PW, C), channels-last, zero-bordered
+    f_ptr,                   # filter (KF, KF), fp32, contiguous; a true convolution (used flipped)
+    n_ptr,                   # noise (NB, OH, OW), times its strength (read only if NOISE)
+    bias_ptr,                # (C,) bias (read only if BIAS)
+    y_ptr,                   # output (B, OH, OW, C), channels-last
+    OH, OW, C,
+    spb, sph, spw,           # strides of P
+    syb, syh, syw,           # strides of y
+    snb,                     # batch stride of the noise (0: shared)
+    clamp,
+    KF: tl.constexpr, NOISE: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Grid (B · tiles_p, tiles_c): program (b, tp, tc) writes BLOCK_P output pixels (row-major) × BLOCK_C
+    # channels; each of the KF² taps is one vector load per pixel. Epilogue as `_modconv_kernel`'s.
+    tiles_p = tl.cdiv(OH * OW, BLOCK_P)
+    b = tl.program_id(0) // tiles_p
+    p = (tl.program_id(0) % tiles_p) * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)              # (BLOCK_C,)
+    oy = p // OW
+    ox = p % OW
+    ok = (p < OH * OW)[:, None] & (c < C)[None, :]
+    src = p_ptr + b.to(tl.int64) * spb + (oy * sph + ox * spw)[:, None] + c[None, :]
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for i in tl.static_range(KF):
+        for j in tl.static_range(KF):
+            tap = tl.load(f_ptr + (KF - 1 - i) * KF + (KF - 1 - j))
+            acc += tl.load(src + i * sph + j * spw, mask=ok, other=0.0).to(tl.float32) * tap
+    if NOISE:
+        acc = acc + tl.load(n_ptr + b * snb + p, mask=p < OH * OW, other=0.0).to(tl.float32)[:, None]
+    if BIAS:
+        acc = acc + tl.load(bias_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+    if ACT:
+        acc = tl.where(acc > 0, acc, acc * 0.2) * 1.4142135623730951
+    if CLAMP:
+        acc = tl.minimum(tl.maximum(acc, -clamp), clamp)
+    y = y_ptr + b.to(tl.int64) * syb + (oy * syh + ox * syw)[:, None] + c[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def fir_act(P, fir, noise=None, bias=None, act=False, clamp=None):
+    """P (B, C, PH, PW) channels-last -> FIR(P) (B, C, PH − kf + 1, PW − kf + 1) (+ noise, bias, act, clamp)."""
+    B, C, PH, PW = P.shape
+    KF = fir.shape[0]
+    OH, OW = PH - KF + 1, PW - KF + 1
+    y = torch.empty(B, C, OH, OW, device=P.device, dtype=P.dtype, memory_format=NHWC)
+    f = fir.to(device=P.device, dtype=torch.float32).contiguous()
+    nz = noise.to(P.dtype).contiguous() if noise is not None else None
+    if _on_gpu(P):
+        BP, BC, warps = 64, _pow2(C, 8, 64), 4
+    else:
+        BP, BC, warps = _pow2(OH * OW, 16, 4096), _pow2(C, 8, 64), 4
+    grid = (B * triton.cdiv(OH * OW, BP), triton.cdiv(C, BC))
+    _fir_act_kernel[grid](P, f, nz if nz is not None else f, bias if bias is not None else f, y, OH, OW, C,
+                          P.stride(0), P.stride(2), P.stride(3), y.stride(0), y.stride(2), y.stride(3),
+                          nz.stride(0) if nz is not None and nz.shape[0] > 1 else 0, float(clamp or 0.0),
+                          KF=KF, NOISE=nz is not None, BIAS=bias is not None, ACT=bool(act), CLAMP=clamp is not None,
+                          BLOCK_P=BP, BLOCK_C=BC, num_warps=warps)
+    return y

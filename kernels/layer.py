@@ -1,0 +1,225 @@
+"""layer: one StyleGAN2 synthesis layer as one op, so that `stylemask.synthesis` is one loop.
+
+A conv layer is modconv → demodulation → noise → bias → leaky ReLU · √2 → clamp; a ToRGB layer is
+modconv without demodulation → bias → clamp → + the 2× up-FIR of the running image (the 'skip'
+architecture of config-f). Three implementations compute the same function behind one signature:
+`layer_ref` (the plain-PyTorch specification: the official loop body), `layer_cpu` (the same math
+arranged for a CPU), and `_layer_triton` (the GPU: `_modconv_kernel` with the whole epilogue fused,
+the up-sampling layer's FIR with the epilogue fused, and ToRGB with the skip add fused), wrapped in an
+autograd Function; the public `layer` dispatches (kernels/dispatch.py).
+
+Arguments shared by all three (shapes as in kernels/modconv.py):
+    x (B, CIN, H, W) activations; weight (COUT, CIN, k, k) as stored in the checkpoint (the
+    equalized-lr scale 1/sqrt(CIN·k·k) is applied here); s (B, CIN) styles; bias (COUT,);
+    up 1 or 2 and fir (the conv's blur kernel) for the up-sampling conv; noise (B or 1, 1, H·up, W·up)
+    and noise_strength (1,) or None; clamp (NVlabs' conv_clamp) or None;
+    rgb=True for ToRGB, with img (B, 3, H/2, W/2) the running image or None and img_fir its 2× up filter.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .dispatch import fast_cpu, resolve
+from .modconv import (NHWC, _channels_last, _modconv_triton, _on_gpu, _pow2, demodulation, fir_act, fir_input,
+                      modconv_cpu, modconv_ref, modulates_weights)
+from .upfirdn2d import upfirdn2d_cpu, upfirdn2d_ref
+
+SQRT2 = math.sqrt(2.0)
+SKIP_PAD = (2, 1, 2, 1)  # the ToRGB skip's 2× up-FIR padding (4-tap filter)
+
+
+def layer_ref(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength=None, clamp=None, rgb=False, img=None,
+              img_fir=None):
+    """One synthesis layer, the specification: the loop body of the official synthesis (module docstring)."""
+    weight = weight * (1 / math.sqrt(weight[0].numel()))  # equalized-lr scale 1/sqrt(Cin·k·k)
+    if not rgb:
+        x = modconv_ref(x, weight, s, demodulate=True, up=up, fir=fir)  # (B, COUT, H·up, W·up)
+        if noise is not None:
+            x = x + noise_strength * noise
+        x = F.leaky_relu(x + bias[None, :, None, None], 0.2) * SQRT2
+        return x if clamp is None else x.clamp(-clamp, clamp)
+    y = modconv_ref(x, weight, s, demodulate=False) + bias[None, :, None, None]  # (B, 3, H, W)
+    if clamp is not None:
+        y = y.clamp(-clamp, clamp)
+    if img is not None:  # up-sample the running image 2× with the [1,3,3,1] filter
+        y = y + upfirdn2d_ref(img, img_fir, up=2, pad=SKIP_PAD)
+    return y
+
+
+def layer_cpu(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength=None, clamp=None, rgb=False, img=None,
+              img_fir=None):
+    """layer_ref computed the fast way on a CPU (modconv_cpu), the same function up to rounding.
+
+    Each difference is exact in real arithmetic and measured in bench/speed.py: the equalized-lr scale
+    multiplies s, not the weight; the layer bias and the activation gain √2 go into the convolution
+    (lrelu(√2·z) = √2·lrelu(z)); noise and leaky ReLU update the fresh conv output in place;
+    activations from 32×32 up are channels-last.
+    """
+    s = s * (1 / math.sqrt(weight[0].numel()))  # (B, CIN): (w·c)·s = w·(c·s)
+    if not rgb:
+        x = modconv_cpu(x, weight, s, up=up, fir=fir, bias=bias * SQRT2, gain=SQRT2)  # (B, COUT, H·up, W·up)
+        if noise is not None:  # (not addcmul_(n, w): its three-way broadcast is 2× slower here)
+            x.add_(noise * (noise_strength * SQRT2))
+        F.leaky_relu_(x, 0.2)  # = √2 · lrelu(conv + noise + bias)
+        return x if clamp is None else x.clamp(-clamp, clamp)  # not in place: lrelu's backward reads its output
+    y = modconv_cpu(x, weight, s, demodulate=False, bias=bias)
+    if clamp is not None:
+        y = y.clamp(-clamp, clamp)
+    if img is not None:  # the 2× up-FIR of the running image, as one depthwise transposed conv
+        y.add_(upfirdn2d_cpu(img, img_fir, up=2, pad=SKIP_PAD))
+    return y
+
+
+def runs_per_sample(x, weight, s, impl="auto"):
+    """True where a batch should run the rest of the synthesis one sample at a time: the fast CPU path,
+    once a conv layer's activations outgrow its weights (modconv_cpu then modulates weights per sample,
+    and no batch is ever copied together)."""
+    return x.shape[0] > 1 and fast_cpu(x, impl) and modulates_weights(x, weight, s)
+
+
+# --- Triton: ToRGB with the skip add fused ----------------------------------------------------------
+
+@triton.jit
+def _torgb_kernel(
+    x_ptr,                   # activations (B, H, W, CIN), channels-last
+    w_ptr,                   # weight (3, CIN), fp32, contiguous, equalized-lr scale applied
+    s_ptr,                   # (B, CIN) styles, contiguous
+    bias_ptr,                # (3,) bias, fp32
+    img_ptr,                 # running image (B, 3, H/2, W/2), contiguous (read only if SKIP)
+    f_ptr,                   # skip filter (4, 4), fp32: a true convolution after 2× zero-insertion
+    y_ptr,                   # output image (B, 3, H, W), contiguous
+    H, W, CIN,
+    sxb, sxh, sxw,           # strides of x
+    clamp,
+    SKIP: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Grid (B · tiles_p,): program (b, tp) writes BLOCK_P pixels × 3 colours. Three output channels are too
+    # few for a tensor-core tile, so each is a dot product of the modulated x row with one weight row
+    # (fp32 FMAs: no padding, exact). The skip: output pixel (oy, ox) of the 2× up-FIR reads only the 2×2
+    # low-res pixels whose zero-inserted position meets the 4×4 filter: rows m + r + a − 1, a ∈ {0, 1},
+    # with oy = 2m + r, against filter row 3 − r − 2a (and the same for columns).
+    tiles_p = tl.cdiv(H * W, BLOCK_P)
+    b = tl.program_id(0) // tiles_p
+    p = (tl.program_id(0) % tiles_p) * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
+    p_ok = p < H * W
+    oy = p // W
+    ox = p % W
+    kc = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + b.to(tl.int64) * sxb + (oy * sxh + ox * sxw)[:, None] + kc[None, :]
+    r0 = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    r1 = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    r2 = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for i0 in range(0, CIN, BLOCK_K):
+        i_ok = (i0 + kc) < CIN
+        xv = tl.load(x_rows + i0, mask=p_ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)  # (P, K)
+        sv = tl.load(s_ptr + b * CIN + i0 + kc, mask=i_ok, other=0.0).to(tl.float32)             # (K,)
+        r0 += tl.sum(xv * (sv * tl.load(w_ptr + i0 + kc, mask=i_ok, other=0.0))[None, :], axis=1)
+        r1 += tl.sum(xv * (sv * tl.load(w_ptr + CIN + i0 + kc, mask=i_ok, other=0.0))[None, :], axis=1)
+        r2 += tl.sum(xv * (sv * tl.load(w_ptr + 2 * CIN + i0 + kc, mask=i_ok, other=0.0))[None, :], axis=1)
+    r0 += tl.load(bias_ptr)
+    r1 += tl.load(bias_ptr + 1)
+    r2 += tl.load(bias_ptr + 2)
+    if CLAMP:
+        r0 = tl.minimum(tl.maximum(r0, -clamp), clamp)
+        r1 = tl.minimum(tl.maximum(r1, -clamp), clamp)
+        r2 = tl.minimum(tl.maximum(r2, -clamp), clamp)
+    IH = H // 2
+    IW = W // 2
+    if SKIP:
+        img_b = img_ptr + b.to(tl.int64) * 3 * IH * IW
+        ry = oy % 2
+        rx = ox % 2
+        for a in tl.static_range(2):
+            u = oy // 2 + ry + a - 1
+            for c in tl.static_range(2):
+                v = ox // 2 + rx + c - 1
+                ok = p_ok & (u >= 0) & (u < IH) & (v >= 0) & (v < IW)
+                tap = tl.load(f_ptr + (3 - ry - 2 * a) * 4 + (3 - rx - 2 * c))  # (BLOCK_P,) gathered, 16 values
+                src = img_b + u * IW + v
+                r0 += tap * tl.load(src, mask=ok, other=0.0).to(tl.float32)
+                r1 += tap * tl.load(src + IH * IW, mask=ok, other=0.0).to(tl.float32)
+                r2 += tap * tl.load(src + 2 * IH * IW, mask=ok, other=0.0).to(tl.float32)
+    y = y_ptr + b.to(tl.int64) * 3 * H * W + p
+    tl.store(y, r0.to(y_ptr.dtype.element_ty), mask=p_ok)
+    tl.store(y + H * W, r1.to(y_ptr.dtype.element_ty), mask=p_ok)
+    tl.store(y + 2 * H * W, r2.to(y_ptr.dtype.element_ty), mask=p_ok)
+
+
+def _torgb_triton(x, weight, s, bias, img, img_fir, clamp):
+    """Check, allocate, launch `_torgb_kernel`: (B, CIN, H, W) -> the image (B, 3, H, W), contiguous."""
+    B, CIN, H, W = x.shape
+    x = _channels_last(x)
+    w = (weight.reshape(weight.shape[0], CIN) * (1 / math.sqrt(CIN))).float().contiguous()  # (3, CIN)
+    y = torch.empty(B, 3, H, W, device=x.device, dtype=x.dtype)
+    if img is not None:
+        img = img.to(x.dtype).contiguous()
+        if img.shape != (B, 3, H // 2, W // 2) or img_fir is None or img_fir.shape != (4, 4):
+            raise ValueError(f"layer: running image {tuple(img.shape)} and skip filter do not fit a {H}×{W} ToRGB")
+        f = img_fir.to(device=x.device, dtype=torch.float32).contiguous()
+    else:
+        f = w
+    BP, BK = (128, _pow2(CIN, 16, 32)) if _on_gpu(x) else (_pow2(H * W, 16, 4096), _pow2(CIN, 16, 64))
+    grid = (B * triton.cdiv(H * W, BP),)
+    _torgb_kernel[grid](x, w, s.contiguous(), bias.float().contiguous(), img if img is not None else y, f, y,
+                        H, W, CIN, x.stride(0), x.stride(2), x.stride(3), float(clamp or 0.0),
+                        SKIP=img is not None, CLAMP=clamp is not None, BLOCK_P=BP, BLOCK_K=BK, num_warps=4)
+    return y
+
+
+def _layer_triton(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength=None, clamp=None, rgb=False,
+                  img=None, img_fir=None):
+    """The forward of `layer` on the Triton kernels: a conv layer is one launch (up=1) or four phase launches
+    and one FIR launch (up=2); ToRGB is one launch. Activations are returned channels-last."""
+    if rgb:
+        return _torgb_triton(x, weight, s, bias, img, img_fir, clamp)
+    if weight.shape[-1] != 3 and up == 2:
+        raise ValueError("layer: the up-sampling conv needs a 3×3 kernel")
+    s = s * (1 / math.sqrt(weight[0].numel()))   # (B, CIN): the equalized-lr scale folded into s
+    d = demodulation(weight, s)                  # (B, COUT), fp32, once per sample and output channel
+    nz = None if noise is None else noise_strength * noise  # (B or 1, 1, H·up, W·up)
+    if up == 1:
+        return _modconv_triton(x, weight, s, d, noise=nz, bias=bias, act=True, clamp=clamp)
+    B, _, H, W = x.shape
+    P = fir_input(B, weight.shape[0], 2 * H + 1, 2 * W + 1, fir, x)
+    _modconv_triton(x, weight, s, d, up=2, out=P)
+    return fir_act(P[0], fir, noise=nz, bias=bias, act=True, clamp=clamp)
+
+
+class _Layer(torch.autograd.Function):
+    """layer on Triton; the backward recomputes layer_ref and differentiates it (x and s; the generator's
+    own tensors get gradients too when they ask for them)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, s, bias, noise_strength, img, up, fir, noise, clamp, rgb, img_fir):
+        ctx.save_for_backward(x, weight, s, bias, noise_strength, img)
+        ctx.args = dict(up=up, fir=fir, noise=noise, clamp=clamp, rgb=rgb, img_fir=img_fir)
+        return _layer_triton(x, weight, s, bias, up, fir, noise, noise_strength, clamp, rgb, img, img_fir)
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors
+        inputs = [t if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip(saved, ctx.needs_input_grad[:6])]
+        x, weight, s, bias, strength, img = inputs
+        with torch.enable_grad():
+            y = layer_ref(x, weight, s, bias, noise_strength=strength, img=img, **ctx.args)
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, dy) if wanted else [])
+        return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None,) * 6
+
+
+def layer(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength=None, clamp=None, rgb=False, img=None,
+          img_fir=None, impl="auto"):
+    """One synthesis layer (module docstring); dispatch: Triton on CUDA, the fast CPU op on CPU tensors."""
+    backend = resolve(x, impl)
+    args = dict(up=up, fir=fir, noise=noise, noise_strength=noise_strength, clamp=clamp, rgb=rgb, img=img,
+                img_fir=img_fir)
+    if backend == "triton":
+        return _Layer.apply(x, weight, s, bias, noise_strength if noise is not None else None, img, up, fir, noise,
+                            clamp, rgb, img_fir)
+    if fast_cpu(x, impl):
+        return layer_cpu(x, weight, s, bias, **args)
+    return layer_ref(x, weight, s, bias, **args)
