@@ -322,17 +322,20 @@ def modconv_config(pixels, cin, cout, dtype, gpu=True):
     """Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one layer class: the shape table.
 
     pixels: output pixels of one sample and phase. On the GPU: M tiles of 16–128 pixels (a 4×4 layer
-    fills 16), N tiles up to 128 channels, K steps of 64 bytes·2 per row, all within the A100's shared
-    memory and without spills (checked by bench/aot.py for every launch of the synthesis). The CPU
+    fills 16), N tiles up to 128 channels, K steps up to 128 bytes per pixel, all within the A100's shared
+    memory and without spills (bench/aot.py checks every launch of the synthesis). The CPU
     interpreter costs per operation, not per element: there, few large tiles.
     """
     if not gpu:
         return _pow2(pixels, 16, 4096), _pow2(cout, 16, 64), _pow2(cin, 16, 32), 4, 1
     bm = _pow2(pixels, 16, 128)
     bn = _pow2(cout, 16, 128)
-    bk = _pow2(cin, 16, 64 if dtype != torch.float32 else 32)
+    if dtype == torch.float32:
+        bk, stages = _pow2(cin, 16, 32), 3
+    else:  # 16-bit: 256-byte K steps halve the loop overhead per MMA (2 stages: 98 KB of shared memory)
+        bk, stages = (128, 2) if cin >= 128 and bm * bn >= 128 * 128 else (_pow2(cin, 16, 64), 3)
     warps = 8 if bm * bn >= 128 * 128 else 4
-    return bm, bn, bk, warps, 3
+    return bm, bn, bk, warps, stages
 
 
 def _precision(dtype):
