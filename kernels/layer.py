@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 
 from .dispatch import fast_cpu, resolve
-from .modconv import (NHWC, _channels_last, _modconv_triton, _on_gpu, _pow2, demodulation, fir_act, fir_input,
+from .modconv import (_channels_last, _modconv_triton, _on_gpu, _pow2, demodulation, fir_act, fir_input, fir_input_pad,
                       modconv_cpu, modconv_ref, modulates_weights)
-from .upfirdn2d import upfirdn2d_cpu, upfirdn2d_ref
+from .upfirdn2d import upfirdn2d, upfirdn2d_cpu, upfirdn2d_ref
 
 SQRT2 = math.sqrt(2.0)
 SKIP_PAD = (2, 1, 2, 1)  # the ToRGB skip's 2× up-FIR padding (4-tap filter)
@@ -188,26 +188,84 @@ def _layer_triton(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength
     return fir_act(P[0], fir, noise=nz, bias=bias, act=True, clamp=clamp)
 
 
+def _conv_layer_backward(x, weight, s, bias, nz, y, up, fir, clamp, dy):
+    """(dx, ds) of a conv layer from its output y, on the Triton kernels: what training needs (frozen generator).
+
+    With s' = c·s (c the equalized-lr scale), Z = conv(x·s', w) (for up=2: FIR of the transposed conv T),
+    d = demodulation(w, s') and pre = d·Z + noise + bias, y = clamp(lrelu(pre)·√2):
+      g = ∂L/∂pre               from y alone (y > 0 ⇔ pre > 0; clamped outputs pass nothing);
+      G = ∂L/∂(x·s')            the conv's input gradient of g·d: `_modconv_kernel` with the weight flipped and
+                                transposed and d as the modulation (up=2: the FIR's adjoint, then a stride-2 conv);
+      dx = s'·G;  ∂L/∂s' = Σ_p x·G − s'·((A·d³) @ Σ_k w²),  A = ∂L/∂d = Σ_p g·Z  (StyleGAN2 Eq. 3's chain rule).
+    """
+    c = 1 / math.sqrt(weight[0].numel())
+    s_ = s * c                                                    # (B, CIN)
+    d = demodulation(weight, s_)                                  # (B, COUT), fp32
+    slope = torch.where(y > 0, SQRT2, 0.2 * SQRT2).to(y.dtype)    # (B, COUT, H', W')
+    g = dy * slope
+    if clamp is not None:
+        g = g * (y.abs() < clamp)
+    lin = y / slope - bias[None, :, None, None].to(y.dtype)      # d·Z (+ noise)
+    if nz is not None:
+        lin = lin - nz
+    A = (g.float() * lin.float()).sum((2, 3)) / d                 # (B, COUT): ∂L/∂d
+    if up == 1:
+        G = _modconv_triton(g, weight.transpose(0, 1).flip([2, 3]), d)  # (B, CIN, H, W)
+    else:
+        KF = fir.shape[0]
+        t = KF - 1 - fir_input_pad(fir)  # the FIR's adjoint: correlate g, padded by t and KF − t, with fir
+        gp = _channels_last(F.pad(g, [t, KF - t, t, KF - t]))
+        dT = fir_act(gp, fir.flip([0, 1]))                        # (B, COUT, 2H + 1, 2W + 1)
+        G = _modconv_triton(dT, weight.transpose(0, 1), d, stride=2)  # (B, CIN, H, W)
+    ds_ = (x.float() * G.float()).sum((2, 3)) - s_.float() * ((A * d.pow(3)) @ weight.float().square().sum([2, 3]))
+    return (G * s_[:, :, None, None].to(G.dtype)), (ds_ * c).to(s.dtype)
+
+
+def _torgb_backward(x, weight, s, img, img_fir, dy):
+    """(dx, ds, dimg) of ToRGB without clamp: a 1×1 conv to 3 channels (memory-bound: PyTorch ops) and the
+    skip's adjoint, upfirdn2d again (2× down, flipped filter)."""
+    c = 1 / math.sqrt(weight[0].numel())
+    w = weight.reshape(3, -1).to(dy.dtype)                        # (3, CIN)
+    G = torch.einsum("ci,bchw->bihw", w, dy)                      # ∂L/∂(x·s'): (B, CIN, H, W)
+    dx = G * (s * c)[:, :, None, None].to(G.dtype)
+    ds = (x.float() * G.float()).sum((2, 3)) * c
+    dimg = None
+    if img is not None:  # adjoint of upfirdn2d(img, f, up=2, pad=(2, 1, 2, 1)) for a 4-tap filter
+        dimg = upfirdn2d(dy, img_fir, up=1, down=2, pad=(1, 1, 1, 1), flip_filter=True)
+    return dx, ds.to(s.dtype), dimg
+
+
 class _Layer(torch.autograd.Function):
-    """layer on Triton; the backward recomputes layer_ref and differentiates it (x and s; the generator's
-    own tensors get gradients too when they ask for them)."""
+    """layer on Triton. The backward computes the gradients for x, s (and the running image) on the Triton
+    kernels (`_conv_layer_backward`, `_torgb_backward`); when a generator tensor asks for a gradient too (or
+    ToRGB clamps), it recomputes layer_ref and differentiates that."""
 
     @staticmethod
     def forward(ctx, x, weight, s, bias, noise_strength, img, up, fir, noise, clamp, rgb, img_fir):
-        ctx.save_for_backward(x, weight, s, bias, noise_strength, img)
         ctx.args = dict(up=up, fir=fir, noise=noise, clamp=clamp, rgb=rgb, img_fir=img_fir)
-        return _layer_triton(x, weight, s, bias, up, fir, noise, noise_strength, clamp, rgb, img, img_fir)
+        y = _layer_triton(x, weight, s, bias, up, fir, noise, noise_strength, clamp, rgb, img, img_fir)
+        ctx.save_for_backward(x, weight, s, bias, noise_strength, img, y)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        saved = ctx.saved_tensors
-        inputs = [t if t is None else t.detach().requires_grad_(need)
-                  for t, need in zip(saved, ctx.needs_input_grad[:6])]
-        x, weight, s, bias, strength, img = inputs
+        x, weight, s, bias, strength, img, y = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        a = ctx.args
+        if not any(need[i] for i in (1, 3, 4)) and not (a["rgb"] and a["clamp"] is not None):
+            if a["rgb"]:
+                dx, ds, dimg = _torgb_backward(x, weight, s, img, a["img_fir"], dy)
+            else:
+                nz = None if a["noise"] is None else (strength * a["noise"]).to(y.dtype)
+                (dx, ds), dimg = _conv_layer_backward(x, weight, s, bias, nz, y, a["up"], a["fir"], a["clamp"], dy), None
+            return (dx if need[0] else None, None, ds if need[2] else None, None, None,
+                    dimg if need[5] else None) + (None,) * 6
+        inputs = [t if t is None else t.detach().requires_grad_(n) for t, n in zip((x, weight, s, bias, strength, img),
+                                                                                   need[:6])]
         with torch.enable_grad():
-            y = layer_ref(x, weight, s, bias, noise_strength=strength, img=img, **ctx.args)
+            out = layer_ref(inputs[0], inputs[1], inputs[2], inputs[3], noise_strength=inputs[4], img=inputs[5], **a)
         wanted = [t for t in inputs if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wanted, dy) if wanted else [])
+        grads = iter(torch.autograd.grad(out, wanted, dy) if wanted else [])
         return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None,) * 6
 
 

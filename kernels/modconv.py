@@ -242,6 +242,8 @@ def _modconv_kernel(
     K: tl.constexpr,         # kernel size: 3, or 1 (ToRGB-like)
     UP: tl.constexpr,        # 1: 'same' convolution; 2: one phase (PY, PX) of the transposed stride-2 conv
     PY: tl.constexpr, PX: tl.constexpr,  # the phase: parity of the output rows / columns it writes (UP=2)
+    STRIDE: tl.constexpr, PAD: tl.constexpr,  # UP=1: y[q] += x[STRIDE·q + t − PAD]·w[t] (1, K//2 forward; the
+                             #   transposed conv's input gradient is STRIDE=2, PAD=0)
     KB: tl.constexpr,        # channel blocks per tap: cdiv(CIN, BLOCK_K)
     EVEN_K: tl.constexpr,    # CIN % BLOCK_K == 0: no channel masks
     SCALE: tl.constexpr, NOISE: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr,
@@ -269,7 +271,9 @@ def _modconv_kernel(
     n = tn * BLOCK_N + tl.arange(0, BLOCK_N)       # (BLOCK_N,) output channel
     n_ok = n < COUT
     kc = tl.arange(0, BLOCK_K)                     # (BLOCK_K,) channel within the block
-    x_rows = x_ptr + b.to(tl.int64) * sxb + (qy * sxh + qx * sxw)[:, None] + kc[None, :]  # tap (0, 0)
+    qy = qy * STRIDE                               # the input pixel under tap (PAD, PAD)
+    qx = qx * STRIDE
+    x_rows = x_ptr + b.to(tl.int64) * sxb + (qy * sxh + qx * sxw)[:, None] + kc[None, :]
     s_b = s_ptr + b * CIN + kc
     w_n = w_ptr + kc[:, None] * COUT + n[None, :]
     NTX: tl.constexpr = 2 - PX if UP == 2 else K  # taps along x: 2 (even phase) or 1 (odd), or K
@@ -284,9 +288,9 @@ def _modconv_kernel(
             dy = -ty
             dx = -tx
             tap = (PY + 2 * ty) * 3 + PX + 2 * tx
-        else:        # y[q] += x[q + t − K//2] · w[t]
-            dy = ty - K // 2
-            dx = tx - K // 2
+        else:        # y[q] += x[STRIDE·q + t − PAD] · w[t]
+            dy = ty - PAD
+            dx = tx - PAD
             tap = t
         ok = m_ok & ((qy + dy).to(tl.uint32) < H) & ((qx + dx).to(tl.uint32) < W)  # inside the image
         if EVEN_K:
@@ -302,14 +306,16 @@ def _modconv_kernel(
     if SCALE:
         acc = acc * tl.load(d_ptr + b * COUT + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if NOISE:
-        acc = acc + tl.load(n_ptr + b * snb + qy * QW + qx, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+        acc = acc + tl.load(n_ptr + b * snb + q, mask=m_ok, other=0.0).to(tl.float32)[:, None]  # (UP=1)
     if BIAS:
         acc = acc + tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if ACT:  # leaky ReLU (slope 0.2) times its gain √2
         acc = tl.where(acc > 0, acc, acc * 0.2) * 1.4142135623730951
     if CLAMP:
         acc = tl.minimum(tl.maximum(acc, -clamp), clamp)
-    y = y_ptr + b.to(tl.int64) * syb + y_off + ((UP * qy + PY) * syh + (UP * qx + PX) * syw)[:, None] + n[None, :]
+    oy = UP * (q // QWP) + PY                      # output row / column (phases interleave for UP=2)
+    ox = UP * (q % QWP) + PX
+    y = y_ptr + b.to(tl.int64) * syb + y_off + (oy * syh + ox * syw)[:, None] + n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -364,13 +370,14 @@ def _channels_last(x):
     return x.contiguous(memory_format=NHWC)
 
 
-def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None, act=False, clamp=None):
+def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None, act=False, clamp=None, stride=1):
     """Check, allocate, launch `_modconv_kernel`: gain-free modconv with an optional fused epilogue.
 
     x (B, CIN, H, W) (made channels-last), weight (COUT, CIN, k, k), s (B, CIN); d (B, COUT) scales the
     output (demodulation) or None; up=2 writes the transposed conv's (2H + 1)² result into `out` (the
     channels-last, zero-bordered FIR input) at offset (p0, p0), given as (out, p0). Returns y (B, COUT,
-    H, W) channels-last for up=1, the filled `out` for up=2.
+    H, W) channels-last for up=1, the filled `out` for up=2. stride=2 (up=1, no padding): the input gradient
+    of the transposed conv, (B, CIN, 2H' + 1, 2W' + 1) -> (B, COUT, H', W').
     """
     B, CIN, H, W = x.shape
     COUT, _, K, _ = weight.shape
@@ -378,8 +385,8 @@ def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None,
     s = s.to(x.dtype).contiguous()
     wg = gemm_weight(weight, x.dtype)
     if up == 1:
-        QH, QW, phases = H, W, 1
-        y = torch.empty(B, COUT, H, W, device=x.device, dtype=x.dtype, memory_format=NHWC)
+        QH, QW, phases = (H, W, 1) if stride == 1 else ((H - K) // 2 + 1, (W - K) // 2 + 1, 1)
+        y = torch.empty(B, COUT, QH, QW, device=x.device, dtype=x.dtype, memory_format=NHWC)
         off = 0
     else:
         QH, QW, phases = H + 1, W + 1, 4
@@ -395,7 +402,7 @@ def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None,
             bias if bias is not None else dummy, y,
             H, W, CIN, COUT, QH, QW, x.stride(0), x.stride(2), x.stride(3), y.stride(0), y.stride(2), y.stride(3),
             off, nz.stride(0) if nz is not None and nz.shape[0] > 1 else 0, float(clamp or 0.0),
-            K=K, UP=up, PY=py, PX=px, KB=triton.cdiv(CIN, BK), EVEN_K=CIN % BK == 0, SCALE=d is not None,
+            K=K, UP=up, PY=py, PX=px, STRIDE=stride, PAD=K // 2 if stride == 1 else 0, KB=triton.cdiv(CIN, BK), EVEN_K=CIN % BK == 0, SCALE=d is not None,
             NOISE=nz is not None, BIAS=bias is not None, ACT=bool(act), CLAMP=clamp is not None,
             PREC=_precision(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages)
     return y
@@ -426,14 +433,19 @@ class _ModConv(torch.autograd.Function):
         return tuple(next(grads) if t.requires_grad else None for t in inputs) + (None, None, None)
 
 
+def fir_input_pad(fir):
+    """p0: the top/left zero border of the FIR input after the 3×3 transposed conv (1 for the 4-tap blur)."""
+    return (fir.shape[0] - 4 + 1) // 2 + 1
+
+
 def fir_input(B, C, TH, TW, fir, like):
     """(P, p0): the channels-last FIR input for a (TH, TW) transposed-conv result, its border zeroed.
 
     The [1,3,3,1] low-pass after the transposed conv pads T by p0 = p1 = (kf − 2 − (3 − 1) + 1)//2 + 1
     (modconv_ref's padding, 1 for kf = 4); only the border is written here, the phases fill the rest.
     """
-    p = fir.shape[0] - 4
-    p0, p1 = (p + 1) // 2 + 1, p // 2 + 1
+    p0 = fir_input_pad(fir)
+    p1 = fir.shape[0] - 2 - p0
     P = torch.empty(B, C, TH + p0 + p1, TW + p0 + p1, device=like.device, dtype=like.dtype, memory_format=NHWC)
     P[:, :, :p0], P[:, :, P.shape[2] - p1:] = 0, 0
     P[:, :, :, :p0], P[:, :, :, P.shape[3] - p1:] = 0, 0
