@@ -1,7 +1,7 @@
 """Static GPU check of the Triton kernels: every launch of one synthesis, compiled ahead of time, no GPU.
 
-    python -m bench.aot                      # fp32/fp16/bf16 × batch 1, 16; sm_80 and sm_90a (~4 min cold, 2 cores)
-    python -m bench.aot --quick              # fp16, batch 16, sm_90a only (~35 s cold, ~10 s warm)
+    python -m bench.aot                      # fp32/fp16/bf16 × batch 1, 16; sm_80 and sm_90a (~5 min cold, 2 cores)
+    python -m bench.aot --quick              # fp16, batch 16, sm_90a only (~25 s cold, ~8 s cached)
     python -m bench.aot --layers --json out/aot.json   # plus the per-launch table and every figure as JSON
 
 Run from the repository root (`python -m` then finds this package and the model's modules).
@@ -27,9 +27,21 @@ Run from the repository root (`python -m` then finds this package and the model'
    ideal cuDNN roofline of the same convolutions and the bound of the reference path (`modconv_ref`).
    Kernels without a `MODELS` entry are compiled and reported, and listed as "not modelled".
 
+Output: the variant table, the whole-synthesis table per (dtype, batch) and, with --layers, the per-launch
+table. --json PATH writes
+  variants: one row per (variant, target): name, kernel, is_conv, target (sm_80 | sm_90a), dtype (fp32 |
+    fp16 | bf16), regs, spill_bytes, smem_bytes, smem_limit, mma_opcodes (list), instr_per_mma (main loop;
+    null without a loop or MMA), error (null or the compiler's message); and num_warps, num_stages,
+    spill_stores, spill_loads, mma_count, n_instr, loop_instr, loop_mma, launches, specialisation, used_by.
+  configs: one row per (dtype, batch), whole synthesis, µs: lb_us, cudnn_us, ref_us, exec_over_useful,
+    mma_us, issue_us, hbm_us (forward); lb_fwd_bwd_us, triton_bwd_us, torch_bwd_us, cudnn_fwd_bwd_us,
+    ref_fwd_bwd_us (forward + backward); launches_fwd, launches_bwd, not_modelled.
+  launches (with --layers): one row per launch: layer, op, phase, variant, grid and the model's figures.
+A new kernel gets its model by an entry in `MODELS` (see there); without one it is still checked.
+
 Exit status 1 when a launched variant fails to compile, spills registers, or needs more shared memory
 per block than a target has (each failure printed on one line); 0 otherwise; 2 on a usage error.
-Compiled kernels are cached in --cache (TRITON_CACHE_DIR), so re-runs are fast.
+Compiled kernels, and what ptxas and cuobjdump said about them, are cached in --cache.
 """
 import argparse
 import concurrent.futures
@@ -390,9 +402,9 @@ def sass_facts(text):
     loop = main_loop(ins)
     body = [op for addr, op, _ in ins if loop and loop[0] <= addr <= loop[1]]
     loop_mma = sum(map(is_mma, body))
-    return dict(mma_opcodes=sorted({op for _, op, _ in ins if is_mma(op)}), mma_count=sum(is_mma(op) for _, op, _ in ins),
-                n_instr=len(ins), loop_instr=len(body), loop_mma=loop_mma,
-                instr_per_mma=round(len(body) / loop_mma, 2) if loop_mma else None)
+    return dict(mma_opcodes=sorted({op for _, op, _ in ins if is_mma(op)}),
+                mma_count=sum(is_mma(op) for _, op, _ in ins), n_instr=len(ins), loop_instr=len(body),
+                loop_mma=loop_mma, instr_per_mma=round(len(body) / loop_mma, 2) if loop_mma else None)
 
 
 def disassemble(cubin):
@@ -415,20 +427,18 @@ def inspect_variant(v, target):
         return dict(error=next((s for s in lines if s.strip()), "")[:300], compile_s=time.time() - t0)
     # ptxas -v and cuobjdump take ~2 s a variant: their facts are kept beside Triton's cache, per binary
     # and per version of the code that reads them
-    facts_path = os.path.join(os.environ["TRITON_CACHE_DIR"], "aot-facts", f"{k.hash}-{target}-{_reader_hash()}.json")
-    if os.path.exists(facts_path):
-        with open(facts_path) as f:
+    cached = os.path.join(os.environ["TRITON_CACHE_DIR"], "aot-facts", f"{k.hash}-{target}-{_reader_hash()}.json")
+    if os.path.exists(cached):
+        with open(cached) as f:
             res = json.load(f)
     else:
         md = k.metadata
-        res = dict(error=None, smem_bytes=md.shared, smem_limit=SMEM_LIMIT[target], num_warps=md.num_warps,
-                   num_stages=md.num_stages, **ptxas_usage(k.asm["ptx"], TARGETS[target], md),
-                   **sass_facts(disassemble(k.asm["cubin"])))
-        res["spill_bytes"] = res["spill_stores"] + res["spill_loads"]
-        os.makedirs(os.path.dirname(facts_path), exist_ok=True)
-        write_json(facts_path, res)
-    res["compile_s"] = time.time() - t0
-    return res
+        res = dict(smem_bytes=md.shared, num_warps=md.num_warps, num_stages=md.num_stages,
+                   **ptxas_usage(k.asm["ptx"], TARGETS[target], md), **sass_facts(disassemble(k.asm["cubin"])))
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        write_json(cached, res)
+    return dict(res, error=None, smem_limit=SMEM_LIMIT[target], spill_bytes=res["spill_stores"] + res["spill_loads"],
+                compile_s=time.time() - t0)
 
 
 def _reader_hash():
@@ -661,18 +671,19 @@ def print_summary(configs):
           f"{'ref':>7} {'LB/cuDNN':>8} {'exec/use':>8} | {'LB':>9} {'cuDNN':>7} {'ref':>7}")
     for c in configs:
         print(f"{c['dtype']:<5} {c['batch']:>3} {c['launches_fwd']:>4}+{c['launches_bwd']:<3} {c['lb_us']:>9.0f} "
-              f"{c['mma_us']:>8.0f} {c['issue_us']:>8.0f} {c['hbm_us']:>7.0f} {c['cudnn_us']:>7.0f} {c['ref_us']:>7.0f} "
+              f"{c['mma_us']:>8.0f} {c['issue_us']:>8.0f} {c['hbm_us']:>7.0f} {c['cudnn_us']:>7.0f} "
+              f"{c['ref_us']:>7.0f} "
               f"{c['lb_us'] / c['cudnn_us'] if c['cudnn_us'] else math.nan:>8.1f} "
               f"{c['exec_over_useful'] or math.nan:>8.2f} | {c['lb_fwd_bwd_us']:>9.0f} {c['cudnn_fwd_bwd_us']:>7.0f} "
               f"{c['ref_fwd_bwd_us']:>7.0f}")
         if c["not_modelled"]:
             print(f"      not modelled (no MODELS entry, or no {MODEL_TARGET} binary): {', '.join(c['not_modelled'])}")
     print("(Estimates from the compiled code; the compile facts above are not. LB: per launch max(MMA time of the "
-          "executed tiles, SASS issue at 1 warp-instruction/clock/scheduler, HBM bytes / 4.8 TB/s), CTAs/SM from "
-          "regs + smem, wave-quantised, summed; no launch overhead. cuDNN: ideal roofline of the same convs "
-          "(fp32 at TF32). ref: modconv_ref's memory passes. exec/use: executed over useful conv FLOPs. "
-          "Forward + backward: Triton launches of both, plus 2× the ref bound for layers whose backward runs in "
-          "PyTorch; cuDNN and ref at 2× forward.)")
+          "executed tiles (FFMA time where the SASS has no MMA), SASS issue at 1 warp-instruction/clock/scheduler, "
+          "HBM bytes / 4.8 TB/s), CTAs/SM from regs + smem, wave-quantised, summed; no launch overhead. cuDNN: "
+          "ideal roofline of the same convs (fp32 at TF32). ref: modconv_ref's memory passes. exec/use: executed "
+          "over useful conv FLOPs. Forward + backward: Triton launches of both, plus 2× the ref bound for layers "
+          "whose backward runs in PyTorch; cuDNN and ref at 2× forward.)")
 
 
 def variant_rows(variants, targets):
