@@ -1,0 +1,789 @@
+"""Static GPU check of the Triton kernels: every launch of one synthesis, compiled ahead of time, no GPU.
+
+    python -m bench.aot                      # fp32/fp16/bf16 × batch 1, 16; sm_80 and sm_90a (~5 min cold, 2 cores)
+    python -m bench.aot --quick              # fp16, batch 16, sm_90a only (~25 s cold, ~8 s cached)
+    python -m bench.aot --layers --json out/aot.json   # plus the per-launch table and every figure as JSON
+
+Run from the repository root (`python -m` then finds this package and the model's modules).
+
+1. Capture. `stylemask.synthesis` of the ffhq-1024 config-f generator runs on *meta* tensors (no memory,
+   no maths), forward and backward (`s.grad`, as train.py needs), for fp32 / fp16 / bf16 at batch 1 and 16,
+   on the CUDA code path (`gpu_code_path`). `JITFunction.run` is replaced at class level, so every
+   @triton.jit launch is recorded (kernel, grid, arguments, options) instead of run. Each launch is tagged
+   with the synthesis layer whose op (`kernels.modconv` / `kernels.upfirdn2d`) made it and fwd / bwd.
+2. Specialise. Each launch is specialised by Triton's own binder with the CUDA backend, as the JIT does:
+   ints equal to 1 become constexpr; ints and pointers divisible by 16 get tt.divisibility=16 (a tensor's
+   address is taken as 256-B aligned, as the CUDA caching allocator guarantees, plus its storage offset).
+   Launches that would share a compiled kernel are one variant; each variant is compiled for sm_80 (A100)
+   and sm_90a (H100/H200) with `triton.compile`, honouring num_warps / num_stages given at the launch.
+3. Inspect. Per variant and target: registers and spill bytes (`ptxas -v`, the ptxas binary and flags
+   Triton uses, on the variant's PTX), shared memory against the per-block limit (A100 166912 B,
+   H100/H200 232448 B: Triton raises OutOfResources at launch above it), num_warps / num_stages,
+   tensor-core opcodes in the SASS (HMMA, HGMMA = wgmma, IMMA, ...), and SASS instructions per MMA
+   instruction in the main loop (the largest backward-branch interval).
+4. Model. A lower bound on an H200 per launch, LB = max(MMA time, SASS issue time, HBM time), with
+   CTAs per SM from registers and shared memory and wave quantisation, from the sm_90a binaries and the
+   per-kernel knowledge in `MODELS`; summed over the synthesis (forward; forward + backward), beside an
+   ideal cuDNN roofline of the same convolutions and the bound of the reference path (`modconv_ref`).
+   Kernels without a `MODELS` entry are compiled and reported, and listed as "not modelled".
+
+Output: the variant table, the whole-synthesis table per (dtype, batch) and, with --layers, the per-launch
+table. --json PATH writes
+  variants: one row per (variant, target): name, kernel, is_conv, target (sm_80 | sm_90a), dtype (fp32 |
+    fp16 | bf16), regs, spill_bytes, smem_bytes, smem_limit, mma_opcodes (list), instr_per_mma (main loop;
+    null without a loop or MMA), error (null or the compiler's message); and num_warps, num_stages,
+    spill_stores, spill_loads, mma_count, n_instr, loop_instr, loop_mma, launches, specialisation, used_by.
+  configs: one row per (dtype, batch), whole synthesis, µs: lb_us, cudnn_us, ref_us, exec_over_useful,
+    mma_us, issue_us, hbm_us (forward); lb_fwd_bwd_us, triton_bwd_us, torch_bwd_us, cudnn_fwd_bwd_us,
+    ref_fwd_bwd_us (forward + backward); launches_fwd, launches_bwd, not_modelled.
+  launches (with --layers): one row per launch: layer, op, phase, variant, grid and the model's figures.
+A new kernel gets its model by an entry in `MODELS` (see there); without one it is still checked.
+
+Exit status 1 when a launched variant fails to compile, spills registers, or needs more shared memory
+per block than a target has (each failure printed on one line); 0 otherwise; 2 on a usage error.
+Compiled kernels, and what ptxas and cuobjdump said about them, are cached in --cache.
+"""
+import argparse
+import concurrent.futures
+import hashlib
+import inspect
+import json
+import math
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default in Triton 3.9 (silences its warning)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import CUDABackend, get_ptxas, sm_arch_from_capability  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+import cli  # noqa: E402
+import kernels  # noqa: E402
+import stylemask as sm  # noqa: E402
+from stylemask import StyleMaskError  # noqa: E402
+from weights import defaults  # noqa: E402
+
+# --- H200 figures of the model (inputs, not measurements) ------------------------------------------------
+
+SMS = 132                 # streaming multiprocessors (H100 / H200 SXM)
+CLK = 1.98e9              # boost clock, Hz (67 TF = 132 SMs × 128 FP32 lanes × 2 × 1.98 GHz)
+PEAK_TC = 989e12          # dense fp16 / bf16 tensor-core FLOP/s
+PEAK_TF32 = 494e12        # dense TF32 tensor-core FLOP/s
+PEAK_FFMA = 67e12         # fp32 FLOP/s without tensor cores
+HBM = 4.8e12              # bytes/s
+L2 = 50 * 2**20           # bytes of L2
+REGS_SM, WARPS_SM, CTAS_SM = 65536, 64, 32           # per SM
+SMEM_SM, SMEM_CTA_RESERVED = 228 * 1024, 1024        # shared memory per SM, and reserved per CTA
+ISSUE_PER_SM = 4 * CLK    # warp-instructions/s per SM: 4 schedulers, 1 warp-instruction per clock each
+
+TARGETS = {"sm_80": 80, "sm_90a": 90}
+SMEM_LIMIT = {"sm_80": 166912, "sm_90a": 232448}     # opt-in shared memory per block, bytes
+MODEL_TARGET = "sm_90a"   # the binaries the H200 model reads
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BATCHES = (1, 16)
+ARCH = "ffhq-1024"
+OPS = ("modconv", "upfirdn2d")  # the public ops synthesis calls; a modconv call starts the next layer
+
+# tensor-core instructions in SASS: mma.sync (HMMA/IMMA/DMMA), wgmma (HGMMA/IGMMA/...), tcgen05 (UTC*MMA)
+MMA_OPCODE = re.compile(r"^(?:[HIDBQO]MMA|[HIBQ]GMMA|UTC\w*MMA)\b")
+
+
+# --- 1. Capture every launch ------------------------------------------------------------------------------
+
+@dataclass
+class Launch:
+    """One recorded @triton.jit launch: what the JIT would have compiled and run, and who asked for it."""
+    fn: JITFunction
+    grid: tuple               # (g0, g1, g2), callables evaluated as the JIT does
+    raw: tuple                # positional arguments as passed
+    kwargs: dict              # keyword arguments as passed (constexprs, num_warps, num_stages, ...)
+    args: dict                # every kernel argument by name (fn.arg_names), defaults applied
+    layer: str = ""           # style_layout name of the layer whose op made the launch
+    op: str = ""              # the public op called (modconv, upfirdn2d)
+    phase: str = "fwd"        # fwd | bwd
+    dtype: str = ""
+    batch: int = 0
+    variant: str = ""         # name of its Variant
+
+    @property
+    def kernel(self):
+        return self.fn.__name__
+
+    @property
+    def programs(self):
+        return math.prod(self.grid)
+
+
+_BINDERS = {}
+
+
+def binder(fn):
+    """Triton's own argument binder and specialiser for fn, for the CUDA backend (what JITFunction.run calls)."""
+    if fn not in _BINDERS:
+        _BINDERS[fn] = create_function_from_signature(fn.signature, fn.params, CUDABackend)
+    return _BINDERS[fn]
+
+
+@contextmanager
+def recording(log):
+    """Within: every @triton.jit launch appends a Launch to log instead of compiling and running."""
+    real = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        bound, _, _ = binder(self)(*args, **kwargs)
+        grid = grid(bound) if callable(grid) else grid
+        grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+        log.append(Launch(self, grid, args, kwargs, dict(bound)))
+
+    JITFunction.run = record
+    try:
+        yield
+    finally:
+        JITFunction.run = real
+
+
+@contextmanager
+def gpu_code_path():
+    """Within: the kernels take their CUDA code path on meta tensors (Triton backend, CUDA block sizes).
+
+    Today's launchers pick block sizes by `x.is_cuda` from `*_BLOCKS` dicts; here every such dict hands
+    its "cuda" entry to non-CUDA tensors too, and `resolve` answers "triton" in every module that bound it.
+    (Once the kernels treat meta tensors as CUDA themselves, only the backend choice remains here.)
+    """
+    modules = [m for name, m in sys.modules.items() if name == "kernels" or name.startswith("kernels.")]
+    real_resolve = kernels.dispatch.resolve
+    saved = []  # (dict or module, key, old value)
+    for m in modules:
+        if getattr(m, "resolve", None) is real_resolve:
+            saved.append((vars(m), "resolve", real_resolve))
+            m.resolve = lambda x, impl="auto": "triton"
+        for name, table in list(vars(m).items()):
+            if name.endswith("_BLOCKS") and isinstance(table, dict) and "cuda" in table:
+                for other in [k for k in table if k != "cuda"]:
+                    saved.append((table, other, table[other]))
+                    table[other] = table["cuda"]
+    backend = os.environ.get("STYLEMASK_BACKEND")
+    os.environ["STYLEMASK_BACKEND"] = "triton"
+    try:
+        yield
+    finally:
+        for where, key, old in reversed(saved):
+            where[key] = old
+        if backend is None:
+            os.environ.pop("STYLEMASK_BACKEND")
+        else:
+            os.environ["STYLEMASK_BACKEND"] = backend
+
+
+@contextmanager
+def tagging(log, layout):
+    """Within: launches made inside an op of `OPS` are tagged with its layer; in the backward, with the
+    layer of the op whose output gradient autograd reached last (a hook on each op's output)."""
+    names = iter([L.name for L in layout])
+    state = dict(layer="", op="", phase="fwd", seen=0)
+    real = {op: getattr(kernels, op) for op in OPS}
+
+    def tag_new():
+        for r in log[state["seen"]:]:
+            r.layer, r.op, r.phase = state["layer"], state["op"], state["phase"]
+        state["seen"] = len(log)
+
+    def wrap(op):
+        def call(*args, **kwargs):
+            tag_new()
+            if op == OPS[0]:
+                state["layer"] = next(names, "?")
+            state["op"] = op
+            out = real[op](*args, **kwargs)
+            tag_new()
+            if out.requires_grad:
+                out.register_hook(backward_of(state["layer"], op))
+            return out
+        return call
+
+    def backward_of(layer, op):
+        def hook(grad):  # autograd reached the op's output: its backward runs next
+            tag_new()
+            state.update(layer=layer, op=op, phase="bwd")
+        return hook
+
+    for op in OPS:
+        setattr(kernels, op, wrap(op))
+    try:
+        yield tag_new
+    finally:
+        for op, f in real.items():
+            setattr(kernels, op, f)
+
+
+_GENERATOR = {}
+
+
+def generator():
+    """The ffhq-1024 config-f generator with random weights (its values never matter: it goes to meta)."""
+    if "G" not in _GENERATOR:
+        _GENERATOR["G"] = defaults.random_generator(sm.ARCHS[ARCH], seed=0)
+    return _GENERATOR["G"]
+
+
+def capture(dtype, batch):
+    """Every Triton launch of synthesis(G, s) and of its backward w.r.t. s, at batch `batch`, on meta tensors."""
+    G = {k: v.to("meta", DTYPES[dtype]) for k, v in generator().items()}
+    layout = sm.style_layout(G)
+    s = torch.empty(batch, layout[-1].offset + layout[-1].dim, device="meta", dtype=DTYPES[dtype],
+                    requires_grad=True)  # (B, D)
+    log = []
+    with gpu_code_path(), recording(log), tagging(log, layout) as tag_new:
+        img = sm.synthesis(G, s)  # (B, 3, 1024, 1024)
+        tag_new()
+        img.sum().backward()
+        tag_new()
+    for r in log:
+        r.dtype, r.batch = dtype, batch
+    return log
+
+
+# --- 2. Specialise like the JIT -----------------------------------------------------------------------------
+
+ALLOCATOR_ALIGNMENT = 256  # bytes: every block of the CUDA caching allocator starts 256-B aligned
+
+
+class _Address:
+    """A tensor as Triton's specialiser sees it: its dtype and a device address (base + storage offset)."""
+
+    def __init__(self, t):
+        self.dtype = t.dtype
+        self._ptr = ALLOCATOR_ALIGNMENT + t.storage_offset() * t.element_size()
+
+    def data_ptr(self):
+        return self._ptr
+
+
+def specialise(fn, args, kwargs):
+    """Triton's JIT specialisation of one launch: (key, bound args, specialisation, options).
+
+    key is equal for two launches exactly when the JIT would run the same compiled kernel for both.
+    """
+    addr = lambda a: _Address(a) if isinstance(a, torch.Tensor) else a  # noqa: E731
+    kwargs = dict({k: addr(v) for k, v in kwargs.items()}, debug=kwargs.get("debug", fn.debug) or
+                  triton.knobs.runtime.debug, instrumentation_mode=triton.knobs.compilation.instrumentation_mode,
+                  fpsan_homomorphic_casts=triton.knobs.compilation.fpsan_homomorphic_casts)  # as JITFunction.run
+    bound, specialisation, options = binder(fn)(*map(addr, args), **kwargs)
+    key = (fn.__module__, fn.__qualname__, repr(specialisation), repr(sorted(options.items())))
+    return key, kwargs, bound, specialisation, options
+
+
+@dataclass
+class Variant:
+    """One distinct compiled kernel: a JIT specialisation, the launches that use it, its compile results."""
+    key: tuple
+    fn: JITFunction
+    name: str                 # e.g. modconv.3
+    dtype: str                # of the synthesis run whose launches use it
+    kwargs: dict
+    bound: dict
+    specialisation: list
+    options: dict
+    launches: list = field(default_factory=list)
+    results: dict = field(default_factory=dict)  # target -> compile result (see `inspect_variant`)
+
+    @property
+    def kernel(self):
+        return self.fn.__name__
+
+    def describe(self):
+        """The constexprs (ints equal to 1 included) and the divisible-by-16 arguments, in one line."""
+        cx = [f"{n}={self.bound[n]!r}" for n, (ty, _) in zip(self.fn.arg_names, self.specialisation)
+              if ty == "constexpr"]
+        d16 = [n for n, (ty, sp) in zip(self.fn.arg_names, self.specialisation) if sp == "D"]
+        return " ".join(str(c).replace("True", "1").replace("False", "0") for c in cx) + f" | %16: {','.join(d16)}"
+
+
+def variants_of(launches):
+    """Launches -> {name: Variant}, in order of first use; each launch's `variant` set to its name."""
+    by_key, count = {}, Counter()
+    for r in launches:
+        key, kwargs, bound, specialisation, options = specialise(r.fn, r.raw, r.kwargs)
+        if key not in by_key:
+            count[r.kernel] += 1
+            short = r.kernel.strip("_").removesuffix("_kernel")
+            by_key[key] = Variant(key, r.fn, f"{short}.{count[r.kernel]}", r.dtype, kwargs, bound, specialisation,
+                                  options)
+        by_key[key].launches.append(r)
+        r.variant = by_key[key].name
+    return {v.name: v for v in by_key.values()}
+
+
+# --- 3. Compile and inspect ------------------------------------------------------------------------------------
+
+def compile_variant(v, target):
+    """triton.compile of variant v for target ('sm_80' | 'sm_90a'), with the options the launch gives."""
+    backend = CUDABackend(GPUTarget("cuda", TARGETS[target], 32))
+    options, signature, constexprs, attrs = v.fn._pack_args(backend, dict(v.kwargs), v.bound, v.specialisation,
+                                                            dict(v.options))
+    return triton.compile(ASTSource(v.fn, signature, constexprs, attrs), target=backend.target,
+                          options=options.__dict__)
+
+
+def ptxas_usage(ptx, cc, options):
+    """Registers and spill bytes from `ptxas -v`: the binary and flags of Triton's own make_cubin."""
+    ptxas = get_ptxas(cc).path
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        knobs = triton.knobs
+        debug = (["-lineinfo", "-suppress-debug-info"] if knobs.compilation.disable_line_info else
+                 ["-g"] if knobs.nvidia.disable_ptxas_opt else ["-lineinfo"])
+        cmd = [ptxas, *debug, *([] if options.enable_fp_fusion else ["--fmad=false"]), "-v",
+               *(["--opt-level", "0"] if knobs.nvidia.disable_ptxas_opt else []), "--regAllocOptLevel=2",
+               *(options.ptx_options.split() if options.ptx_options else []),
+               f"--gpu-name={sm_arch_from_capability(cc)}", src, "-o", os.path.join(d, "k.o")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
+    return dict(regs=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
+                spill_loads=num(r"(\d+) bytes spill loads"), ptxas=os.path.basename(ptxas))
+
+
+SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)"
+                              r"\s*([^;]*);")
+SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):", re.MULTILINE)
+
+
+def sass_instructions(text):
+    """cuobjdump / nvdisasm SASS text -> [(address, opcode with modifiers, branch target or None)]."""
+    labels = {}  # label -> address of the instruction that follows it
+    pending = []
+    for line in text.splitlines():
+        if (m := SASS_LABEL.match(line)):
+            pending.append(m.group(1))
+        elif (m := SASS_INSTRUCTION.search(line)):
+            for name in pending:
+                labels[name] = int(m.group(1), 16)
+            pending = []
+    out = []
+    for m in SASS_INSTRUCTION.finditer(text):
+        addr, opcode, operands = int(m.group(1), 16), m.group(2), m.group(3)
+        target = None
+        if opcode.split(".")[0] in ("BRA", "JMP", "BRX"):
+            if (t := re.search(r"`\((\.L_x_\d+)\)", operands)):
+                target = labels.get(t.group(1))
+            elif (t := re.match(r"\s*(0x[0-9a-f]+)", operands)):
+                target = int(t.group(1), 16)
+        out.append((addr, opcode, target))
+    return out
+
+
+def main_loop(instructions):
+    """(first, last) address of the largest backward-branch interval (the main loop), or None."""
+    loop = None
+    for addr, _, target in instructions:
+        if target is not None and target < addr and (loop is None or addr - target > loop[1] - loop[0]):
+            loop = (target, addr)
+    return loop
+
+
+def sass_facts(text):
+    """Tensor-core opcodes, instruction counts, and main-loop instructions per MMA of a kernel's SASS."""
+    ins = sass_instructions(text)
+    is_mma = lambda op: bool(MMA_OPCODE.match(op))  # noqa: E731
+    loop = main_loop(ins)
+    body = [op for addr, op, _ in ins if loop and loop[0] <= addr <= loop[1]]
+    loop_mma = sum(map(is_mma, body))
+    return dict(mma_opcodes=sorted({op for _, op, _ in ins if is_mma(op)}),
+                mma_count=sum(is_mma(op) for _, op, _ in ins), n_instr=len(ins), loop_instr=len(body),
+                loop_mma=loop_mma, instr_per_mma=round(len(body) / loop_mma, 2) if loop_mma else None)
+
+
+def disassemble(cubin):
+    """cuobjdump -sass of a cubin (the cuobjdump shipped with Triton)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+
+
+def inspect_variant(v, target):
+    """Compile v for target and read its binary: a plain dict (error set, or every compile fact)."""
+    t0 = time.time()
+    try:
+        k = compile_variant(v, target)
+    except Exception as e:  # the compiler's own message, first line (a failure is a result here)
+        lines = f"{type(e).__name__}: {e}".strip().splitlines()
+        return dict(error=next((s for s in lines if s.strip()), "")[:300], compile_s=time.time() - t0)
+    # ptxas -v and cuobjdump take ~2 s a variant: their facts are kept beside Triton's cache, per binary
+    # and per version of the code that reads them
+    cached = os.path.join(os.environ["TRITON_CACHE_DIR"], "aot-facts", f"{k.hash}-{target}-{_reader_hash()}.json")
+    if os.path.exists(cached):
+        with open(cached) as f:
+            res = json.load(f)
+    else:
+        md = k.metadata
+        res = dict(smem_bytes=md.shared, num_warps=md.num_warps, num_stages=md.num_stages,
+                   **ptxas_usage(k.asm["ptx"], TARGETS[target], md), **sass_facts(disassemble(k.asm["cubin"])))
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        write_json(cached, res)
+    return dict(res, error=None, smem_limit=SMEM_LIMIT[target], spill_bytes=res["spill_stores"] + res["spill_loads"],
+                compile_s=time.time() - t0)
+
+
+def _reader_hash():
+    """A hash of the functions that read a binary's facts: cached facts go stale when they change."""
+    readers = (inspect_variant, ptxas_usage, sass_facts, sass_instructions, main_loop, disassemble)
+    text = "".join(inspect.getsource(f) for f in readers) + MMA_OPCODE.pattern + SASS_INSTRUCTION.pattern
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+_JOBS = []  # (Variant, target), read by forked workers
+
+
+def _inspect_job(i):
+    return inspect_variant(*_JOBS[i])
+
+
+def compile_all(variants, targets, workers):
+    """Fill v.results[target] for every variant and target, `workers` forked processes at a time."""
+    _JOBS[:] = [(v, t) for v in variants.values() for t in targets]
+    if workers > 1:
+        ctx = multiprocessing.get_context("fork")  # the kernels (JITFunctions) are inherited, not pickled
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            results = list(pool.map(_inspect_job, range(len(_JOBS))))
+    else:
+        results = [_inspect_job(i) for i in range(len(_JOBS))]
+    for (v, t), res in zip(_JOBS, results):
+        v.results[t] = res
+
+
+def failures(variants, targets):
+    """One line per compile error, spill, or shared memory over the per-block limit."""
+    bad = []
+    for v in variants.values():
+        for t in targets:
+            res = v.results[t]
+            if res["error"]:
+                bad.append(f"{v.name} {t}: compile error: {res['error']}")
+                continue
+            if res["spill_bytes"]:
+                bad.append(f"{v.name} {t}: spills ({res['spill_stores']} B stored, {res['spill_loads']} B loaded)")
+            if res["smem_bytes"] > res["smem_limit"]:
+                bad.append(f"{v.name} {t}: shared memory {res['smem_bytes']} B > {res['smem_limit']} B per block")
+    return bad
+
+
+# --- 4. H200 model --------------------------------------------------------------------------------------------
+
+ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def conv_bounds(B, Cin, Cout, H, W, k, up, demod, dtype):
+    """The same convolution on PyTorch: (ideal cuDNN roofline, reference-path bound) in seconds, and its FLOPs.
+
+    cuDNN: max(FLOPs at the tensor-core peak, x + y + weight once through HBM); fp32 at TF32, PyTorch's
+    default for convolutions. Reference path (`modconv_ref`): the same FLOPs, and every pass it makes over
+    memory: x·s (read x, write), the convolution, y·d when demodulating, and for up=2 the FIR's pad and
+    depthwise convolution over the (2H+1)² transposed output.
+    """
+    e = ELEMENT[dtype]
+    flops = 2 * B * Cout * Cin * k * k * H * W
+    x, w = B * Cin * H * W * e, Cout * Cin * k * k * e
+    y = B * Cout * (H * up + (k - 1 if up == 2 else 0)) * (W * up + (k - 1 if up == 2 else 0)) * e
+    peak = PEAK_TF32 if dtype == "fp32" else PEAK_TC
+    passes = 2 * x + (x + y + w) + (2 * y if demod else 0)
+    if up == 2:
+        passes += 3 * y + B * Cout * H * up * W * up * e
+    return dict(cudnn_s=max(flops / peak, (x + y + w) / HBM), ref_s=max(flops / peak, passes / HBM), flops=flops)
+
+
+def _model_modconv(r):
+    """_modconv_kernel: implicit GEMM; a program runs BLOCK_P × BLOCK_O × BLOCK_I × K² MACs per CIN block."""
+    a = r.args
+    B, K, UP = a["x_ptr"].shape[0], a["K"], a["UP"]
+    BP, BO, BI = a["BLOCK_P"], a["BLOCK_O"], a["BLOCK_I"]
+    iters = math.ceil(a["CIN"] / BI)
+    e = ELEMENT[r.dtype]
+    x = B * a["CIN"] * a["H"] * a["W"] * e
+    y = B * a["COUT"] * a["OH"] * a["OW"] * e
+    w = a["COUT"] * a["CIN"] * K * K * e
+    x_reads = math.ceil(a["COUT"] / BO) if x > L2 else 1  # channel tiles are the slowest grid axis: x re-read
+    conv = conv_bounds(B, a["CIN"], a["COUT"], a["H"], a["W"], K, UP, a["DEMOD"], r.dtype)
+    return dict(iters=iters, exec_flops=2 * BP * BO * BI * K * K * iters, useful_flops=conv["flops"],
+                bytes=x * x_reads + y + w, is_conv=True, conv=conv,
+                shape=f"{a['CIN']}→{a['COUT']} {K}×{K} {a['H']}²" + (f"→{a['OH']}² (T)" if UP == 2 else ""))
+
+
+def _model_upfirdn2d(r):
+    """_upfirdn2d_kernel: straight-line code per output tile, no MMA; reads the input and writes the output once."""
+    a = r.args
+    e = ELEMENT[r.dtype]
+    return dict(iters=0, exec_flops=0, useful_flops=2 * a["N"] * a["OH"] * a["OW"] * a["KH"] * a["KW"],
+                bytes=(a["N"] * a["H"] * a["W"] + a["N"] * a["OH"] * a["OW"]) * e, is_conv=False,
+                shape=f"{a['N']} planes {a['H']}²→{a['OH']}² up{a['UP']} down{a['DOWN']}")
+
+
+# kernel name -> model(launch) -> dict with
+#   iters        trip count of the main loop per program (0: straight-line code)
+#   exec_flops   tensor-core (or FFMA-dot) FLOPs one program executes, padding included
+#   useful_flops the launch's own multiply-adds ×2 (for a conv: the convolution's)
+#   bytes        bytes moved through HBM by the whole launch
+#   is_conv      whether the launch computes a convolution; then also
+#   conv         conv_bounds(B, Cin, Cout, H, W, k, up, demod, dtype) of that convolution
+#   shape        a short human-readable shape
+MODELS = {
+    "_modconv_kernel": _model_modconv,
+    "_upfirdn2d_kernel": _model_upfirdn2d,
+}
+
+
+def ctas_per_sm(res):
+    """Co-resident programs per SM, from registers (allocated per warp in units of 256) and shared memory."""
+    regs = math.ceil(max(res["regs"], 1) / 8) * 8 * 32 * res["num_warps"]
+    smem = SMEM_SM // (res["smem_bytes"] + SMEM_CTA_RESERVED)
+    return max(0, min(REGS_SM // regs, smem, CTAS_SM, WARPS_SM // res["num_warps"]))
+
+
+def wave_time(programs, per_program, ctas):
+    """The busiest SM's time: full waves of `ctas` co-resident programs sharing it, then the tail."""
+    full, rest = divmod(programs, SMS * ctas)
+    return full * ctas * per_program + math.ceil(rest / SMS) * per_program
+
+
+def dot_peak(res):
+    """FLOP/s of the kernel's dot products on an H200, read off its SASS: fp16/bf16 or TF32 MMA, else FFMA."""
+    if not res["mma_opcodes"]:
+        return PEAK_FFMA
+    return PEAK_TF32 if any("TF32" in op for op in res["mma_opcodes"]) else PEAK_TC
+
+
+def model_launch(r, variants):
+    """The H200 lower bound of one launch (dict of seconds and counts), or None when it cannot be modelled."""
+    res = variants[r.variant].results.get(MODEL_TARGET)
+    if r.kernel not in MODELS or not res or res["error"]:
+        return None
+    m = MODELS[r.kernel](r)
+    ctas = ctas_per_sm(res)
+    if ctas == 0:
+        return None
+    P = r.programs
+    instr = res["num_warps"] * (res["n_instr"] + max(m["iters"] - 1, 0) * res["loop_instr"])
+    t_mma = wave_time(P, m["exec_flops"] / (dot_peak(res) / SMS), ctas)
+    t_issue = wave_time(P, instr / ISSUE_PER_SM, ctas)
+    t_hbm = m["bytes"] / HBM
+    lb, bound = max((t_mma, "mma"), (t_issue, "issue"), (t_hbm, "hbm"))
+    return dict(m, programs=P, ctas=ctas, waves=math.ceil(P / (SMS * ctas)), instr_per_program=instr,
+                t_mma=t_mma, t_issue=t_issue, t_hbm=t_hbm, lb=lb, bound=bound)
+
+
+def summarise(launches, models, dtype, batch):
+    """Whole-synthesis figures for one (dtype, batch): forward, and forward + backward, in microseconds.
+
+    Layers whose backward launches no Triton kernel run it in PyTorch; they are charged 2× the reference
+    path's bound (autograd through the reference: its forward recomputed, then its gradient). cuDNN and the
+    reference path, forward + backward: 2× their forward (the input-gradient convolution has the forward's
+    FLOPs and bytes).
+    """
+    rows = [(r, m) for r, m in zip(launches, models) if r.dtype == dtype and r.batch == batch]
+    fwd = [(r, m) for r, m in rows if r.phase == "fwd"]
+    convs = [m for _, m in fwd if m and m["is_conv"]]
+    us = lambda seq: sum(seq) * 1e6  # noqa: E731
+    bwd_ops = {(r.layer, r.op) for r, _ in rows if r.phase == "bwd"}
+    torch_bwd = [m["conv"]["ref_s"] * 2 for r, m in fwd if m and m["is_conv"] and (r.layer, r.op) not in bwd_ops]
+    useful = sum(m["useful_flops"] for m in convs)
+    lb_fwd = us(m["lb"] for _, m in fwd if m)
+    triton_bwd = us(m["lb"] for r, m in rows if m and r.phase == "bwd")
+    cudnn, ref = us(m["conv"]["cudnn_s"] for m in convs), us(m["conv"]["ref_s"] for m in convs)
+    return dict(dtype=dtype, batch=batch, launches_fwd=len(fwd), launches_bwd=len(rows) - len(fwd),
+                lb_us=lb_fwd, cudnn_us=cudnn, ref_us=ref,
+                exec_over_useful=sum(m["exec_flops"] * m["programs"] for m in convs) / useful if useful else None,
+                mma_us=us(m["t_mma"] for _, m in fwd if m), issue_us=us(m["t_issue"] for _, m in fwd if m),
+                hbm_us=us(m["t_hbm"] for _, m in fwd if m),
+                useful_tflops_at_lb=useful / lb_fwd / 1e6 if lb_fwd else None,
+                lb_fwd_bwd_us=lb_fwd + triton_bwd + us(torch_bwd), triton_bwd_us=triton_bwd,
+                torch_bwd_us=us(torch_bwd), torch_bwd_layers=len(torch_bwd),
+                cudnn_fwd_bwd_us=2 * cudnn, ref_fwd_bwd_us=2 * ref,
+                not_modelled=sorted({r.kernel for r, m in rows if m is None}))
+
+
+# --- 5. Report ---------------------------------------------------------------------------------------------
+
+def print_variants(variants, targets):
+    """The variant table: one row per compiled variant, one column group per target."""
+    head = " | ".join(f"{t:<6} {'regs':>4} {'spill':>5} {'smem':>6} {'w/s':>3} {'MMA':<22} {'i/mma':>5}"
+                      for t in targets)
+    print(f"\n{'variant':<12} {'dtype':<5} {'n':>3}  {head}  specialisation")
+    for v in variants.values():
+        cells = []
+        for t in targets:
+            res = v.results[t]
+            if res["error"]:
+                cells.append(f"{t:<6} COMPILE ERROR: {res['error'][:60]}")
+                continue
+            mma = (",".join(sorted({op.split('.')[0] for op in res["mma_opcodes"]})) + f" x{res['mma_count']}"
+                   if res["mma_opcodes"] else "-")
+            smem = f"{res['smem_bytes']}" + ("!" if res["smem_bytes"] > res["smem_limit"] else "")
+            ipm = f"{res['instr_per_mma']:.1f}" if res["instr_per_mma"] else "-"
+            cells.append(f"{t:<6} {res['regs']:>4} {res['spill_bytes']:>5} {smem:>6} "
+                         f"{res['num_warps']}/{res['num_stages']} {mma:<22} {ipm:>5}")
+        print(f"{v.name:<12} {v.dtype:<5} {len(v.launches):>3}  {' | '.join(cells)}  {v.describe()}")
+    print("(n: launches; spill: ptxas -v spill bytes (stores + loads); smem: bytes per block, '!' over the limit "
+          f"({', '.join(f'{t} {SMEM_LIMIT[t]}' for t in targets)}); w/s: num_warps/num_stages; MMA: tensor-core "
+          "opcodes × static count; i/mma: SASS instructions per MMA instruction in the main loop)")
+
+
+def print_layers(launches, models):
+    """The per-launch table: each launch's layer, variant, shape, occupancy and model figures."""
+    f = lambda t: f"{t * 1e6:.1f}"  # noqa: E731
+    key = None
+    for r, m in zip(launches, models):
+        if (r.dtype, r.batch) != key:
+            key = (r.dtype, r.batch)
+            print(f"\n{r.dtype}, batch {r.batch} (H200 model, µs)")
+            print(f"{'ph':<3} {'layer':<11} {'op':<9} {'variant':<12} {'shape':<30} {'progs':>6} {'cta':>3} "
+                  f"{'waves':>5} {'t_mma':>8} {'t_issue':>8} {'t_hbm':>7} {'LB':>8} {'bound':<5} {'cuDNN':>7} "
+                  f"{'ref':>7}")
+        if m is None:
+            print(f"{r.phase:<3} {r.layer:<11} {r.op:<9} {r.variant:<12} not modelled")
+            continue
+        conv = m.get("conv")
+        print(f"{r.phase:<3} {r.layer:<11} {r.op:<9} {r.variant:<12} {m['shape']:<30} {m['programs']:>6} "
+              f"{m['ctas']:>3} {m['waves']:>5} {f(m['t_mma']):>8} {f(m['t_issue']):>8} {f(m['t_hbm']):>7} "
+              f"{f(m['lb']):>8} {m['bound']:<5} {f(conv['cudnn_s']) if conv else '-':>7} "
+              f"{f(conv['ref_s']) if conv else '-':>7}")
+
+
+def print_summary(configs):
+    """The per-(dtype, batch) table of whole-synthesis figures."""
+    print("\nH200 model, whole synthesis (µs): forward | forward + backward")
+    print(f"{'dtype':<5} {'B':>3} {'launches':>8} {'LB':>9} {'MMA':>8} {'issue':>8} {'HBM':>7} {'cuDNN':>7} "
+          f"{'ref':>7} {'LB/cuDNN':>8} {'exec/use':>8} | {'LB':>9} {'cuDNN':>7} {'ref':>7}")
+    for c in configs:
+        print(f"{c['dtype']:<5} {c['batch']:>3} {c['launches_fwd']:>4}+{c['launches_bwd']:<3} {c['lb_us']:>9.0f} "
+              f"{c['mma_us']:>8.0f} {c['issue_us']:>8.0f} {c['hbm_us']:>7.0f} {c['cudnn_us']:>7.0f} "
+              f"{c['ref_us']:>7.0f} "
+              f"{c['lb_us'] / c['cudnn_us'] if c['cudnn_us'] else math.nan:>8.1f} "
+              f"{c['exec_over_useful'] or math.nan:>8.2f} | {c['lb_fwd_bwd_us']:>9.0f} {c['cudnn_fwd_bwd_us']:>7.0f} "
+              f"{c['ref_fwd_bwd_us']:>7.0f}")
+        if c["not_modelled"]:
+            print(f"      not modelled (no MODELS entry, or no {MODEL_TARGET} binary): {', '.join(c['not_modelled'])}")
+    print("(Estimates from the compiled code; the compile facts above are not. LB: per launch max(MMA time of the "
+          "executed tiles (FFMA time where the SASS has no MMA), SASS issue at 1 warp-instruction/clock/scheduler, "
+          "HBM bytes / 4.8 TB/s), CTAs/SM from regs + smem, wave-quantised, summed; no launch overhead. cuDNN: "
+          "ideal roofline of the same convs (fp32 at TF32). ref: modconv_ref's memory passes. exec/use: executed "
+          "over useful conv FLOPs. Forward + backward: Triton launches of both, plus 2× the ref bound for layers "
+          "whose backward runs in PyTorch; cuDNN and ref at 2× forward.)")
+
+
+def variant_rows(variants, targets):
+    """The JSON rows: one per (variant, target)."""
+    rows = []
+    for v in variants.values():
+        is_conv = any(MODELS[v.kernel](r)["is_conv"] for r in v.launches[:1]) if v.kernel in MODELS else False
+        for t in targets:
+            res = v.results[t]
+            rows.append(dict(name=v.name, kernel=v.kernel, is_conv=is_conv, target=t, dtype=v.dtype,
+                             regs=res.get("regs"), spill_bytes=res.get("spill_bytes"), smem_bytes=res.get("smem_bytes"),
+                             smem_limit=SMEM_LIMIT[t], mma_opcodes=res.get("mma_opcodes", []),
+                             instr_per_mma=res.get("instr_per_mma"), error=res["error"],
+                             num_warps=res.get("num_warps"), num_stages=res.get("num_stages"),
+                             spill_stores=res.get("spill_stores"), spill_loads=res.get("spill_loads"),
+                             mma_count=res.get("mma_count"), n_instr=res.get("n_instr"),
+                             loop_instr=res.get("loop_instr"), loop_mma=res.get("loop_mma"),
+                             launches=len(v.launches), specialisation=v.describe(),
+                             used_by=sorted({f"{r.dtype}/B{r.batch}/{r.phase}/{r.layer}" for r in v.launches})))
+    return rows
+
+
+def launch_rows(launches, models):
+    """The JSON rows of --layers: one per launch."""
+    rows = []
+    for r, m in zip(launches, models):
+        row = dict(dtype=r.dtype, batch=r.batch, phase=r.phase, layer=r.layer, op=r.op, kernel=r.kernel,
+                   variant=r.variant, grid=list(r.grid), modelled=m is not None)
+        if m:
+            row.update({k: v for k, v in m.items() if k != "conv"}, **({"conv": m["conv"]} if "conv" in m else {}))
+        rows.append(row)
+    return rows
+
+
+def write_json(path, obj):
+    """obj as JSON at path, atomically (temp file + rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    """Capture, specialise, compile, inspect, model, report; the exit status says whether every variant is fit."""
+    p = argparse.ArgumentParser(prog="python -m bench.aot", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fp16, batch 16, sm_90a only (under a minute)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="compile processes in parallel (default: os.cpu_count())")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "stylemask-aot"),
+                   help="folder for Triton's compile cache (TRITON_CACHE_DIR = CACHE/triton; default: %(default)s)")
+    p.add_argument("--json", metavar="PATH", help='write {"variants": [...], "configs": [...]} (and "launches" with '
+                   "--layers) to PATH: one variant row per compiled variant and target, one config row per "
+                   "(dtype, batch)")
+    p.add_argument("--layers", action="store_true", help="print the per-launch table (layer, shape, model figures)")
+    a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise StyleMaskError("bench.aot compiles real kernels: unset TRITON_INTERPRET (the interpreter replaces "
+                             "@triton.jit and compiles nothing)")
+    if a.workers < 1:
+        raise StyleMaskError(f"--workers must be at least 1, got {a.workers}")
+    if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+        raise StyleMaskError(f"--json {a.json}: no such folder")
+    os.makedirs(a.cache, exist_ok=True)
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(a.cache, "triton")
+    dtypes, batches = (["fp16"], [16]) if a.quick else (list(DTYPES), list(BATCHES))
+    targets = ["sm_90a"] if a.quick else list(TARGETS)
+    t0 = time.time()
+
+    launches = [r for dt in dtypes for B in batches for r in capture(dt, B)]
+    variants = variants_of(launches)
+    per = Counter((r.dtype, r.batch, r.phase) for r in launches)
+    print(f"triton {triton.__version__}; {ARCH} synthesis on meta tensors: {len(launches)} launches ("
+          + ", ".join(f"{d} B{b}: {per[d, b, 'fwd']} fwd + {per[d, b, 'bwd']} bwd" for d in dtypes for b in batches)
+          + f") -> {len(variants)} distinct variants × {len(targets)} targets")
+    compile_all(variants, targets, a.workers)
+    t_compile = time.time() - t0
+
+    print_variants(variants, targets)
+    models = [model_launch(r, variants) for r in launches]
+    if a.layers:
+        print_layers(launches, models)
+    configs = [summarise(launches, models, dt, B) for dt in dtypes for B in batches]
+    print_summary(configs)
+    bad = failures(variants, targets)
+    if a.json:
+        out = dict(triton=triton.__version__, arch=ARCH, targets=targets, variants=variant_rows(variants, targets),
+                   configs=configs, failures=bad)
+        if a.layers:
+            out["launches"] = launch_rows(launches, models)
+        write_json(a.json, out)
+        print(f"\nwrote {a.json}")
+    print(f"\n{time.time() - t0:.0f} s ({t_compile:.0f} s capture + compile, {a.workers} workers)")
+    for line in bad:
+        print(f"FAIL {line}")
+    if bad:
+        return 1
+    print("OK: every launched variant compiles for every target, fits shared memory and does not spill")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_script(main))
