@@ -94,7 +94,7 @@ MODEL_TARGET = "sm_90a"   # the binaries the H200 model reads
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BATCHES = (1, 16)
 ARCH = "ffhq-1024"
-OPS = ("modconv", "upfirdn2d")  # the public ops synthesis calls; a modconv call starts the next layer
+OPS = ("layer",)  # the public op synthesis calls, once per layer
 
 # tensor-core instructions in SASS: mma.sync (HMMA/IMMA/DMMA), wgmma (HGMMA/IGMMA/...), tcgen05 (UTC*MMA)
 MMA_OPCODE = re.compile(r"^(?:[HIDBQO]MMA|[HIBQ]GMMA|UTC\w*MMA)\b")
@@ -509,20 +509,54 @@ def conv_bounds(B, Cin, Cout, H, W, k, up, demod, dtype):
 
 
 def _model_modconv(r):
-    """_modconv_kernel: implicit GEMM; a program runs BLOCK_P × BLOCK_O × BLOCK_I × K² MACs per CIN block."""
+    """_modconv_kernel: implicit GEMM over (tap, channel block); a program runs BLOCK_M × BLOCK_N × BLOCK_K MACs
+    per iteration, NTY·NTX·KB iterations (one phase of the up-sampling conv: its 4, 2, 2 or 1 taps)."""
     a = r.args
-    B, K, UP = a["x_ptr"].shape[0], a["K"], a["UP"]
-    BP, BO, BI = a["BLOCK_P"], a["BLOCK_O"], a["BLOCK_I"]
-    iters = math.ceil(a["CIN"] / BI)
+    x = a["x_ptr"]
+    B, K, UP, KB = x.shape[0], a["K"], a["UP"], a["KB"]
+    BM, BN, BK = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
+    taps = (2 - a["PY"]) * (2 - a["PX"]) if UP == 2 else K * K
+    QH, QW = a["QH"] - a["PY"], a["QW"] - a["PX"]  # this launch's output grid
+    H_in, W_in = a["H"], a["W"]
+    pixels_in = QH * QW if UP == 1 and a["STRIDE"] == 1 else H_in * W_in if UP == 2 else QH * QW
     e = ELEMENT[r.dtype]
-    x = B * a["CIN"] * a["H"] * a["W"] * e
-    y = B * a["COUT"] * a["OH"] * a["OW"] * e
-    w = a["COUT"] * a["CIN"] * K * K * e
-    x_reads = math.ceil(a["COUT"] / BO) if x > L2 else 1  # channel tiles are the slowest grid axis: x re-read
-    conv = conv_bounds(B, a["CIN"], a["COUT"], a["H"], a["W"], K, UP, a["DEMOD"], r.dtype)
-    return dict(iters=iters, exec_flops=2 * BP * BO * BI * K * K * iters, useful_flops=conv["flops"],
-                bytes=x * x_reads + y + w, is_conv=True, conv=conv,
-                shape=f"{a['CIN']}→{a['COUT']} {K}×{K} {a['H']}²" + (f"→{a['OH']}² (T)" if UP == 2 else ""))
+    useful = 2 * B * a["COUT"] * a["CIN"] * taps * (QH * QW if UP == 1 else H_in * W_in)
+    if UP == 2:  # each input pixel meets every tap of the phase once (border rows of the phase grid aside)
+        useful = 2 * B * a["COUT"] * a["CIN"] * taps * H_in * W_in
+    bytes_ = (B * a["CIN"] * H_in * W_in + B * a["COUT"] * QH * QW) * e + taps * a["CIN"] * a["COUT"] * e
+    first = UP == 1 or (a["PY"] == 0 and a["PX"] == 0)  # the whole conv's cuDNN bound, on one phase launch
+    conv = (conv_bounds(B, a["CIN"], a["COUT"], H_in, W_in, K, UP, bool(a["SCALE"]), r.dtype) if first
+            else dict(cudnn_s=0.0, ref_s=0.0, flops=0))
+    what = (f"phase {a['PY']}{a['PX']}" if UP == 2 else f"stride {a['STRIDE']}" if a["STRIDE"] > 1 else "")
+    del pixels_in
+    return dict(iters=taps * KB, exec_flops=2 * BM * BN * BK * taps * KB, useful_flops=useful, bytes=bytes_,
+                is_conv=True, conv=conv,
+                shape=f"{a['CIN']}→{a['COUT']} {K}×{K} {H_in}×{W_in}→{QH}×{QW} {what}".rstrip())
+
+
+def _model_fir_act(r):
+    """_fir_act_kernel: the up-sampling conv's KF×KF FIR with the layer's epilogue; straight-line code, FFMAs
+    (their cost is in the SASS issue time); reads the FIR input and writes the output once."""
+    a = r.args
+    P = a["p_ptr"]
+    e = ELEMENT[r.dtype]
+    B, C, PH, PW = P.shape
+    out = B * C * a["OH"] * a["OW"]
+    return dict(iters=0, exec_flops=0, useful_flops=2 * out * a["KF"] ** 2, bytes=(B * C * PH * PW + out) * e,
+                is_conv=False, shape=f"FIR {C} ch {PH}×{PW}→{a['OH']}×{a['OW']}")
+
+
+def _model_torgb(r):
+    """_torgb_kernel: 1×1 modconv to 3 colours as fp32 FMAs (no MMA, no padding) + the fused skip up-FIR."""
+    a = r.args
+    x = a["x_ptr"]
+    B, CIN, H, W = x.shape
+    e = ELEMENT[r.dtype]
+    flops = 2 * B * 3 * CIN * H * W
+    per_program = 2 * a["BLOCK_P"] * 3 * math.ceil(CIN / a["BLOCK_K"]) * a["BLOCK_K"]
+    return dict(iters=math.ceil(CIN / a["BLOCK_K"]), exec_flops=per_program, useful_flops=flops,
+                bytes=(B * CIN * H * W + B * 3 * H * W * (2 if a["SKIP"] else 1)) * e, is_conv=True,
+                conv=conv_bounds(B, CIN, 3, H, W, 1, 1, False, r.dtype), shape=f"ToRGB {CIN}→3 {H}²")
 
 
 def _model_upfirdn2d(r):
@@ -544,6 +578,8 @@ def _model_upfirdn2d(r):
 #   shape        a short human-readable shape
 MODELS = {
     "_modconv_kernel": _model_modconv,
+    "_fir_act_kernel": _model_fir_act,
+    "_torgb_kernel": _model_torgb,
     "_upfirdn2d_kernel": _model_upfirdn2d,
 }
 

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .dispatch import fast_cpu, resolve
 from .modconv import (_channels_last, _modconv_triton, _on_gpu, _pow2, demodulation, fir_act, fir_input, fir_input_pad,
-                      modconv_cpu, modconv_ref, modulates_weights)
+                      halo_empty, modconv_cpu, modconv_ref, modulates_weights)
 from .upfirdn2d import upfirdn2d, upfirdn2d_cpu, upfirdn2d_ref
 
 SQRT2 = math.sqrt(2.0)
@@ -181,11 +181,11 @@ def _layer_triton(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength
     d = demodulation(weight, s)                  # (B, COUT), fp32, once per sample and output channel
     nz = None if noise is None else noise_strength * noise  # (B or 1, 1, H·up, W·up)
     if up == 1:
-        return _modconv_triton(x, weight, s, d, noise=nz, bias=bias, act=True, clamp=clamp)
+        return _modconv_triton(x, weight, s, d, noise=nz, bias=bias, act=True, clamp=clamp, halo_out=True)
     B, _, H, W = x.shape
     P = fir_input(B, weight.shape[0], 2 * H + 1, 2 * W + 1, fir, x)
     _modconv_triton(x, weight, s, d, up=2, out=P)
-    return fir_act(P[0], fir, noise=nz, bias=bias, act=True, clamp=clamp)
+    return fir_act(P[0], fir, noise=nz, bias=bias, act=True, clamp=clamp, halo_out=True)
 
 
 def _conv_layer_backward(x, weight, s, bias, nz, y, up, fir, clamp, dy):
@@ -202,9 +202,9 @@ def _conv_layer_backward(x, weight, s, bias, nz, y, up, fir, clamp, dy):
     s_ = s * c                                                    # (B, CIN)
     d = demodulation(weight, s_)                                  # (B, COUT), fp32
     slope = torch.where(y > 0, SQRT2, 0.2 * SQRT2).to(y.dtype)    # (B, COUT, H', W')
-    g = dy * slope
+    g = torch.mul(dy, slope, out=halo_empty(*y.shape, y)) if up == 1 else dy * slope  # (the up=1 conv reads it)
     if clamp is not None:
-        g = g * (y.abs() < clamp)
+        g.mul_(y.abs() < clamp)
     lin = y / slope - bias[None, :, None, None].to(y.dtype)      # d·Z (+ noise)
     if nz is not None:
         lin = lin - nz

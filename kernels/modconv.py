@@ -10,6 +10,9 @@ arranged for a CPU; `_modconv_kernel`, the Triton kernel (an implicit GEMM per s
 weight tiles on the fly and accumulates the demodulation from the same tiles); its launcher; the
 autograd Function; and the public `modconv`.
 """
+import math
+import weakref
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -246,6 +249,7 @@ def _modconv_kernel(
                              #   transposed conv's input gradient is STRIDE=2, PAD=0)
     KB: tl.constexpr,        # channel blocks per tap: cdiv(CIN, BLOCK_K)
     EVEN_K: tl.constexpr,    # CIN % BLOCK_K == 0: no channel masks
+    HALO: tl.constexpr,      # x sits inside a zero border of ≥ 1 pixel (`halo_view`): no spatial masks
     SCALE: tl.constexpr, NOISE: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr,
     PREC: tl.constexpr,      # tl.dot input precision for fp32: "ieee" (exact) or "tf32"
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -292,7 +296,10 @@ def _modconv_kernel(
             dy = ty - PAD
             dx = tx - PAD
             tap = t
-        ok = m_ok & ((qy + dy).to(tl.uint32) < H) & ((qx + dx).to(tl.uint32) < W)  # inside the image
+        if HALO:  # out-of-image taps read the zero border
+            ok = m_ok
+        else:
+            ok = m_ok & ((qy + dy).to(tl.uint32) < H) & ((qx + dx).to(tl.uint32) < W)  # inside the image
         if EVEN_K:
             xv = tl.load(x_rows + (dy * sxh + dx * sxw + i0), mask=ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K)
             sv = tl.load(s_b + i0)                                                         # (BLOCK_K,)
@@ -327,21 +334,22 @@ def _pow2(n, lo, hi):
 def modconv_config(pixels, cin, cout, dtype, gpu=True):
     """Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one layer class: the shape table.
 
-    pixels: output pixels of one sample and phase. On the GPU: M tiles of 16–128 pixels (a 4×4 layer
-    fills 16), N tiles up to 128 channels, K steps up to 128 bytes per pixel, all within the A100's shared
-    memory and without spills (bench/aot.py checks every launch of the synthesis). The CPU
+    pixels: output pixels of one sample and phase. On the GPU, layers of ≥ 256 pixels take 256-pixel M tiles
+    on 8 warps (two warpgroups of 128 rows: every wgmma's A fragment is loaded and modulated once for 2×
+    the MMA work) and N tiles of ≤ 64 channels (the accumulator stays in registers); 16-bit K steps are
+    256 bytes per pixel from 128 input channels (2 stages), else 3 stages. Smaller layers (4², 5², 8², 9²
+    grids) take M tiles of 16 or 32 pixels on mma.sync (no 64-row minimum, far less loop overhead per
+    MMA than a half-empty wgmma; these layers are < 1% of the FLOPs). Everything
+    fits the A100's shared memory without spills: `python -m bench.aot` checks every launch. The CPU
     interpreter costs per operation, not per element: there, few large tiles.
     """
     if not gpu:
         return _pow2(pixels, 16, 4096), _pow2(cout, 16, 64), _pow2(cin, 16, 32), 4, 1
-    bm = _pow2(pixels, 16, 128)
-    bn = _pow2(cout, 16, 128)
-    if dtype == torch.float32:
-        bk, stages = _pow2(cin, 16, 32), 3
-    else:  # 16-bit: 256-byte K steps halve the loop overhead per MMA (2 stages: 98 KB of shared memory)
-        bk, stages = (128, 2) if cin >= 128 and bm * bn >= 128 * 128 else (_pow2(cin, 16, 64), 3)
-    warps = 8 if bm * bn >= 128 * 128 else 4
-    return bm, bn, bk, warps, stages
+    wide = dtype != torch.float32 and cin >= 128
+    bk, stages = (128, 2) if wide else (_pow2(cin, 16, 32 if dtype == torch.float32 else 64), 3)
+    if pixels >= 256:
+        return 256, _pow2(cout, 16, 64), bk, 8, stages
+    return _pow2(pixels, 16, 32), _pow2(cout, 16, 128 if dtype != torch.float32 else 64), min(bk, 64), 4, 3
 
 
 def _precision(dtype):
@@ -370,23 +378,50 @@ def _channels_last(x):
     return x.contiguous(memory_format=NHWC)
 
 
-def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None, act=False, clamp=None, stride=1):
+# Activations between Triton layers live inside a zeroed 1-pixel border: the tensor a layer returns is the
+# interior view of a (B, C, H + 2, W + 2) channels-last buffer, so the next 3×3 conv's taps that leave the
+# image read zeros and its loop needs no spatial masks. Only buffers made here count (a registry of them).
+_HALOS = weakref.WeakValueDictionary()  # id(buffer) -> buffer
+
+
+def halo_empty(B, C, H, W, like):
+    """(B, C, H, W) channels-last activations with a zeroed 1-pixel border around them (the view's parent)."""
+    base = torch.empty(B, C, H + 2, W + 2, device=like.device, dtype=like.dtype, memory_format=NHWC)
+    base[:, :, 0], base[:, :, H + 1], base[:, :, :, 0], base[:, :, :, W + 1] = 0, 0, 0, 0
+    _HALOS[id(base)] = base
+    return base[:, :, 1:H + 1, 1:W + 1]
+
+
+def has_halo(x):
+    """True when x is the interior of a `halo_empty` buffer (so its 1-pixel border is zero)."""
+    b = x._base
+    return (b is not None and _HALOS.get(id(b)) is b and b.shape[:2] == x.shape[:2]
+            and b.shape[2:] == (x.shape[2] + 2, x.shape[3] + 2) and x.stride() == b.stride()
+            and x.storage_offset() == b.storage_offset() + b.stride(2) + b.stride(3))
+
+
+def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None, act=False, clamp=None, stride=1,
+                    halo_out=False):
     """Check, allocate, launch `_modconv_kernel`: gain-free modconv with an optional fused epilogue.
 
     x (B, CIN, H, W) (made channels-last), weight (COUT, CIN, k, k), s (B, CIN); d (B, COUT) scales the
     output (demodulation) or None; up=2 writes the transposed conv's (2H + 1)² result into `out` (the
     channels-last, zero-bordered FIR input) at offset (p0, p0), given as (out, p0). Returns y (B, COUT,
     H, W) channels-last for up=1, the filled `out` for up=2. stride=2 (up=1, no padding): the input gradient
-    of the transposed conv, (B, CIN, 2H' + 1, 2W' + 1) -> (B, COUT, H', W').
+    of the transposed conv, (B, CIN, 2H' + 1, 2W' + 1) -> (B, COUT, H', W'). halo_out: y is a `halo_empty`
+    view (for a following 3×3 conv). x inside a halo runs the kernel without spatial masks.
     """
     B, CIN, H, W = x.shape
     COUT, _, K, _ = weight.shape
-    x = _channels_last(x)
+    halo = stride == 2 or (K == 3 and has_halo(x))  # (a stride-2 conv without padding never leaves x)
+    if not has_halo(x):
+        x = _channels_last(x)
     s = s.to(x.dtype).contiguous()
     wg = gemm_weight(weight, x.dtype)
     if up == 1:
         QH, QW, phases = (H, W, 1) if stride == 1 else ((H - K) // 2 + 1, (W - K) // 2 + 1, 1)
-        y = torch.empty(B, COUT, QH, QW, device=x.device, dtype=x.dtype, memory_format=NHWC)
+        y = (halo_empty(B, COUT, QH, QW, x) if halo_out else
+             torch.empty(B, COUT, QH, QW, device=x.device, dtype=x.dtype, memory_format=NHWC))
         off = 0
     else:
         QH, QW, phases = H + 1, W + 1, 4
@@ -402,7 +437,7 @@ def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None,
             bias if bias is not None else dummy, y,
             H, W, CIN, COUT, QH, QW, x.stride(0), x.stride(2), x.stride(3), y.stride(0), y.stride(2), y.stride(3),
             off, nz.stride(0) if nz is not None and nz.shape[0] > 1 else 0, float(clamp or 0.0),
-            K=K, UP=up, PY=py, PX=px, STRIDE=stride, PAD=K // 2 if stride == 1 else 0, KB=triton.cdiv(CIN, BK), EVEN_K=CIN % BK == 0, SCALE=d is not None,
+            K=K, UP=up, PY=py, PX=px, STRIDE=stride, PAD=K // 2 if stride == 1 else 0, KB=triton.cdiv(CIN, BK), EVEN_K=CIN % BK == 0, HALO=halo, SCALE=d is not None,
             NOISE=nz is not None, BIAS=bias is not None, ACT=bool(act), CLAMP=clamp is not None,
             PREC=_precision(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages)
     return y
@@ -466,11 +501,45 @@ def modconv(x, weight, s, demodulate=True, up=1, fir=None, impl="auto"):
 
 
 # --- Triton FIR with the layer's epilogue ---------------------------------------------------------
+# StyleGAN2's blur is separable ([1,3,3,1] ⊗ [1,3,3,1]): a program filters rows first, then columns, streaming
+# the KF + ROWS − 1 input rows its ROWS output rows need once (each input row is loaded KF times, shifted,
+# for the row filter; its result feeds up to KF output rows). Per output ~(KF·(ROWS + KF − 1)/ROWS + KF)
+# FMAs and (ROWS + KF − 1)·KF/ROWS loads instead of KF² of each. Filters that are not rank one run the
+# direct KF×KF loop (SEPARABLE=False).
+
+@triton.jit
+def _fir_epilogue(acc, n_ptr, bias_ptr, y_ptr, b, oy, ox, c, ok, OW, snb, syb, syh, syw, clamp,
+                  NOISE: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr):
+    """+ noise, + bias, leaky ReLU · √2, clamp, store: the layer's epilogue on one (pixels, channels) tile."""
+    if NOISE:
+        acc = acc + tl.load(n_ptr + b * snb + oy * OW + ox, mask=ok, other=0.0).to(tl.float32)[:, None]
+    if BIAS:
+        acc = acc + tl.load(bias_ptr + c, mask=c >= 0, other=0.0).to(tl.float32)[None, :]
+    if ACT:
+        acc = tl.where(acc > 0, acc, acc * 0.2) * 1.4142135623730951
+    if CLAMP:
+        acc = tl.minimum(tl.maximum(acc, -clamp), clamp)
+    y = y_ptr + b.to(tl.int64) * syb + (oy * syh + ox * syw)[:, None] + c[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=tl.broadcast_to(ok[:, None], acc.shape))
+
+
+@triton.jit
+def _fir_row(src, spw, h0, h1, h2, h3, ok, KF: tl.constexpr):
+    """Σ_j h_j · P[row, ox + j] for one input row (src: its (pixels, channels) pointers at tap 0), fp32."""
+    r = tl.load(src, mask=ok, other=0.0).to(tl.float32) * h0
+    r += tl.load(src + spw, mask=ok, other=0.0).to(tl.float32) * h1
+    if KF > 2:
+        r += tl.load(src + 2 * spw, mask=ok, other=0.0).to(tl.float32) * h2
+    if KF > 3:
+        r += tl.load(src + 3 * spw, mask=ok, other=0.0).to(tl.float32) * h3
+    return r
+
 
 @triton.jit
 def _fir_act_kernel(
     p_ptr,                   # FIR input P (B, PH, PW, C), channels-last, zero-bordered
     f_ptr,                   # filter (KF, KF), fp32, contiguous; a true convolution (used flipped)
+    fv_ptr, fh_ptr,          # (KF,) fp32: its factors, f = fv ⊗ fh (read only if SEPARABLE)
     n_ptr,                   # noise (NB, OH, OW), times its strength (read only if NOISE)
     bias_ptr,                # (C,) bias (read only if BIAS)
     y_ptr,                   # output (B, OH, OW, C), channels-last
@@ -479,52 +548,127 @@ def _fir_act_kernel(
     syb, syh, syw,           # strides of y
     snb,                     # batch stride of the noise (0: shared)
     clamp,
-    KF: tl.constexpr, NOISE: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    KF: tl.constexpr, SEPARABLE: tl.constexpr, NOISE: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr,
+    CLAMP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # Grid (B · tiles_p, tiles_c): program (b, tp, tc) writes BLOCK_P output pixels (row-major) × BLOCK_C
-    # channels; each of the KF² taps is one vector load per pixel. Epilogue as `_modconv_kernel`'s.
-    tiles_p = tl.cdiv(OH * OW, BLOCK_P)
-    b = tl.program_id(0) // tiles_p
-    p = (tl.program_id(0) % tiles_p) * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
+    # Grid (B · cdiv(OH, 4) · cdiv(OW, BLOCK_W), cdiv(C, BLOCK_C)): program (b, row block, column block, tc)
+    # writes 4 output rows × BLOCK_W pixels × BLOCK_C channels. C must be a multiple of BLOCK_C (the launcher
+    # picks it so): channel loads are unmasked 16-byte vectors.
+    tiles_w = tl.cdiv(OW, BLOCK_W)
+    tiles_h = tl.cdiv(OH, 4)
+    pid = tl.program_id(0)
+    b = pid // (tiles_h * tiles_w)
+    oy0 = (pid // tiles_w) % tiles_h * 4
+    ox = (pid % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)               # (BLOCK_W,)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)              # (BLOCK_C,)
-    oy = p // OW
-    ox = p % OW
-    ok = (p < OH * OW)[:, None] & (c < C)[None, :]
-    src = p_ptr + b.to(tl.int64) * spb + (oy * sph + ox * spw)[:, None] + c[None, :]
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for i in tl.static_range(KF):
-        for j in tl.static_range(KF):
-            tap = tl.load(f_ptr + (KF - 1 - i) * KF + (KF - 1 - j))
-            acc += tl.load(src + i * sph + j * spw, mask=ok, other=0.0).to(tl.float32) * tap
-    if NOISE:
-        acc = acc + tl.load(n_ptr + b * snb + p, mask=p < OH * OW, other=0.0).to(tl.float32)[:, None]
-    if BIAS:
-        acc = acc + tl.load(bias_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
-    if ACT:
-        acc = tl.where(acc > 0, acc, acc * 0.2) * 1.4142135623730951
-    if CLAMP:
-        acc = tl.minimum(tl.maximum(acc, -clamp), clamp)
-    y = y_ptr + b.to(tl.int64) * syb + (oy * syh + ox * syw)[:, None] + c[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    x_ok = ox < OW
+    src = p_ptr + b.to(tl.int64) * spb + oy0 * sph + (ox * spw)[:, None] + c[None, :]  # row oy0, tap 0
+    ld = tl.broadcast_to(x_ok[:, None], (BLOCK_W, BLOCK_C))
+    yy = oy0 + tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.int32)  # (row tests as tensors: the interpreter
+    yw = oy0 + tl.zeros((BLOCK_W,), dtype=tl.int32)           #  cannot mask with tensor & scalar)
+    if SEPARABLE:  # flipped factors: the convolution meets tap i with f[KF − 1 − i]
+        h0 = tl.load(fh_ptr + KF - 1)
+        h1 = tl.load(fh_ptr + KF - 2)
+        h2 = tl.load(fh_ptr + (KF - 3 if KF > 2 else 0))
+        h3 = tl.load(fh_ptr + (KF - 4 if KF > 3 else 0))
+        v0 = tl.load(fv_ptr + KF - 1)
+        v1 = tl.load(fv_ptr + KF - 2)
+        v2 = tl.load(fv_ptr + (KF - 3 if KF > 2 else 0))
+        v3 = tl.load(fv_ptr + (KF - 4 if KF > 3 else 0))
+        # input row oy0 + k feeds output row oy0 + r with vertical tap k − r (0 ≤ k − r < KF)
+        r = _fir_row(src, spw, h0, h1, h2, h3, ld & (yy < OH + KF - 1), KF)
+        a0 = r * v0
+        r = _fir_row(src + sph, spw, h0, h1, h2, h3, ld & (yy + 1 < OH + KF - 1), KF)
+        a0 += r * v1
+        a1 = r * v0
+        r = _fir_row(src + 2 * sph, spw, h0, h1, h2, h3, ld & (yy + 2 < OH + KF - 1), KF)
+        if KF > 2:
+            a0 += r * v2
+        a1 += r * v1
+        a2 = r * v0
+        r = _fir_row(src + 3 * sph, spw, h0, h1, h2, h3, ld & (yy + 3 < OH + KF - 1), KF)
+        if KF > 3:
+            a0 += r * v3
+        if KF > 2:
+            a1 += r * v2
+        a2 += r * v1
+        a3 = r * v0
+        r = _fir_row(src + 4 * sph, spw, h0, h1, h2, h3, ld & (yy + 4 < OH + KF - 1), KF)
+        if KF > 3:
+            a1 += r * v3
+        if KF > 2:
+            a2 += r * v2
+        a3 += r * v1
+        if KF > 2:
+            r = _fir_row(src + 5 * sph, spw, h0, h1, h2, h3, ld & (yy + 5 < OH + KF - 1), KF)
+            if KF > 3:
+                a2 += r * v3
+            a3 += r * v2
+        if KF > 3:
+            r = _fir_row(src + 6 * sph, spw, h0, h1, h2, h3, ld & (yy + 6 < OH + KF - 1), KF)
+            a3 += r * v3
+    else:
+        a0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        for i in tl.static_range(KF):
+            for j in tl.static_range(KF):
+                tap = tl.load(f_ptr + (KF - 1 - i) * KF + (KF - 1 - j))
+                a0 += tl.load(src + i * sph + j * spw, mask=ld & (yy < OH), other=0.0).to(tl.float32) * tap
+                a1 += tl.load(src + (i + 1) * sph + j * spw, mask=ld & (yy + 1 < OH), other=0.0).to(tl.float32) * tap
+                a2 += tl.load(src + (i + 2) * sph + j * spw, mask=ld & (yy + 2 < OH), other=0.0).to(tl.float32) * tap
+                a3 += tl.load(src + (i + 3) * sph + j * spw, mask=ld & (yy + 3 < OH), other=0.0).to(tl.float32) * tap
+    _fir_epilogue(a0, n_ptr, bias_ptr, y_ptr, b, oy0, ox, c, x_ok & (yw < OH), OW, snb, syb, syh, syw, clamp,
+                  NOISE, BIAS, ACT, CLAMP)
+    _fir_epilogue(a1, n_ptr, bias_ptr, y_ptr, b, oy0 + 1, ox, c, x_ok & (yw + 1 < OH), OW, snb, syb, syh, syw,
+                  clamp, NOISE, BIAS, ACT, CLAMP)
+    _fir_epilogue(a2, n_ptr, bias_ptr, y_ptr, b, oy0 + 2, ox, c, x_ok & (yw + 2 < OH), OW, snb, syb, syh, syw,
+                  clamp, NOISE, BIAS, ACT, CLAMP)
+    _fir_epilogue(a3, n_ptr, bias_ptr, y_ptr, b, oy0 + 3, ox, c, x_ok & (yw + 3 < OH), OW, snb, syb, syh, syw,
+                  clamp, NOISE, BIAS, ACT, CLAMP)
 
 
-def fir_act(P, fir, noise=None, bias=None, act=False, clamp=None):
-    """P (B, C, PH, PW) channels-last -> FIR(P) (B, C, PH − kf + 1, PW − kf + 1) (+ noise, bias, act, clamp)."""
+_SEPARABLE = {}  # id(filter) -> (weak reference to it, its version, (fv, fh) or None)
+
+
+def separable(fir):
+    """(fv, fh) with fir = outer(fv, fh) (fp32), or None when fir is not rank one; checked once per filter tensor
+    (StyleGAN2's blur is [1,3,3,1] ⊗ [1,3,3,1]: the check is a single host sync per filter, then cached)."""
+    hit = _SEPARABLE.get(id(fir))
+    if hit is not None and hit[0]() is fir and hit[1] == fir._version:
+        return hit[2]
+    f = fir.detach().float()
+    out = None
+    if fir.device.type != "meta" and f.shape[0] >= 2 and f[0, 0].item() > 0:
+        fh = f[0] / f[0, 0].sqrt()
+        fv = f[:, 0] / f[0, 0].sqrt()
+        if torch.allclose(torch.outer(fv, fh), f, rtol=1e-6, atol=1e-7):
+            out = (fv.contiguous(), fh.contiguous())
+    elif fir.device.type == "meta":  # planning (bench/aot.py): StyleGAN2's blur is separable
+        out = (f[:, 0].contiguous(), f[0].contiguous())
+    _SEPARABLE[id(fir)] = (weakref.ref(fir), fir._version, out)
+    return out
+
+
+def fir_act(P, fir, noise=None, bias=None, act=False, clamp=None, halo_out=False):
+    """P (B, C, PH, PW) channels-last -> FIR(P) (B, C, PH − kf + 1, PW − kf + 1) (+ noise, bias, act, clamp);
+    halo_out: the result is a `halo_empty` view."""
     B, C, PH, PW = P.shape
     KF = fir.shape[0]
     OH, OW = PH - KF + 1, PW - KF + 1
-    y = torch.empty(B, C, OH, OW, device=P.device, dtype=P.dtype, memory_format=NHWC)
+    y = (halo_empty(B, C, OH, OW, P) if halo_out else
+         torch.empty(B, C, OH, OW, device=P.device, dtype=P.dtype, memory_format=NHWC))
     f = fir.to(device=P.device, dtype=torch.float32).contiguous()
+    sep = separable(fir) if KF <= 4 else None
+    fv, fh = (t.to(P.device) for t in sep) if sep is not None else (f, f)
     nz = noise.to(P.dtype).contiguous() if noise is not None else None
-    if _on_gpu(P):
-        BP, BC, warps = 64, _pow2(C, 8, 64), 4
-    else:
-        BP, BC, warps = _pow2(OH * OW, 16, 4096), _pow2(C, 8, 64), 4
-    grid = (B * triton.cdiv(OH * OW, BP), triton.cdiv(C, BC))
-    _fir_act_kernel[grid](P, f, nz if nz is not None else f, bias if bias is not None else f, y, OH, OW, C,
+    BC = math.gcd(C, 64 if _on_gpu(P) else 128)  # a divisor of C: unmasked channel vectors
+    BW = 32 if _on_gpu(P) else _pow2(OW, 16, 256)
+    grid = (B * triton.cdiv(OH, 4) * triton.cdiv(OW, BW), C // BC)
+    _fir_act_kernel[grid](P, f, fv, fh, nz if nz is not None else f, bias if bias is not None else f, y, OH, OW, C,
                           P.stride(0), P.stride(2), P.stride(3), y.stride(0), y.stride(2), y.stride(3),
                           nz.stride(0) if nz is not None and nz.shape[0] > 1 else 0, float(clamp or 0.0),
-                          KF=KF, NOISE=nz is not None, BIAS=bias is not None, ACT=bool(act), CLAMP=clamp is not None,
-                          BLOCK_P=BP, BLOCK_C=BC, num_warps=warps)
+                          KF=KF, SEPARABLE=sep is not None, NOISE=nz is not None, BIAS=bias is not None,
+                          ACT=bool(act), CLAMP=clamp is not None, BLOCK_W=BW, BLOCK_C=BC, num_warps=4)
     return y
