@@ -31,7 +31,8 @@ Output: the variant table, the whole-synthesis table per (dtype, batch) and, wit
 table. --json PATH writes
   variants: one row per (variant, target): name, kernel, is_conv, target (sm_80 | sm_90a), dtype (fp32 |
     fp16 | bf16), regs, spill_bytes, smem_bytes, smem_limit, mma_opcodes (list), instr_per_mma (main loop;
-    null without a loop or MMA), error (null or the compiler's message); and num_warps, num_stages,
+    null without a loop or MMA), error (null or the compiler's message); and kernel_instr_per_mma (the whole
+    kernel's SASS per MMA: the measure for kernels whose short loop was unrolled), num_warps, num_stages,
     spill_stores, spill_loads, mma_count, n_instr, loop_instr, loop_mma, launches, specialisation, used_by.
   configs: one row per (dtype, batch), whole synthesis, µs: lb_us, cudnn_us, ref_us, exec_over_useful,
     mma_us, issue_us, hbm_us (forward); lb_fwd_bwd_us, triton_bwd_us, torch_bwd_us, cudnn_fwd_bwd_us,
@@ -404,7 +405,9 @@ def sass_facts(text):
     loop_mma = sum(map(is_mma, body))
     return dict(mma_opcodes=sorted({op for _, op, _ in ins if is_mma(op)}),
                 mma_count=sum(is_mma(op) for _, op, _ in ins), n_instr=len(ins), loop_instr=len(body),
-                loop_mma=loop_mma, instr_per_mma=round(len(body) / loop_mma, 2) if loop_mma else None)
+                loop_mma=loop_mma, instr_per_mma=round(len(body) / loop_mma, 2) if loop_mma else None,
+                kernel_instr_per_mma=round(len(ins) / n_mma, 2) if (n_mma := sum(is_mma(op) for _, op, _ in ins))
+                else None)
 
 
 def disassemble(cubin):
@@ -732,7 +735,8 @@ def variant_rows(variants, targets):
             rows.append(dict(name=v.name, kernel=v.kernel, is_conv=is_conv, target=t, dtype=v.dtype,
                              regs=res.get("regs"), spill_bytes=res.get("spill_bytes"), smem_bytes=res.get("smem_bytes"),
                              smem_limit=SMEM_LIMIT[t], mma_opcodes=res.get("mma_opcodes", []),
-                             instr_per_mma=res.get("instr_per_mma"), error=res["error"],
+                             instr_per_mma=res.get("instr_per_mma"),
+                             kernel_instr_per_mma=res.get("kernel_instr_per_mma"), error=res["error"],
                              num_warps=res.get("num_warps"), num_stages=res.get("num_stages"),
                              spill_stores=res.get("spill_stores"), spill_loads=res.get("spill_loads"),
                              mma_count=res.get("mma_count"), n_instr=res.get("n_instr"),

@@ -124,7 +124,7 @@ def layer_pieces(G, L, x, s_l, img, path):
     lr = 1 / math.sqrt(weight[0].numel())
     fir = G.get(f"{L.name}.conv.blur.kernel")
     out = {}
-    if path == "fast" and x.device.type == "cpu":  # as stylemask._synthesis_cpu
+    if path == "fast" and x.device.type == "cpu":  # as kernels.layer_cpu
         s_l = s_l * lr
         if L.kind == "conv":
             bias, nw = G[f"{L.name}.activate.bias"] * sm.SQRT2, G[f"{L.name}.noise.weight"] * sm.SQRT2
@@ -202,7 +202,7 @@ def print_layers(G, arch_name, B, path, device, reps, t_syn):
             if L.kind == "conv":  # the layout modconv_cpu gives its input; ToRGB keeps the last one
                 nhwc = r_in * r_in >= NHWC_MIN_PIXELS
             x = x.contiguous(memory_format=NHWC if nhwc else torch.contiguous_format)
-            # _synthesis_cpu runs the rest of the network one sample at a time from the first conv layer
+            # stylemask._layers runs the rest of the network one sample at a time from the first conv layer
             # whose activations outgrow its weights: time those layers at batch 1, B times
             split = split or (B > 1 and L.kind == "conv" and kernels.modulates_weights(x, weight, s_l))
         n = B if split else 1

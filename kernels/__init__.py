@@ -1,4 +1,5 @@
-"""StyleGAN2's two heavy ops behind fixed signatures: `modconv` and `upfirdn2d`.
+"""StyleGAN2's heavy ops behind fixed signatures: `layer` (one whole synthesis layer: modconv and its
+epilogue, or ToRGB and the skip; kernels/layer.py), `modconv` and `upfirdn2d`.
 
 Each op lives in its own file in teaching order: `<op>_ref` (plain PyTorch, the specification),
 `<op>_cpu` (the same math arranged for CPUs), `_<op>_kernel` (Triton), `_<op>_triton` (launcher), an

@@ -5,7 +5,7 @@ Triton kernel for CUDA tensors and PyTorch ops for CPU tensors. "triton" on CPU 
 interpreter, which exists only with TRITON_INTERPRET=1 set before `kernels` is imported.
 
 The PyTorch backend has two variants: on CPU tensors the fast CPU ops (`modconv_cpu`, `upfirdn2d_cpu`,
-and `stylemask._synthesis_cpu` built on them), and everywhere else, or with STYLEMASK_FAST=0, the plain
+and `kernels.layer_cpu` built on them), and everywhere else, or with STYLEMASK_FAST=0, the plain
 references (`modconv_ref`, `upfirdn2d_ref`). Both compute the same function; the tests hold them to it.
 """
 import ctypes

@@ -331,13 +331,14 @@ def _pow2(n, lo, hi):
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def modconv_config(pixels, cin, cout, dtype, gpu=True):
+def modconv_config(pixels, cin, cout, dtype, gpu=True, up=1):
     """Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one layer class: the shape table.
 
-    pixels: output pixels of one sample and phase. On the GPU, layers of ≥ 256 pixels take 256-pixel M tiles
-    on 8 warps (two warpgroups of 128 rows: every wgmma's A fragment is loaded and modulated once for 2×
-    the MMA work) and N tiles of ≤ 64 channels (the accumulator stays in registers); 16-bit K steps are
-    256 bytes per pixel from 128 input channels (2 stages), else 3 stages. Smaller layers (4², 5², 8², 9²
+    pixels: output pixels of one sample and phase (up: 2 for the up-sampling phases). On the GPU, layers of ≥ 256 pixels take 256-pixel M tiles
+    on 8 warps (two warpgroups of 128 rows) and N tiles of ≤ 64 channels (≤ 32 for fp32: the accumulator
+    and the modulated A fragments stay in registers); K steps of 256 bytes per pixel where the channels
+    allow (128 for 16-bit, 64 for fp32; 2 stages), else 3 stages. Measured with bench/aot.py: the loop
+    then issues ≤ 20 SASS instructions per wgmma. Smaller layers (4², 5², 8², 9²
     grids) take M tiles of 16 or 32 pixels on mma.sync (no 64-row minimum, far less loop overhead per
     MMA than a half-empty wgmma; these layers are < 1% of the FLOPs). Everything
     fits the A100's shared memory without spills: `python -m bench.aot` checks every launch. The CPU
@@ -345,10 +346,14 @@ def modconv_config(pixels, cin, cout, dtype, gpu=True):
     """
     if not gpu:
         return _pow2(pixels, 16, 4096), _pow2(cout, 16, 64), _pow2(cin, 16, 32), 4, 1
-    wide = dtype != torch.float32 and cin >= 128
-    bk, stages = (128, 2) if wide else (_pow2(cin, 16, 32 if dtype == torch.float32 else 64), 3)
+    if dtype == torch.float32:  # 4-byte operands: 64-channel K steps (32 for the 64-channel up-sampling
+        # phases, which spill on sm_80 otherwise) and 32-channel N tiles (registers)
+        bk, bn_max = (64 if cin >= 128 or (cin >= 64 and up == 1) else _pow2(cin, 16, 32)), 32
+    else:
+        bk, bn_max = (128, 64) if cin >= 128 else (_pow2(cin, 16, 64), 64)
+    stages = 2 if bk * (4 if dtype == torch.float32 else 2) >= 256 else 3
     if pixels >= 256:
-        return 256, _pow2(cout, 16, 64), bk, 8, stages
+        return 256, _pow2(cout, 16, bn_max), bk, 8, stages
     return _pow2(pixels, 16, 32), _pow2(cout, 16, 128 if dtype != torch.float32 else 64), min(bk, 64), 4, 3
 
 
@@ -429,7 +434,7 @@ def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None,
         off = p0 * y.stride(2) + p0 * y.stride(3)
     dummy = s
     nz = noise.to(x.dtype) if noise is not None else None
-    BM, BN, BK, warps, stages = modconv_config(QH * QW, CIN, COUT, x.dtype, _on_gpu(x))
+    BM, BN, BK, warps, stages = modconv_config(QH * QW, CIN, COUT, x.dtype, _on_gpu(x), up)
     for py, px in ((0, 0), (0, 1), (1, 0), (1, 1))[:phases]:
         grid = (B * triton.cdiv((QH - py) * (QW - px), BM) * triton.cdiv(COUT, BN),)
         _modconv_kernel[grid](

@@ -3,6 +3,8 @@
 On a CPU-only machine they run under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1),
 so shapes stay small; on a GPU the same tests run compiled, plus float16/bfloat16.
 """
+import sys
+
 import pytest
 import torch
 from hypothesis import example, given, strategies as st
@@ -134,3 +136,15 @@ def test_torgb_layer_triton_matches_reference(seed, B, cin, H, skip, clamp):
     wrt = (x, s) + ((img,) if skip else ())
     for got, want in zip(torch.autograd.grad(y, wrt, dy), torch.autograd.grad(y_ref, wrt, dy)):
         assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+@given(seed=st.integers(0, 2**16), B=st.integers(1, 2), C=st.sampled_from([1, 3, 8, 24]), H=st.integers(1, 9),
+       W=st.integers(1, 9), kf=st.integers(2, 4), rank_one=st.booleans())
+@example(seed=0, B=2, C=8, H=9, W=7, kf=4, rank_one=True)  # the blur of an up-sampling layer (separable path)
+def test_fir_act_matches_upfirdn2d_ref(seed, B, C, H, W, kf, rank_one):
+    """The up-sampling layer's FIR kernel, separable (rows then columns) and direct, against upfirdn2d_ref."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.outer(_rand(g, kf), _rand(g, kf)).abs() if rank_one else _rand(g, kf, kf)
+    P = _rand(g, B, C, H + kf - 1, W + kf - 1).contiguous(memory_format=torch.channels_last)
+    fir_act = sys.modules["kernels.modconv"].fir_act
+    assert_close(fir_act(P, f), upfirdn2d_ref(P, f), rtol=1e-4, atol=1e-4)
