@@ -148,3 +148,22 @@ def test_fir_act_matches_upfirdn2d_ref(seed, B, C, H, W, kf, rank_one):
     P = _rand(g, B, C, H + kf - 1, W + kf - 1).contiguous(memory_format=torch.channels_last)
     fir_act = sys.modules["kernels.modconv"].fir_act
     assert_close(fir_act(P, f), upfirdn2d_ref(P, f), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cin, mid, up", [(8, 8, 1), (8, 16, 2), (5, 4, 2), (16, 4, 1)])
+def test_stacked_layers_triton_match_reference(cin, mid, up):
+    """Two conv layers in a row, as in synthesis: the second reads the first's zero-bordered output (no
+    spatial masks in its loop); forward and the gradients for x and the second layer's s."""
+    g = torch.Generator().manual_seed(cin * 100 + mid + up)
+    x, s1 = _rand(g, 2, cin, 4, 4).requires_grad_(), _rand(g, 2, cin)
+    s2 = _rand(g, 2, mid).requires_grad_()
+    w1, w2, b1, b2 = _rand(g, mid, cin, 3, 3), _rand(g, 6, mid, 3, 3), _rand(g, mid), _rand(g, 6)
+    out = {}
+    for name, layer, kw in (("triton", kernels.layer, dict(impl="triton")), ("ref", kernels.layer_ref, {})):
+        h = layer(x, w1, s1, b1, **kw)
+        assert name == "ref" or sys.modules["kernels.modconv"].has_halo(h)
+        y = layer(h, w2, s2, b2, up=up, fir=BLUR.to(DEVICE), **kw)
+        ramp = torch.linspace(-1, 1, y.numel(), device=DEVICE).view(y.shape)
+        out[name] = (y,) + torch.autograd.grad((y * ramp).sum(), (x, s2))
+    for got, want in zip(out["triton"], out["ref"]):
+        assert_close(got, want, rtol=1e-3, atol=1e-3)
