@@ -513,28 +513,30 @@ def conv_bounds(B, Cin, Cout, H, W, k, up, demod, dtype):
 
 def _model_modconv(r):
     """_modconv_kernel: implicit GEMM over (tap, channel block); a program runs BLOCK_M × BLOCK_N × BLOCK_K MACs
-    per iteration, NTY·NTX·KB iterations (one phase of the up-sampling conv: its 4, 2, 2 or 1 taps)."""
+    per iteration, K²·KB iterations; for the up-sampling conv one launch runs all 4 phases (4, 2, 2 and 1
+    taps: 2.25·KB iterations per program on average; programs past an odd phase's shorter grid return)."""
     a = r.args
     x = a["x_ptr"]
     B, K, UP, KB = x.shape[0], a["K"], a["UP"], a["KB"]
     BM, BN, BK = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
-    taps = (2 - a["PY"]) * (2 - a["PX"]) if UP == 2 else K * K
-    QH, QW = a["QH"] - a["PY"], a["QW"] - a["PX"]  # this launch's output grid
-    H_in, W_in = a["H"], a["W"]
-    pixels_in = QH * QW if UP == 1 and a["STRIDE"] == 1 else H_in * W_in if UP == 2 else QH * QW
+    QH, QW, H_in, W_in = a["QH"], a["QW"], a["H"], a["W"]
+    tiles_n = math.ceil(a["COUT"] / BN)
+    if UP == 2:  # Σ over phases (py, px) of programs × taps
+        work = sum(B * math.ceil((QH - py) * (QW - px) / BM) * tiles_n * (2 - py) * (2 - px) * KB
+                   for py in (0, 1) for px in (0, 1))
+        iters = work / r.programs
+        out_pixels = (2 * H_in + 1) * (2 * W_in + 1)
+    else:
+        iters = K * K * KB
+        out_pixels = QH * QW
     e = ELEMENT[r.dtype]
-    useful = 2 * B * a["COUT"] * a["CIN"] * taps * (QH * QW if UP == 1 else H_in * W_in)
-    if UP == 2:  # each input pixel meets every tap of the phase once (border rows of the phase grid aside)
-        useful = 2 * B * a["COUT"] * a["CIN"] * taps * H_in * W_in
-    bytes_ = (B * a["CIN"] * H_in * W_in + B * a["COUT"] * QH * QW) * e + taps * a["CIN"] * a["COUT"] * e
-    first = UP == 1 or (a["PY"] == 0 and a["PX"] == 0)  # the whole conv's cuDNN bound, on one phase launch
-    conv = (conv_bounds(B, a["CIN"], a["COUT"], H_in, W_in, K, UP, bool(a["SCALE"]), r.dtype) if first
-            else dict(cudnn_s=0.0, ref_s=0.0, flops=0))
-    what = (f"phase {a['PY']}{a['PX']}" if UP == 2 else f"stride {a['STRIDE']}" if a["STRIDE"] > 1 else "")
-    del pixels_in
-    return dict(iters=taps * KB, exec_flops=2 * BM * BN * BK * taps * KB, useful_flops=useful, bytes=bytes_,
-                is_conv=True, conv=conv,
-                shape=f"{a['CIN']}→{a['COUT']} {K}×{K} {H_in}×{W_in}→{QH}×{QW} {what}".rstrip())
+    useful = 2 * B * a["COUT"] * a["CIN"] * K * K * (H_in * W_in if UP == 2 else QH * QW)
+    bytes_ = (B * a["CIN"] * H_in * W_in + B * a["COUT"] * out_pixels + K * K * a["CIN"] * a["COUT"]) * e
+    what = "4 phases" if UP == 2 else f"stride {a['STRIDE']}" if a["STRIDE"] > 1 else ""
+    return dict(iters=iters, exec_flops=2 * BM * BN * BK * iters, useful_flops=useful, bytes=bytes_, is_conv=True,
+                conv=conv_bounds(B, a["CIN"], a["COUT"], H_in, W_in, K, UP, bool(a["SCALE"]), r.dtype),
+                shape=f"{a['CIN']}→{a['COUT']} {K}×{K} {H_in}×{W_in}→{2 * H_in + 1 if UP == 2 else QH}×"
+                      f"{2 * W_in + 1 if UP == 2 else QW} {what}".rstrip())
 
 
 def _model_fir_act(r):

@@ -243,8 +243,7 @@ def _modconv_kernel(
     snb,                     # batch stride of the noise (0: one noise image for the batch)
     clamp,                   # |output| bound (used only if CLAMP)
     K: tl.constexpr,         # kernel size: 3, or 1 (ToRGB-like)
-    UP: tl.constexpr,        # 1: 'same' convolution; 2: one phase (PY, PX) of the transposed stride-2 conv
-    PY: tl.constexpr, PX: tl.constexpr,  # the phase: parity of the output rows / columns it writes (UP=2)
+    UP: tl.constexpr,        # 1: 'same' convolution; 2: the transposed stride-2 conv as its 4 phases
     STRIDE: tl.constexpr, PAD: tl.constexpr,  # UP=1: y[q] += x[STRIDE·q + t − PAD]·w[t] (1, K//2 forward; the
                              #   transposed conv's input gradient is STRIDE=2, PAD=0)
     KB: tl.constexpr,        # channel blocks per tap: cdiv(CIN, BLOCK_K)
@@ -255,19 +254,30 @@ def _modconv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Implicit GEMM per sample b (and phase): y (pixels × COUT) = Σ_taps x_shifted·s (pixels × CIN) @ w[tap]
-    # (CIN × COUT). Grid (B · tiles_m · tiles_n,): output-channel tiles are the fastest axis, so the
-    # programs that read one x tile run together and share it through L2. Program (b, tm, tn) owns BLOCK_M
-    # pixels of one sample × BLOCK_N output channels and runs ONE flat loop over (tap, channel block),
-    # which Triton software-pipelines; the tap decoding is constexpr arithmetic. Epilogue: × d, + noise,
-    # + bias, leaky ReLU · √2, clamp. Offsets inside a sample are int32; the sample base is int64.
+    # (CIN × COUT). Grid (B · tiles_m · PHASES · tiles_n,): output-channel tiles, then the 4 phases of the
+    # up-sampling conv, are the fastest axes, so the programs that read one x tile run together and share
+    # it through L2. Program (b, tm, phase, tn) owns BLOCK_M pixels of one sample (and phase) × BLOCK_N
+    # output channels and runs ONE flat loop over (tap, channel block), which Triton software-pipelines.
+    # Epilogue: × d, + noise, + bias, leaky ReLU · √2, clamp. Offsets inside a sample are int32; the sample
+    # base is int64.
     tiles_n = tl.cdiv(COUT, BLOCK_N)
-    QHP = QH - PY                                  # this phase's grid: (QH − PY) × (QW − PX)
-    QWP = QW - PX
-    tiles_m = tl.cdiv(QHP * QWP, BLOCK_M)
+    tiles_m = tl.cdiv(QH * QW, BLOCK_M)            # (phase (0, 0) has the largest grid)
     pid = tl.program_id(0)
     tn = pid % tiles_n
+    if UP == 2:
+        ph = (pid // tiles_n) % 4
+        py = ph // 2                               # the phase: parity of the output rows / columns
+        px = ph % 2
+        pid = pid // 4
+    else:
+        py = 0
+        px = 0
     tm = (pid // tiles_n) % tiles_m
     b = pid // (tiles_n * tiles_m)
+    QHP = QH - py                                  # this phase's grid: (QH − py) × (QW − px)
+    QWP = QW - px
+    if tm * BLOCK_M >= QHP * QWP:                  # (the odd phases' grids are a row / column shorter)
+        return
     q = tm * BLOCK_M + tl.arange(0, BLOCK_M)       # (BLOCK_M,) pixel of the phase grid
     qy = q // QWP
     qx = q % QWP
@@ -280,19 +290,23 @@ def _modconv_kernel(
     x_rows = x_ptr + b.to(tl.int64) * sxb + (qy * sxh + qx * sxw)[:, None] + kc[None, :]
     s_b = s_ptr + b * CIN + kc
     w_n = w_ptr + kc[:, None] * COUT + n[None, :]
-    NTX: tl.constexpr = 2 - PX if UP == 2 else K  # taps along x: 2 (even phase) or 1 (odd), or K
-    NTY: tl.constexpr = 2 - PY if UP == 2 else K
+    if UP == 2:  # taps of the phase: 2 (even) or 1 (odd) along each axis
+        n_taps = (2 - py) * (2 - px)
+    else:
+        n_taps = K * K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for it in range(NTY * NTX * KB):
+    for it in range(n_taps * KB):
         t = it // KB
         i0 = (it - t * KB) * BLOCK_K
-        ty = t // NTX
-        tx = t - ty * NTX
-        if UP == 2:  # T[2q + PY] += x[q − ty] · w[PY + 2·ty]: tap ty of the phase reads row q − ty
+        if UP == 2:  # T[2q + py] += x[q − ty] · w[py + 2·ty]: tap ty of the phase reads row q − ty
+            ty = t >> (1 - px)                     # t = 2·ty + tx on even columns, ty on odd ones
+            tx = t & (1 - px)
             dy = -ty
             dx = -tx
-            tap = (PY + 2 * ty) * 3 + PX + 2 * tx
+            tap = (py + 2 * ty) * 3 + px + 2 * tx
         else:        # y[q] += x[STRIDE·q + t − PAD] · w[t]
+            ty = t // K
+            tx = t - ty * K
             dy = ty - PAD
             dx = tx - PAD
             tap = t
@@ -320,8 +334,8 @@ def _modconv_kernel(
         acc = tl.where(acc > 0, acc, acc * 0.2) * 1.4142135623730951
     if CLAMP:
         acc = tl.minimum(tl.maximum(acc, -clamp), clamp)
-    oy = UP * (q // QWP) + PY                      # output row / column (phases interleave for UP=2)
-    ox = UP * (q % QWP) + PX
+    oy = UP * (q // QWP) + py                      # output row / column (phases interleave for UP=2)
+    ox = UP * (q % QWP) + px
     y = y_ptr + b.to(tl.int64) * syb + y_off + (oy * syh + ox * syw)[:, None] + n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -334,14 +348,15 @@ def _pow2(n, lo, hi):
 def modconv_config(pixels, cin, cout, dtype, gpu=True, up=1):
     """Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one layer class: the shape table.
 
-    pixels: output pixels of one sample and phase (up: 2 for the up-sampling phases). On the GPU, layers of ≥ 256 pixels take 256-pixel M tiles
-    on 8 warps (two warpgroups of 128 rows) and N tiles of ≤ 64 channels (≤ 32 for fp32: the accumulator
-    and the modulated A fragments stay in registers); K steps of 256 bytes per pixel where the channels
-    allow (128 for 16-bit, 64 for fp32; 2 stages), else 3 stages. Measured with bench/aot.py: the loop
-    then issues ≤ 20 SASS instructions per wgmma. Smaller layers (4², 5², 8², 9²
-    grids) take M tiles of 16 or 32 pixels on mma.sync (no 64-row minimum, far less loop overhead per
-    MMA than a half-empty wgmma; these layers are < 1% of the FLOPs). Everything
-    fits the A100's shared memory without spills: `python -m bench.aot` checks every launch. The CPU
+    pixels: output pixels of one sample (for up=2: of the largest phase). On the GPU:
+    - layers of ≥ 256 pixels take 256-pixel M tiles on 8 warps (two warpgroups of 128 rows);
+    - N tiles of ≤ 64 channels, ≤ 32 for fp32 and for the up-sampling phases (whose runtime tap decoding
+      needs registers): the accumulator and the modulated A fragments stay in registers;
+    - K steps of 256 bytes per pixel where the channels allow (128 for 16-bit, 64 for fp32: 2 stages),
+      else 3 stages;
+    - 4²–9² grids take M tiles of 16 or 32 pixels on mma.sync (no 64-row minimum, far less loop overhead
+      per MMA than a half-empty wgmma; these layers are < 1% of the FLOPs).
+    `python -m bench.aot` checks every launch: no spills, the A100's shared memory, SASS per MMA. The CPU
     interpreter costs per operation, not per element: there, few large tiles.
     """
     if not gpu:
@@ -349,8 +364,8 @@ def modconv_config(pixels, cin, cout, dtype, gpu=True, up=1):
     if dtype == torch.float32:  # 4-byte operands: 64-channel K steps (32 for the 64-channel up-sampling
         # phases, which spill on sm_80 otherwise) and 32-channel N tiles (registers)
         bk, bn_max = (64 if cin >= 128 or (cin >= 64 and up == 1) else _pow2(cin, 16, 32)), 32
-    else:
-        bk, bn_max = (128, 64) if cin >= 128 else (_pow2(cin, 16, 64), 64)
+    else:  # (the up-sampling phases' runtime tap decoding needs registers: 32-channel N tiles there)
+        bk, bn_max = (128, 64 if up == 1 else 32) if cin >= 128 else (_pow2(cin, 16, 64), 64)
     stages = 2 if bk * (4 if dtype == torch.float32 else 2) >= 256 else 3
     if pixels >= 256:
         return 256, _pow2(cout, 16, bn_max), bk, 8, stages
@@ -435,16 +450,15 @@ def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None,
     dummy = s
     nz = noise.to(x.dtype) if noise is not None else None
     BM, BN, BK, warps, stages = modconv_config(QH * QW, CIN, COUT, x.dtype, _on_gpu(x), up)
-    for py, px in ((0, 0), (0, 1), (1, 0), (1, 1))[:phases]:
-        grid = (B * triton.cdiv((QH - py) * (QW - px), BM) * triton.cdiv(COUT, BN),)
-        _modconv_kernel[grid](
-            x, wg, s, d if d is not None else dummy, nz if nz is not None else dummy,
-            bias if bias is not None else dummy, y,
-            H, W, CIN, COUT, QH, QW, x.stride(0), x.stride(2), x.stride(3), y.stride(0), y.stride(2), y.stride(3),
-            off, nz.stride(0) if nz is not None and nz.shape[0] > 1 else 0, float(clamp or 0.0),
-            K=K, UP=up, PY=py, PX=px, STRIDE=stride, PAD=K // 2 if stride == 1 else 0, KB=triton.cdiv(CIN, BK), EVEN_K=CIN % BK == 0, HALO=halo, SCALE=d is not None,
-            NOISE=nz is not None, BIAS=bias is not None, ACT=bool(act), CLAMP=clamp is not None,
-            PREC=_precision(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages)
+    grid = (B * triton.cdiv(QH * QW, BM) * phases * triton.cdiv(COUT, BN),)
+    _modconv_kernel[grid](
+        x, wg, s, d if d is not None else dummy, nz if nz is not None else dummy, bias if bias is not None else dummy,
+        y, H, W, CIN, COUT, QH, QW, x.stride(0), x.stride(2), x.stride(3), y.stride(0), y.stride(2), y.stride(3),
+        off, nz.stride(0) if nz is not None and nz.shape[0] > 1 else 0, float(clamp or 0.0),
+        K=K, UP=up, STRIDE=stride, PAD=K // 2 if stride == 1 else 0, KB=triton.cdiv(CIN, BK), EVEN_K=CIN % BK == 0,
+        HALO=halo, SCALE=d is not None, NOISE=nz is not None, BIAS=bias is not None, ACT=bool(act),
+        CLAMP=clamp is not None, PREC=_precision(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps,
+        num_stages=stages)
     return y
 
 
