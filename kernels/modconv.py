@@ -248,7 +248,8 @@ def _modconv_kernel(
                              #   transposed conv's input gradient is STRIDE=2, PAD=0)
     KB: tl.constexpr,        # channel blocks per tap: cdiv(CIN, BLOCK_K)
     EVEN_K: tl.constexpr,    # CIN % BLOCK_K == 0: no channel masks
-    HALO: tl.constexpr,      # x sits inside a zero border of ≥ 1 pixel (`halo_view`): no spatial masks
+    HALO: tl.constexpr,      # x sits inside a zero border of ≥ 1 pixel (`halo_empty`): no spatial masks
+    MOD_W: tl.constexpr,     # modulate the weight tile instead of the x tile (narrow layers, see the launcher)
     SCALE: tl.constexpr, NOISE: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr,
     PREC: tl.constexpr,      # tl.dot input precision for fp32: "ieee" (exact) or "tf32"
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -323,7 +324,10 @@ def _modconv_kernel(
             xv = tl.load(x_rows + (dy * sxh + dx * sxw + i0), mask=ok[:, None] & i_ok[None, :], other=0.0)
             sv = tl.load(s_b + i0, mask=i_ok, other=0.0)
             wv = tl.load(w_n + (tap * CIN + i0) * COUT, mask=i_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(xv * sv[None, :], wv, acc, input_precision=PREC)  # modulate the x tile, then MMA
+        if MOD_W:  # (BLOCK_K, BLOCK_N) is the smaller tile: scale its rows, x goes to the MMA as loaded
+            acc = tl.dot(xv, (wv * sv[:, None]).to(xv.dtype), acc, input_precision=PREC)
+        else:      # modulate the x tile, then MMA
+            acc = tl.dot(xv * sv[None, :], wv, acc, input_precision=PREC)
     if SCALE:
         acc = acc * tl.load(d_ptr + b * COUT + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if NOISE:
@@ -450,13 +454,17 @@ def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None,
     dummy = s
     nz = noise.to(x.dtype) if noise is not None else None
     BM, BN, BK, warps, stages = modconv_config(QH * QW, CIN, COUT, x.dtype, _on_gpu(x), up)
+    # Narrow N tiles (≤ 32 output channels against ≥ 8× as many pixels): the weight tile is ≥ 8× smaller than
+    # the x tile, so it is the one scaled by s (bench/aot.py: the loop then stays ≤ 20 SASS per wgmma; the x
+    # tile's modulation costs 20–26 there). Everywhere else the x tile is.
+    mod_w = BN <= 32 and BM >= 8 * BN
     grid = (B * triton.cdiv(QH * QW, BM) * phases * triton.cdiv(COUT, BN),)
     _modconv_kernel[grid](
         x, wg, s, d if d is not None else dummy, nz if nz is not None else dummy, bias if bias is not None else dummy,
         y, H, W, CIN, COUT, QH, QW, x.stride(0), x.stride(2), x.stride(3), y.stride(0), y.stride(2), y.stride(3),
         off, nz.stride(0) if nz is not None and nz.shape[0] > 1 else 0, float(clamp or 0.0),
         K=K, UP=up, STRIDE=stride, PAD=K // 2 if stride == 1 else 0, KB=triton.cdiv(CIN, BK), EVEN_K=CIN % BK == 0,
-        HALO=halo, SCALE=d is not None, NOISE=nz is not None, BIAS=bias is not None, ACT=bool(act),
+        HALO=halo, MOD_W=mod_w, SCALE=d is not None, NOISE=nz is not None, BIAS=bias is not None, ACT=bool(act),
         CLAMP=clamp is not None, PREC=_precision(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps,
         num_stages=stages)
     return y

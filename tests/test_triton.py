@@ -167,3 +167,22 @@ def test_stacked_layers_triton_match_reference(cin, mid, up):
         out[name] = (y,) + torch.autograd.grad((y * ramp).sum(), (x, s2))
     for got, want in zip(out["triton"], out["ref"]):
         assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("cin, cout, H, up", [(8, 8, 16, 1), (12, 16, 8, 2), (16, 3, 16, 1)])
+def test_narrow_layers_modulate_the_weight_tile(cin, cout, H, up):
+    """Layers with few output channels against many pixels scale the (smaller) weight tile by s instead of the
+    x tile (MOD_W): forward and gradients still equal the reference's."""
+    mc = sys.modules["kernels.modconv"]
+    BM, BN = mc.modconv_config((H + up - 1) ** 2, cin, cout, torch.float32, DEVICE == "cuda", up)[:2]
+    assert BN <= 32 and BM >= 8 * BN  # the launcher's condition for MOD_W
+    g = torch.Generator().manual_seed(cin + cout + H)
+    x, s = _rand(g, 2, cin, H, H).requires_grad_(), _rand(g, 2, cin).requires_grad_()
+    weight, bias = _rand(g, cout, cin, 3, 3), _rand(g, cout)
+    args = dict(up=up, fir=BLUR.to(DEVICE), noise=_rand(g, 1, 1, H * up, H * up), noise_strength=_rand(g, 1))
+    y = kernels.layer(x, weight, s, bias, **args, impl="triton")
+    y_ref = kernels.layer_ref(x, weight, s, bias, **args)
+    assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    dy = torch.randn(y.shape, generator=g).to(DEVICE)
+    for got, want in zip(torch.autograd.grad(y, (x, s), dy), torch.autograd.grad(y_ref, (x, s), dy)):
+        assert_close(got, want, rtol=1e-3, atol=1e-3)
