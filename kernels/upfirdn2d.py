@@ -112,28 +112,51 @@ def _upfirdn2d_kernel(
     # BLOCK_N × BLOCK_H × BLOCK_W tile (planes × rows × columns). Output pixel (oy, ox) reads tap (i, j)
     # of the window that starts at (oy·DOWN, ox·DOWN) in the padded, zero-stuffed image; that pixel is
     # u = (oy·DOWN + i − Y0, ox·DOWN + j − X0) of the stuffed image, which holds x[u / UP] when u is a
-    # multiple of UP and zero otherwise. Index math is int64 (no overflow at 1024² × large batches).
+    # multiple of UP and zero otherwise. So only every UP-th tap meets a non-zero (polyphase): row oy runs
+    # the taps i = i0 + UP·t, i0 = (Y0 − oy·DOWN) mod UP (and the same for columns), cdiv(KH, UP) of them,
+    # each with its own filter value (a gather from the 16-tap filter, cached). Index math is int64.
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) planes
     oy = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,) output rows
     ox = tl.program_id(2).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W)  # (BLOCK_W,) output columns
     x_planes = x_ptr + ((n // C) * sxb + (n % C) * sxc)[:, None, None]   # (BLOCK_N, 1, 1)
     n_ok = (n < N)[:, None, None]
     acc = tl.zeros((BLOCK_N, BLOCK_H, BLOCK_W), dtype=tl.float32)
-    for i in tl.static_range(KH):
-        uy = oy * DOWN + i - Y0
-        ok_y = (uy >= 0) & (uy % UP == 0) & (uy < H * UP)
-        row = (uy // UP * sxh)[None, :, None]
-        for j in tl.static_range(KW):
-            ux = ox * DOWN + j - X0
-            ok_x = (ux >= 0) & (ux % UP == 0) & (ux < W * UP)
-            # a true convolution meets tap (i, j) with f[KH-1-i, KW-1-j]; correlation with f[i, j]
-            if FLIP:
-                tap = tl.load(f_ptr + i * KW + j)
-            else:
-                tap = tl.load(f_ptr + (KH - 1 - i) * KW + (KW - 1 - j))
-            ok = n_ok & ok_y[None, :, None] & ok_x[None, None, :]
-            v = tl.load(x_planes + row + (ux // UP * sxw)[None, None, :], mask=ok, other=0.0)
-            acc += v.to(tl.float32) * tap
+    if UP == 1:  # every tap is live: scalar filter values
+        for i in tl.static_range(KH):
+            uy = oy * DOWN + i - Y0
+            ok_y = (uy >= 0) & (uy < H)
+            row = (uy * sxh)[None, :, None]
+            for j in tl.static_range(KW):
+                ux = ox * DOWN + j - X0
+                ok_x = (ux >= 0) & (ux < W)
+                # a true convolution meets tap (i, j) with f[KH-1-i, KW-1-j]; correlation with f[i, j]
+                if FLIP:
+                    tap = tl.load(f_ptr + i * KW + j)
+                else:
+                    tap = tl.load(f_ptr + (KH - 1 - i) * KW + (KW - 1 - j))
+                ok = n_ok & ok_y[None, :, None] & ok_x[None, None, :]
+                v = tl.load(x_planes + row + (ux * sxw)[None, None, :], mask=ok, other=0.0)
+                acc += v.to(tl.float32) * tap
+    else:
+        iy0 = ((Y0 - oy * DOWN) % UP + UP) % UP                          # (BLOCK_H,) first live tap row
+        ix0 = ((X0 - ox * DOWN) % UP + UP) % UP                          # (BLOCK_W,) first live tap column
+        for t in tl.static_range((KH + UP - 1) // UP):
+            i = iy0 + UP * t                                             # (BLOCK_H,) tap row
+            uy = oy * DOWN + i - Y0                                      # a multiple of UP
+            ok_y = (i < KH) & (uy >= 0) & (uy < H * UP)
+            row = (uy // UP * sxh)[None, :, None]
+            for r in tl.static_range((KW + UP - 1) // UP):
+                j = ix0 + UP * r                                         # (BLOCK_W,) tap column
+                ux = ox * DOWN + j - X0
+                ok_x = (j < KW) & (ux >= 0) & (ux < W * UP)
+                if FLIP:
+                    f_idx = i[:, None] * KW + j[None, :]
+                else:
+                    f_idx = (KH - 1 - i)[:, None] * KW + (KW - 1 - j)[None, :]
+                tap = tl.load(f_ptr + f_idx, mask=(i < KH)[:, None] & (j < KW)[None, :], other=0.0)  # (H, W)
+                ok = n_ok & ok_y[None, :, None] & ok_x[None, None, :]
+                v = tl.load(x_planes + row + (ux // UP * sxw)[None, None, :], mask=ok, other=0.0)
+                acc += v.to(tl.float32) * tap[None, :, :]
     y = y_ptr + n[:, None, None] * (OH * OW) + oy[None, :, None] * OW + ox[None, None, :]
     out_ok = n_ok & (oy < OH)[None, :, None] & (ox < OW)[None, None, :]
     tl.store(y, (acc * gain).to(y_ptr.dtype.element_ty), mask=out_ok)
