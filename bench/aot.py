@@ -781,6 +781,9 @@ def main(argv=None):
                    "--layers) to PATH: one variant row per compiled variant and target, one config row per "
                    "(dtype, batch)")
     p.add_argument("--layers", action="store_true", help="print the per-launch table (layer, shape, model figures)")
+    p.add_argument("--exact", action="store_true",
+                   help="fp32 with TF32 off (torch.backends.cudnn.allow_tf32 = False): the exact IEEE path "
+                        "(FFMA dot products) instead of PyTorch's default TF32")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise StyleMaskError("bench.aot compiles real kernels: unset TRITON_INTERPRET (the interpreter replaces "
@@ -792,6 +795,9 @@ def main(argv=None):
     os.makedirs(a.cache, exist_ok=True)
     os.environ["TRITON_CACHE_DIR"] = os.path.join(a.cache, "triton")
     dtypes, batches = (["fp16"], [16]) if a.quick else (list(DTYPES), list(BATCHES))
+    if a.exact:  # the launchers read PyTorch's TF32 switch for fp32 convolutions
+        torch.backends.cudnn.allow_tf32 = False
+        dtypes = ["fp32"]
     targets = ["sm_90a"] if a.quick else list(TARGETS)
     t0 = time.time()
 

@@ -349,7 +349,7 @@ def _pow2(n, lo, hi):
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def modconv_config(pixels, cin, cout, dtype, gpu=True, up=1):
+def modconv_config(pixels, cin, cout, dtype, gpu=True, up=1, exact=False):
     """Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one layer class: the shape table.
 
     pixels: output pixels of one sample (for up=2: of the largest phase). On the GPU:
@@ -358,6 +358,7 @@ def modconv_config(pixels, cin, cout, dtype, gpu=True, up=1):
       needs registers): the accumulator and the modulated A fragments stay in registers;
     - K steps of 256 bytes per pixel where the channels allow (128 for 16-bit, 64 for fp32: 2 stages),
       else 3 stages;
+    - exact fp32 (TF32 off: FFMA dot products) takes 64×64×8 tiles;
     - 4²–9² grids take M tiles of 16 or 32 pixels on mma.sync (no 64-row minimum, far less loop overhead
       per MMA than a half-empty wgmma; these layers are < 1% of the FLOPs).
     `python -m bench.aot` checks every launch: no spills, the A100's shared memory, SASS per MMA. The CPU
@@ -365,6 +366,8 @@ def modconv_config(pixels, cin, cout, dtype, gpu=True, up=1):
     """
     if not gpu:
         return _pow2(pixels, 16, 4096), _pow2(cout, 16, 64), _pow2(cin, 16, 32), 4, 1
+    if exact:  # exact fp32 (TF32 off): FFMA dot products, whose operands live in registers: small tiles
+        return _pow2(pixels, 16, 64), _pow2(cout, 16, 64), 8, 4, 2
     if dtype == torch.float32:  # 4-byte operands: 64-channel K steps (32 for the 64-channel up-sampling
         # phases, which spill on sm_80 otherwise) and 32-channel N tiles (registers)
         bk, bn_max = (64 if cin >= 128 or (cin >= 64 and up == 1) else _pow2(cin, 16, 32)), 32
@@ -453,7 +456,9 @@ def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None,
         off = p0 * y.stride(2) + p0 * y.stride(3)
     dummy = s
     nz = noise.to(x.dtype) if noise is not None else None
-    BM, BN, BK, warps, stages = modconv_config(QH * QW, CIN, COUT, x.dtype, _on_gpu(x), up)
+    prec = _precision(x.dtype)
+    BM, BN, BK, warps, stages = modconv_config(QH * QW, CIN, COUT, x.dtype, _on_gpu(x), up,
+                                               exact=x.dtype == torch.float32 and prec == "ieee")
     # Narrow N tiles (≤ 32 output channels against ≥ 8× as many pixels): the weight tile is ≥ 8× smaller than
     # the x tile, so it is the one scaled by s (bench/aot.py: the loop then stays ≤ 20 SASS per wgmma; the x
     # tile's modulation costs 20–26 there). Everywhere else the x tile is.
@@ -465,7 +470,7 @@ def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None,
         off, nz.stride(0) if nz is not None and nz.shape[0] > 1 else 0, float(clamp or 0.0),
         K=K, UP=up, STRIDE=stride, PAD=K // 2 if stride == 1 else 0, KB=triton.cdiv(CIN, BK), EVEN_K=CIN % BK == 0,
         HALO=halo, MOD_W=mod_w, SCALE=d is not None, NOISE=nz is not None, BIAS=bias is not None, ACT=bool(act),
-        CLAMP=clamp is not None, PREC=_precision(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps,
+        CLAMP=clamp is not None, PREC=prec, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps,
         num_stages=stages)
     return y
 
