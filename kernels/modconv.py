@@ -1,14 +1,16 @@
 """modconv: StyleGAN2's modulated convolution (Karras et al. 2020, Sect. 2.2, Eq. 1–3).
 
-Every synthesis layer is one call: the style s scales the input channels of a shared weight
+Every synthesis layer convolves once: the style s scales the input channels of a shared weight
 (modulation), each output channel is renormalised to unit expected variance (demodulation,
 skipped by ToRGB), and the up-sampling layers use a stride-2 transposed convolution followed by
 the [1,3,3,1] FIR (rosinality's `ModulatedConv2d(upsample=True)`, NVlabs' `conv2d_resample(up=2)`).
 
 In teaching order: `modconv_ref`, the plain-PyTorch specification; `modconv_cpu`, the same math
-arranged for a CPU; `_modconv_kernel`, the Triton kernel (an implicit GEMM per sample that modulates
-weight tiles on the fly and accumulates the demodulation from the same tiles); its launcher; the
-autograd Function; and the public `modconv`.
+arranged for a CPU; `_modconv_kernel`, the Triton kernel (a channels-last implicit GEMM that modulates
+the x tile as it is loaded, with the layer's epilogue fused; the up-sampling conv as its 4 polyphase
+sub-convolutions), its tile table and launcher; the autograd Function and the public `modconv`; and
+`_fir_act_kernel`, the separable FIR that follows the up-sampling conv, with the epilogue fused. The
+fused synthesis layer built from them is kernels/layer.py.
 """
 import math
 import weakref
@@ -476,7 +478,8 @@ def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None,
 
 
 class _ModConv(torch.autograd.Function):
-    """modconv on Triton; the backward runs the transposed reference ops (recomputing the forward)."""
+    """modconv on Triton (the op alone; synthesis uses kernels.layer, whose backward is Triton too); the
+    backward recomputes modconv_ref and differentiates it, weight gradient included."""
 
     @staticmethod
     def forward(ctx, x, weight, s, demodulate, up, fir):
