@@ -1,0 +1,7 @@
+"""The synthetic head world (issue 15): a known world in which StyleMask can be trained and checked.
+
+Built so far: `world.render`, a deterministic z-buffered rasteriser with Lambertian shading in plain
+PyTorch, using DECA's orthographic camera (`stylemask.project`) so that rendered pixels and FLAME
+landmarks share one image space. To come: the parametric FLAME-format head, the world's networks and
+`python -m world.build`.
+"""
