@@ -157,24 +157,16 @@ def recording(log):
 
 @contextmanager
 def gpu_code_path():
-    """Within: the kernels take their CUDA code path on meta tensors (Triton backend, CUDA block sizes).
-
-    Today's launchers pick block sizes by `x.is_cuda` from `*_BLOCKS` dicts; here every such dict hands
-    its "cuda" entry to non-CUDA tensors too, and `resolve` answers "triton" in every module that bound it.
-    (Once the kernels treat meta tensors as CUDA themselves, only the backend choice remains here.)
+    """Within: the kernels take their CUDA code path on meta tensors: `resolve` answers "triton" in every
+    module that bound it (the launchers already pick their GPU tiles for meta tensors: kernels.dispatch.on_gpu).
     """
     modules = [m for name, m in sys.modules.items() if name == "kernels" or name.startswith("kernels.")]
     real_resolve = kernels.dispatch.resolve
-    saved = []  # (dict or module, key, old value)
+    saved = []  # (module dict, key, old value)
     for m in modules:
         if getattr(m, "resolve", None) is real_resolve:
             saved.append((vars(m), "resolve", real_resolve))
             m.resolve = lambda x, impl="auto": "triton"
-        for name, table in list(vars(m).items()):
-            if name.endswith("_BLOCKS") and isinstance(table, dict) and "cuda" in table:
-                for other in [k for k in table if k != "cuda"]:
-                    saved.append((table, other, table[other]))
-                    table[other] = table["cuda"]
     backend = os.environ.get("STYLEMASK_BACKEND")
     os.environ["STYLEMASK_BACKEND"] = "triton"
     try:

@@ -28,6 +28,12 @@ def resolve(x, impl="auto"):
     return impl
 
 
+def on_gpu(x):
+    """True for CUDA tensors and for meta tensors: bench/aot.py plans the GPU launches on meta tensors, so
+    launchers pick their GPU tiles for both."""
+    return x.is_cuda or x.device.type == "meta"
+
+
 def fast_cpu(x, impl="auto"):
     """True when an op on x runs the fast CPU variant: the torch backend, a CPU tensor, STYLEMASK_FAST not 0."""
     fast = os.environ.get("STYLEMASK_FAST", "1") not in ("0", "")

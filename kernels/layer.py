@@ -22,9 +22,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dispatch import fast_cpu, resolve
-from .modconv import (_channels_last, _modconv_triton, _on_gpu, _pow2, demodulation, fir_act, fir_input, fir_input_pad,
-                      halo_empty, modconv_cpu, modconv_ref, modulates_weights)
+from .dispatch import fast_cpu, on_gpu, resolve
+from .modconv import (_channels_last, _modconv_triton, _pow2, demodulation, fir_act, fir_input_pad, halo_empty,
+                      modconv_cpu, modconv_ref, modulates_weights, up_conv)
 from .upfirdn2d import upfirdn2d, upfirdn2d_cpu, upfirdn2d_ref
 
 SQRT2 = math.sqrt(2.0)
@@ -161,7 +161,7 @@ def _torgb_triton(x, weight, s, bias, img, img_fir, clamp):
         f = img_fir.to(device=x.device, dtype=torch.float32).contiguous()
     else:
         f = w
-    BP, BK = (128, _pow2(CIN, 16, 32)) if _on_gpu(x) else (_pow2(H * W, 16, 4096), _pow2(CIN, 16, 64))
+    BP, BK = (128, _pow2(CIN, 16, 32)) if on_gpu(x) else (_pow2(H * W, 16, 4096), _pow2(CIN, 16, 64))
     grid = (B * triton.cdiv(H * W, BP),)
     _torgb_kernel[grid](x, w, s.contiguous(), bias.float().contiguous(), img if img is not None else y, f, y,
                         H, W, CIN, x.stride(0), x.stride(2), x.stride(3), float(clamp or 0.0),
@@ -182,10 +182,7 @@ def _layer_triton(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength
     nz = None if noise is None else noise_strength * noise  # (B or 1, 1, H·up, W·up)
     if up == 1:
         return _modconv_triton(x, weight, s, d, noise=nz, bias=bias, act=True, clamp=clamp, halo_out=True)
-    B, _, H, W = x.shape
-    P = fir_input(B, weight.shape[0], 2 * H + 1, 2 * W + 1, fir, x)
-    _modconv_triton(x, weight, s, d, up=2, out=P)
-    return fir_act(P[0], fir, noise=nz, bias=bias, act=True, clamp=clamp, halo_out=True)
+    return up_conv(x, weight, s, d, fir, noise=nz, bias=bias, act=True, clamp=clamp, halo_out=True)
 
 
 def _conv_layer_backward(x, weight, s, bias, nz, y, up, fir, clamp, dy):

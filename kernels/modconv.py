@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dispatch import fast_cpu, resolve
-from .upfirdn2d import _upfirdn2d_triton, upfirdn2d_ref
+from .dispatch import fast_cpu, on_gpu, resolve
+from .upfirdn2d import upfirdn2d_ref
 
 
 def modconv_ref(x, weight, s, demodulate=True, up=1, fir=None, eps=1e-8):
@@ -388,11 +388,6 @@ def _precision(dtype):
     return "tf32" if dtype == torch.float32 else "ieee"  # (ignored for fp16 / bf16)
 
 
-def _on_gpu(x):
-    """CUDA tensors, and meta tensors (bench/aot.py plans the GPU launches with them), take GPU tiles."""
-    return x.is_cuda or x.device.type == "meta"
-
-
 def demodulation(weight, s, eps=1e-8):
     """(B, COUT) demodulation coefficients 1/sqrt(Σ_i s[b,i]² Σ_{kh,kw} weight[o,i]² + eps) (StyleGAN2 Eq. 3)."""
     return torch.rsqrt(s.float().square() @ weight.float().square().sum([2, 3]).t() + eps)
@@ -459,7 +454,7 @@ def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None,
     dummy = s
     nz = noise.to(x.dtype) if noise is not None else None
     prec = _precision(x.dtype)
-    BM, BN, BK, warps, stages = modconv_config(QH * QW, CIN, COUT, x.dtype, _on_gpu(x), up,
+    BM, BN, BK, warps, stages = modconv_config(QH * QW, CIN, COUT, x.dtype, on_gpu(x), up,
                                                exact=x.dtype == torch.float32 and prec == "ieee")
     # Narrow N tiles (≤ 32 output channels against ≥ 8× as many pixels): the weight tile is ≥ 8× smaller than
     # the x tile, so it is the one scaled by s (bench/aot.py: the loop then stays ≤ 20 SASS per wgmma; the x
@@ -486,11 +481,7 @@ class _ModConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight, s, fir)
         ctx.args = (demodulate, up)
         d = demodulation(weight, s) if demodulate else None
-        if up == 1:
-            return _modconv_triton(x, weight, s, d).contiguous()
-        P = fir_input(x.shape[0], weight.shape[0], 2 * x.shape[2] + 1, 2 * x.shape[3] + 1, fir, x)
-        _modconv_triton(x, weight, s, d, up=2, out=P)
-        return fir_act(P[0], fir).contiguous()
+        return (_modconv_triton(x, weight, s, d) if up == 1 else up_conv(x, weight, s, d, fir)).contiguous()
 
     @staticmethod
     def backward(ctx, dy):
@@ -698,8 +689,8 @@ def fir_act(P, fir, noise=None, bias=None, act=False, clamp=None, halo_out=False
     sep = separable(fir) if KF <= 4 else None
     fv, fh = (t.to(P.device) for t in sep) if sep is not None else (f, f)
     nz = noise.to(P.dtype).contiguous() if noise is not None else None
-    BC = math.gcd(C, 64 if _on_gpu(P) else 128)  # a divisor of C: unmasked channel vectors
-    BW = 32 if _on_gpu(P) else _pow2(OW, 16, 256)
+    BC = math.gcd(C, 64 if on_gpu(P) else 128)  # a divisor of C: unmasked channel vectors
+    BW = 32 if on_gpu(P) else _pow2(OW, 16, 256)
     grid = (B * triton.cdiv(OH, 4) * triton.cdiv(OW, BW), C // BC)
     _fir_act_kernel[grid](P, f, fv, fh, nz if nz is not None else f, bias if bias is not None else f, y, OH, OW, C,
                           P.stride(0), P.stride(2), P.stride(3), y.stride(0), y.stride(2), y.stride(3),
@@ -707,3 +698,12 @@ def fir_act(P, fir, noise=None, bias=None, act=False, clamp=None, halo_out=False
                           KF=KF, SEPARABLE=sep is not None, NOISE=nz is not None, BIAS=bias is not None,
                           ACT=bool(act), CLAMP=clamp is not None, BLOCK_W=BW, BLOCK_C=BC, num_warps=4)
     return y
+
+
+def up_conv(x, weight, s, d, fir, **epilogue):
+    """The 2× up-sampling modconv on Triton: the four phases of the transposed conv into the zero-bordered FIR
+    input, then the FIR with the layer's epilogue (`fir_act`'s keywords). (B, CIN, H, W) -> (B, COUT, 2H, 2W)."""
+    B, _, H, W = x.shape
+    P = fir_input(B, weight.shape[0], 2 * H + 1, 2 * W + 1, fir, x)
+    _modconv_triton(x, weight, s, d, up=2, out=P)
+    return fir_act(P[0], fir, **epilogue)

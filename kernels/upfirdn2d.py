@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dispatch import fast_cpu, resolve
+from .dispatch import fast_cpu, on_gpu, resolve
 
 
 def upfirdn2d_ref(x, f, up=1, down=1, pad=(0, 0, 0, 0), flip_filter=False, gain=1.0):
@@ -177,7 +177,7 @@ def _upfirdn2d_triton(x, f, up, down, pad, flip_filter, gain):
         raise ValueError(f"upfirdn2d: empty output for input {H}×{W}, filter {KH}×{KW}, pad {pad}")
     y = torch.empty(B, C, OH, OW, device=x.device, dtype=x.dtype)
     f = f.to(device=x.device, dtype=torch.float32).contiguous()
-    BN, BH, BW = UPFIRDN2D_BLOCKS["cuda" if x.is_cuda else "interpreter"]
+    BN, BH, BW = UPFIRDN2D_BLOCKS["cuda" if on_gpu(x) else "interpreter"]
     grid = (triton.cdiv(B * C, BN), triton.cdiv(OH, BH), triton.cdiv(OW, BW))
     _upfirdn2d_kernel[grid](x, f, y, B * C, C, H, W, OH, OW, *x.stride(), x0, y0, float(gain),
                             UP=up, DOWN=down, KH=KH, KW=KW, FLIP=bool(flip_filter),

@@ -115,17 +115,16 @@ def albedo(lat, lon, a):
     blue, brown = torch.tensor([0.25, 0.45, 0.75]), torch.tensor([0.35, 0.2, 0.1])
     iris = blue + (brown - blue) * a["eyes"]
     lip = skin * torch.tensor([0.85, 0.55, 0.55]) + torch.tensor([0.1, 0.0, 0.0]) * a["lips"]
-    c = skin.expand(lat.shape[0], 3).clone().double()
-    def paint(mask, colour):
-        nonlocal c
-        c = torch.where(mask[:, None], colour.double(), c)
     hairline = D(36 + 8 * a["hairline"]) - D(55) * torch.sigmoid((lon.abs() - D(95)) / 0.15)  # low at the back
-    paint(lat > hairline, hair)
-    paint(((lat - D(-12.5)) / D(4)) ** 2 + (lon / D(19)) ** 2 < 1, lip)
+    regions = [(lat > hairline, hair),                                    # painted in order: later ones win
+               (((lat - D(-12.5)) / D(4)) ** 2 + (lon / D(19)) ** 2 < 1, lip)]
     for lon0 in (D(-22), D(22)):
-        paint(((lat - D(17)) / D(3.2)) ** 2 + ((lon - lon0) / D(8)) ** 2 < 1, torch.tensor([0.95, 0.95, 0.95]))
-        paint(((lat - D(17)) / D(2.6)) ** 2 + ((lon - lon0) / D(2.8)) ** 2 < 1, iris)
-        paint((((lat - D(24.5)) / D(1.6)) ** 2 + ((lon - lon0) / D(10)) ** 2 < 1), hair * 0.8)
+        regions += [(((lat - D(17)) / D(3.2)) ** 2 + ((lon - lon0) / D(8)) ** 2 < 1, torch.tensor([0.95, 0.95, 0.95])),
+                    (((lat - D(17)) / D(2.6)) ** 2 + ((lon - lon0) / D(2.8)) ** 2 < 1, iris),
+                    (((lat - D(24.5)) / D(1.6)) ** 2 + ((lon - lon0) / D(10)) ** 2 < 1, hair * 0.8)]
+    c = skin.double().expand(lat.shape[0], 3)
+    for mask, colour in regions:
+        c = torch.where(mask[:, None], colour.double(), c)
     return c
 
 
