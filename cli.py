@@ -120,6 +120,20 @@ def check_flags(cfg, **rules):
             raise StyleMaskError(f"--{name.replace('_', '-')} {value!r}: must be {what}")
 
 
+TRUNCATION_HELP = "(-1: the official 0.7; 1, none, on the synthetic head world, whose every latent is a known head)"
+
+
+def truncation_rule():
+    """The rule of a --truncation flag: -1 (the default by origin, `truncation`) or a psi in [0, 1]."""
+    return (lambda v: v == -1 or 0 <= v <= 1), "-1 (the default) or a number in [0, 1] (0: the average face, 1: none)"
+
+
+def truncation(psi, world):
+    """The truncation psi of a run: the flag's, or for -1 the official 0.7, and 1 on the synthetic head world
+    (its generator was trained on every latent, and untruncated samples keep the parameters z names)."""
+    return psi if psi != -1 else (1.0 if world else 0.7)
+
+
 def device(name):
     """The torch device named by a --device flag ('' : cuda when available, else cpu), checked to exist."""
     if not name:

@@ -21,6 +21,7 @@ every metric. Outputs in --out: a markdown table (also printed), results.json, g
 # weights', the command line and image writing cli's.
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +40,9 @@ from cli import pooled
 
 @dataclass
 class Config:
-    pairs: int = 0            # 0: 5000 on real weights (Table I; ablations use 2000), 32 on the tiny defaults
+    pairs: int = 0            # 0: 5000 on real weights (Table I; ablations use 2000), 64 on the world, 32 tiny
     seed: int = 0             # seeds the pairs
-    truncation: float = 0.7   # official trainer/evaluation
+    truncation: float = -1.0  # -1: the official trainer/evaluation's 0.7; 1 on the synthetic head world
     batch: int = 0            # 0: 16 on a GPU, 8 on a CPU
     generator: str = ""       # converted weights; empty: weights/<name>.safetensors, else the tiny default
     mask: str = ""            # the trained per-layer mask (default weights/masknet.safetensors)
@@ -61,8 +62,8 @@ class Config:
 
 
 HELP = dict(
-    pairs="number of random source/target pairs (0: 5000 real, 32 tiny)", seed="random seed of the pairs",
-    truncation="truncation psi (official: 0.7)", batch="pairs per forward pass (0: 16 GPU, 8 CPU)",
+    pairs="number of random source/target pairs (0: 5000 real, 64 on the synthetic head world, 32 tiny)", seed="random seed of the pairs",
+    truncation="truncation psi " + cli.TRUNCATION_HELP, batch="pairs per forward pass (0: 16 GPU, 8 CPU)",
     generator="generator .safetensors", mask="trained per-layer mask .safetensors",
     global_mask="also evaluate this global-mask checkpoint (Table IV)",
     no_cycle_mask="also evaluate this checkpoint trained without the cycle loss (Table V)",
@@ -80,7 +81,7 @@ def parse_args(argv=None):
     """The Config of this command line, every flag checked."""
     cfg = cli.parse_config(Config, HELP, argv, description=__doc__)
     cli.check_flags(cfg, pairs=cli.at_least(0, " (0: the default)"), seed=cli.at_least(0),
-                    truncation=cli.finite(0, 1, note=" (0: the average face, 1: none)"),
+                    truncation=cli.truncation_rule(),
                     batch=cli.at_least(0, " (0: the default)"),
                     range_samples=((lambda n: n == 0 or n >= 2), "0 (the default) or >= 2: ranges need two images"),
                     grid_pairs=cli.at_least(1),
@@ -199,12 +200,14 @@ def pair_latents(seed, n, z_dim, batch):
     return draws(torch.Generator().manual_seed(seed), 0), draws(torch.Generator().manual_seed(seed), n)
 
 
-def evaluate(cfg, nets, ranges, grid_pairs):
-    """Per-method metric sums over the pairs, Inception features for FID, and the grid's images."""
+def evaluate(cfg, nets, ranges, grid_pairs, truth=False):
+    """Per-method metric sums over the pairs, Inception features for FID, and the grid's images; truth: also
+    the errors against the true parameters of the synthetic head world (`truth_errors`)."""
     G, Fl, masks, inception = nets["generator"], nets["flame"], nets["masks"], nets["inception"]
     z_s, z_t = pair_latents(cfg.seed, cfg.pairs, G["style.1.weight"].shape[1], cfg.batch)
     methods = [*masks, "source", "target"]  # the table's rows; the grid shows source | target | methods
-    sums = {m: dict(csim=0.0, pose=0.0, expr=0.0, expr_norm=0.0, nme=0.0) for m in methods}
+    sums = {m: dict(csim=0.0, pose=0.0, expr=0.0, expr_norm=0.0, nme=0.0, **(TRUTH_ZERO if truth else {}))
+            for m in methods}
     feats = {m: [] for m in methods + ["reference"]}
     grid = {m: [] for m in ["source", "target", *masks]}
     for zs, zt in tqdm(zip(z_s, z_t), total=-(-cfg.pairs // cfg.batch), desc="evaluating", unit="batch"):
@@ -228,6 +231,9 @@ def evaluate(cfg, nets, ranges, grid_pairs):
             acc["expr_norm"] += float(expr_error_normalized(pr["pose"][:, 3], pr["exp"], pt["pose"][:, 3],
                                                             pt["exp"], ranges.to(pr["exp"])).sum())
             acc["nme"] += float(nme(sup_r["l3d"], l_gt).sum())
+            if truth:
+                for k, v in truth_errors(pr, zs, zt).items():
+                    acc[k] += float(v.sum())
             if inception is not None:
                 feats[name].append(fid.features(inception, images[name]).double().cpu())
             if sum(t.shape[0] for t in grid[name]) < grid_pairs:
@@ -240,6 +246,43 @@ def evaluate(cfg, nets, ranges, grid_pairs):
         for m in methods:
             results[m]["fid"] = float(fid.frechet_distance(*fid.statistics(torch.cat(feats[m]).numpy()), *ref))
     return results, {m: torch.cat(v)[:grid_pairs] for m, v in grid.items()}
+
+
+# --- Ground truth on the synthetic head world (world/): every generated head's parameters are known -----
+
+TRUTH_ZERO = dict(pose_gt=0.0, expr_gt=0.0, jaw_gt=0.0, shape_gt=0.0)
+
+
+def truth_errors(p, z_s, z_t):
+    """Per pair, the world encoder's reading p of an image against the true parameters of the world: pose
+    (yaw, pitch, roll, degrees) and expression (its coefficients; jaw in degrees) against the target's, shape
+    coefficients against the source's (identity)."""
+    from world import head, sample
+    ident_s, _ = sample.from_z(z_s.cpu())
+    _, view_t = sample.from_z(z_t.cpu())
+    ne, ns = len(head.EXPRESSION), len(head.SHAPE)
+    dev = p["pose"].device
+    euler_t = fn.axis_angle_to_euler(view_t["pose"][:, :3]) * (180 / math.pi)
+    return dict(pose_gt=pose_error(p["euler"].double().cpu(), euler_t).to(dev),
+                expr_gt=(p["exp"][:, :ne].double().cpu() - view_t["exp"][:, :ne]).abs().mean(1).to(dev),
+                jaw_gt=((p["pose"][:, 3].double().cpu() - view_t["pose"][:, 3]).abs() * (180 / math.pi)).to(dev),
+                shape_gt=(p["shape"][:, :ns].double().cpu() - ident_s["shape"][:, :ns]).abs().mean(1).to(dev))
+
+
+def truth_table(results, deca):
+    """The ground-truth errors per method, and the world encoder's own error on renders for scale."""
+    from world import quality
+    enc = quality.encoder_errors(deca, n=128)
+    cols = [("Pose° vs target ↓", "pose_gt", 2), ("Expr. vs target ↓", "expr_gt", 3), ("Jaw° vs target ↓", "jaw_gt", 2),
+            ("Shape vs source ↓", "shape_gt", 3)]
+    lines = ["Ground truth (synthetic head world): each image's parameters as the world's encoder reads them, "
+             "against the true ones", "", "| Method | " + " | ".join(c[0] for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for m, r in results.items():
+        lines.append(f"| {m} | " + " | ".join(f"{r[k]:.{d}f}" for _, k, d in cols) + " |")
+    lines += ["", f"The encoder's own error on 128 held-out renders: pose {enc['pose_deg']:.2f}°, expression "
+              f"{enc['exp']:.3f}, jaw {enc['jaw_deg']:.2f}°, shape {enc['shape']:.3f}."]
+    return "\n".join(lines)
 
 
 def markdown_table(results, has_fid):
@@ -260,18 +303,24 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.seed)
     nets, tiny = load_nets(cfg)
-    cfg.pairs = cfg.pairs or (32 if tiny else 5000)
+    world = tiny and weights.embedded() == "world"
+    cfg.truncation = cli.truncation(cfg.truncation, world)
+    cfg.pairs = cfg.pairs or (64 if world else 32 if tiny else 5000)
+    truth = world and cfg.truncation == 1  # every image's parameters are known: ground-truth errors too
     cfg.batch = min(cfg.batch or (16 if device == "cuda" else 8), cfg.pairs)  # never more than there are pairs
     nets = {k: ({m: cli.to_device(M, device) for m, M in P.items()} if k == "masks" else
                 cli.to_device(P, device) if P is not None else None) for k, P in nets.items()}
     with torch.no_grad():
         ranges, ranges_src, ranges_json = load_ranges(cfg, nets["generator"], nets["deca"], tiny, cfg.batch, out)
-        results, grid = evaluate(cfg, nets, ranges, cfg.grid_pairs)
+        results, grid = evaluate(cfg, nets, ranges, cfg.grid_pairs, truth)
     has_fid = nets["inception"] is not None
     table = markdown_table(results, has_fid)
     title = (f"{cfg.pairs} pairs, seed {cfg.seed}, truncation {cfg.truncation}"
-             + (" — TINY DEFAULTS, pipeline check only" if tiny else ""))
-    settings = dict(dataclasses.asdict(cfg), tiny_default=tiny, device=device,
+             + (" — the SYNTHETIC HEAD WORLD (not faces)" if world else " — TINY DEFAULTS, pipeline check only" if tiny
+                else ""))
+    if truth:
+        table += "\n\n" + truth_table(results, nets["deca"])
+    settings = dict(dataclasses.asdict(cfg), tiny_default=tiny and not world, world_default=world, device=device,
                     generator_arch=sm.architecture(nets["generator"]),
                     expression_ranges=ranges_src, nme_normaliser="outer-eye-corner distance (landmarks 36, 45) "
                     "of the ground-truth 3-D landmarks", fid_reference="the generated sources and targets"

@@ -20,6 +20,7 @@ inverts real faces and supervises nothing (`e4e.py`, built on the IR-SE trunk be
 Shapes: B batch, H, W image size. Generator images are (B, 3, H, W) RGB in [-1, 1]. A holds ArcFace's
 parameters, P DECA's E_flame parameters (named `deca` in the scripts).
 """
+import contextlib
 import math
 
 import torch
@@ -28,12 +29,26 @@ import torch.nn.functional as F
 from stylemask import DECA_SIZE, StyleMaskError
 
 BN_EPS = 1e-5  # every BatchNorm of both networks uses torch's default (DECA's unused D_detail sets 0.8)
+_BATCH_STATISTICS = [False]  # True inside `batch_statistics()`
 
 
 def bn(P, name, x):
-    """Eval-mode BatchNorm1d/2d `name` of P: running statistics, then weight and bias if it has them."""
+    """Eval-mode BatchNorm1d/2d `name` of P: running statistics, then weight and bias if it has them
+    (inside `batch_statistics()`: training mode)."""
     return F.batch_norm(x, P[f"{name}.running_mean"], P[f"{name}.running_var"], P.get(f"{name}.weight"),
-                        P.get(f"{name}.bias"), training=False, eps=BN_EPS)
+                        P.get(f"{name}.bias"), training=_BATCH_STATISTICS[0], momentum=0.1, eps=BN_EPS)
+
+
+@contextlib.contextmanager
+def batch_statistics():
+    """Within it, every BatchNorm runs as in torch's training mode: it normalises by the batch's statistics
+    and updates its running ones in place (momentum 0.1). For training networks of these formats (the
+    synthetic world's encoders, world/encoders.py); everything else runs in eval mode, as officially."""
+    _BATCH_STATISTICS[0] = True
+    try:
+        yield
+    finally:
+        _BATCH_STATISTICS[0] = False
 
 
 # --- ArcFace IR-SE50 --------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class Config:
     target: str = ""          # photo, latent, folder of frames or video; empty: generated from target_seed
     source_seed: int = 0
     target_seed: int = 1
-    truncation: float = 0.7   # for generated faces: the official trainer's and run_inference's
+    truncation: float = -1.0  # generated faces: -1 = the official 0.7 (1 on the synthetic head world)
     inversion_truncation: float = 0.7  # for photos: run_inference.py keeps psi 0.7 for e4e codes too
     alpha: float = 1.0        # our extension: 0 source, 1 Eq. 1
     size: int = 0             # output size in pixels; 0: the generator's resolution (official: 256 for display)
@@ -77,7 +77,7 @@ HELP = dict(
     source="source face: photo (.jpg, .png, ...) or W+ latent (.pt/.npy); empty: generated from --source-seed",
     target="target: photo, latent, folder of frames or video file (needs imageio-ffmpeg); empty: --target-seed",
     source_seed="seed of the generated source face", target_seed="seed of the generated target face",
-    truncation="truncation psi of generated faces (official: 0.7)",
+    truncation="truncation psi of generated faces " + cli.TRUNCATION_HELP,
     inversion_truncation="truncation psi applied to the e4e codes of photos, toward latent_avg (official "
                          "run_inference.py: 0.7; 1 = the untruncated inversion)",
     alpha="OUR EXTENSION: how much of the target's pose/expression to take, s_s + alpha·(s_r − s_s); 0 = source, 1 = Eq. 1",
@@ -98,7 +98,7 @@ def parse_args(argv=None):
     cfg = cli.parse_config(Config, HELP, argv, description=__doc__)
     psi = cli.finite(0, 1, note=" (0: the average face, 1: none)")
     cli.check_flags(cfg, source_seed=cli.at_least(0), target_seed=cli.at_least(0), num_pairs=cli.at_least(0),
-                    truncation=psi,
+                    truncation=cli.truncation_rule(),
                     inversion_truncation=psi,
                     alpha=cli.finite(-1, 2, note=" (0: the source, 1: Eq. 1; beyond [0, 1] it extrapolates)"),
                     size=((lambda v: 0 <= v <= 4096), "an integer in [0, 4096] (0: the generator's resolution)"),
@@ -254,6 +254,7 @@ def run(cfg, say=print):
                 f" only: ignored here")
     nets, defaulted = weights.load_all(["generator", "masknet"], say=say, generator=cfg.generator, masknet=cfg.mask)
     tiny = "generator" in defaulted
+    cfg.truncation = cli.truncation(cfg.truncation, tiny and weights.embedded() == "world")
     G, M = cli.to_device(nets["generator"], device), cli.to_device(nets["masknet"], device)
     invert = Inverter(cfg, G, tiny, say)
     with cli.staged(out, cfg.overwrite, "reenact.py") as tmp:

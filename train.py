@@ -34,12 +34,12 @@ import weights
 
 @dataclass
 class Config:
-    steps: int = 0               # 0: 70000 with real weights (Sect. IV-A), 200 on the tiny defaults
+    steps: int = 0               # 0: 70000 with real weights (Sect. IV-A), 1500 on the world, 200 on the tiny defaults
     batch: int = 6               # Sect. IV-A (the official run_trainer.py default is 12)
-    lr: float = 0.0              # 0: 1e-4 with real weights (Sect. IV-A, run_trainer.py), 1e-2 on the tiny defaults
+    lr: float = 0.0              # 0: 1e-4 with real weights (Sect. IV-A, run_trainer.py), 1e-3 world, 1e-2 tiny
     weight_decay: float = 5e-4   # Adam weight decay of the official trainer.py
-    n_layers: int = 12           # controlled conv layers, Supp. A
-    truncation: float = 0.7      # trainer.py: truncation toward the average latent
+    n_layers: int = 0            # controlled conv layers, Supp. A: 0 = 12, or every conv layer of a smaller generator
+    truncation: float = -1.0     # -1: trainer.py's 0.7 (1 on the synthetic head world)
     lambda_x: float = sm.LAMBDA_X    # run_trainer.py lambda_shape (shape, eye and mouth terms)
     lambda_id: float = sm.LAMBDA_ID  # run_trainer.py lambda_identity
     eye: bool = True             # official eye-opening term (--no-eye to drop it)
@@ -56,19 +56,19 @@ class Config:
     out: str = "runs/stylemask"  # checkpoints, logs and grids
     resume: str = ""             # a checkpoint.safetensors to continue from (its folder, its flags)
     overwrite: bool = False      # replace the results already in --out
-    save_every: int = 0          # 0: 1000 with real weights (run_trainer.py), 100 on the tiny defaults
+    save_every: int = 0          # 0: 1000 with real weights (run_trainer.py), 100 on the defaults
     log_every: int = 10          # run_trainer.py steps_per_log
     image_every: int = 0         # grid of held-out pairs every K steps; 0: same as save_every
     eval_pairs: int = 8          # held-out pairs for the evaluation loss and the grid
 
 
 HELP = dict(
-    steps="training iterations (0: 70000 on real weights, 200 on the tiny defaults)",
+    steps="training iterations (0: 70000 on real weights, 1500 on the synthetic head world, 200 on the tiny defaults)",
     batch="pairs per step (paper: 6)",
-    lr="Adam learning rate (0: the paper's 1e-4 on real weights; 1e-2 on the tiny defaults, whose 200-step run "
+    lr="Adam learning rate (0: the paper's 1e-4 on real weights; 1e-3 on the synthetic head world; 1e-2 on the tiny defaults, whose 200-step run "
        "must move the masks visibly: Adam moves each weight by about lr per step)",
-    weight_decay="Adam weight decay (official trainer: 5e-4)", n_layers="controlled conv layers n (paper: 12)",
-    truncation="truncation psi of the sampled latents (official: 0.7)",
+    weight_decay="Adam weight decay (official trainer: 5e-4)", n_layers="controlled conv layers n (0: the paper's 12, or all of a generator with fewer)",
+    truncation="truncation psi of the sampled latents " + cli.TRUNCATION_HELP,
     lambda_x="weight of the shape, eye and mouth terms (official: 1)", lambda_id="weight of the identity terms (official: 10)",
     eye="official eye-opening landmark term", mouth="official mouth-opening landmark term",
     cycle="recurrent cycle consistency loss, Eq. 4-7 (--no-cycle: Table V ablation)",
@@ -84,9 +84,11 @@ HELP = dict(
 )
 
 
+WORLD_STEPS, WORLD_LR = 1500, 1e-3  # the synthetic head world's masks (python -m world.build trains them so)
+
 # Flags a resumed run may change; every other one is the checkpoint's (giving a different value is an error).
 RESUME_MAY_CHANGE = ("steps", "save_every", "log_every", "image_every", "out", "resume", "overwrite")
-ZERO_MEANS_DEFAULT = ("steps", "lr", "save_every", "image_every")
+ZERO_MEANS_DEFAULT = ("steps", "lr", "save_every", "image_every", "n_layers", "truncation")  # 0 (-1) = default
 
 
 def parse_args(argv=None, given=None):
@@ -95,7 +97,7 @@ def parse_args(argv=None, given=None):
                            choices={"space": ["S", "W"], "mask": ["per-layer", "global"]})
     cli.check_flags(cfg, steps=cli.at_least(0, " (0: the default)"), batch=cli.at_least(1),
                     lr=cli.finite(0, note=" (0: the default)"), weight_decay=cli.finite(0),
-                    n_layers=cli.at_least(1), truncation=cli.finite(0, 1, note=" (0: the average face, 1: none)"),
+                    n_layers=cli.at_least(0, " (0: the default)"), truncation=cli.truncation_rule(),
                     lambda_x=cli.finite(0), lambda_id=cli.finite(0), seed=cli.at_least(0),
                     save_every=cli.at_least(0, " (0: the default)"), log_every=cli.at_least(1),
                     image_every=cli.at_least(0, " (0: with every checkpoint)"), eval_pairs=cli.at_least(1))
@@ -110,7 +112,7 @@ def resumed_config(cfg, given):
     if not isinstance(stored, dict):
         raise sm.StyleMaskError(f"{path}: the checkpoint stores no run config; it was not written by train.py")
     for name in sorted(given - set(RESUME_MAY_CHANGE)):
-        if name in ZERO_MEANS_DEFAULT and getattr(cfg, name) == 0:
+        if name in ZERO_MEANS_DEFAULT and getattr(cfg, name) == (-1 if name == "truncation" else 0):
             continue  # "the default": the run's own value
         if name in stored and getattr(cfg, name) != stored[name]:
             flag = "--" + name.replace("_", "-")
@@ -245,6 +247,19 @@ def load_nets(cfg, say=print):
     return tuple(nets.values()), "generator" in defaulted
 
 
+def resolve(cfg, G, tiny):
+    """Fill in, in place, the flags whose default depends on the networks (0, or -1 for --truncation): real
+    weights, the synthetic head world or the tiny defaults (tiny: an embedded default). -> on the world?"""
+    world = tiny and weights.embedded() == "world"
+    cfg.truncation = cli.truncation(cfg.truncation, world)
+    cfg.steps = cfg.steps or (WORLD_STEPS if world else 200 if tiny else 70000)
+    cfg.lr = cfg.lr or (WORLD_LR if world else 1e-2 if tiny else 1e-4)
+    cfg.save_every = cfg.save_every or (100 if tiny else 1000)
+    cfg.image_every = cfg.image_every or cfg.save_every
+    cfg.n_layers = cfg.n_layers or min(12, sm.n_conv_layers(sm.architecture(G)))
+    return world
+
+
 # --- The loop --------------------------------------------------------------------------------------
 
 class Stop:
@@ -274,10 +289,8 @@ def main(argv=None):
     nets, tiny = load_nets(cfg)
     nets = tuple(cli.to_device(P, device) for P in nets)
     G = nets[0]
-    cfg.steps = cfg.steps or (200 if tiny else 70000)
-    cfg.lr = cfg.lr or (1e-2 if tiny else 1e-4)
-    cfg.save_every = cfg.save_every or (100 if tiny else 1000)
-    cfg.image_every = cfg.image_every or cfg.save_every
+    world = resolve(cfg, G, tiny)
+    origin = " (the synthetic head world)" if world else " (TINY defaults)" if tiny else ""
 
     M = cli.to_device(sm.init_mask(G, cfg.n_layers, seed=cfg.seed, kind=cfg.mask, space=cfg.space), device)
     for p in M.params.values():
@@ -316,7 +329,7 @@ def main(argv=None):
             cli.write_text(out / "config.json", json.dumps(dict(dataclasses.asdict(cfg), tiny_default=tiny), indent=2)
                            + "\n")
             print(f"training {cfg.mask} masks in {cfg.space} over {cfg.n_layers} layers, batch {cfg.batch}, "
-                  f"steps {step}..{cfg.steps} on {device}{' (TINY defaults)' if tiny else ''}; writing to {out}")
+                  f"steps {step}..{cfg.steps} on {device}{origin}; writing to {out}")
             try:
                 return loop(cfg, nets, M, opt, gen, held_out, step, out, stop,
                             on_checkpoint=lambda: aside and shutil.rmtree(aside, ignore_errors=True))

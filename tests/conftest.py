@@ -1,7 +1,8 @@
 """Test-session setup: the Triton interpreter on CPU-only machines, hypothesis profiles, shared fixtures.
 
 TRITON_INTERPRET must be set before `kernels` is imported (triton.jit reads it when it decorates), so
-it is set here, first. It changes nothing unless a test asks for the Triton backend.
+it is set here, first. It changes nothing unless a test asks for the Triton backend. STYLEMASK_DEFAULT=tiny
+keeps the scripts' tests on the tiny random defaults whether or not the synthetic world is installed.
 """
 import os
 
@@ -13,6 +14,9 @@ from helpers import SMALL
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Script tests run on the tiny random defaults (fast, every code path); the synthetic head world's own tests
+# (tests/test_world_*.py) ask for it by name. Subprocesses inherit this.
+os.environ["STYLEMASK_DEFAULT"] = "tiny"
 
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True, print_blob=True)
 settings.register_profile("dev", max_examples=100, deadline=None)

@@ -25,7 +25,8 @@ def _log(out):
 
 def _held_out_loss(out, masknet_path):
     cfg = train.parse_args(LEARN + ["--out", str(out)])
-    nets, _ = train.load_nets(cfg, say=lambda *_: None)
+    nets, tiny = train.load_nets(cfg, say=lambda *_: None)
+    train.resolve(cfg, nets[0], tiny)
     held_z = torch.randn(3, cfg.eval_pairs, nets[0]["style.1.weight"].shape[1],
                          generator=torch.Generator().manual_seed(cfg.seed + 1_000_003))
     held = tuple(train.sample(nets, cfg, z) for z in held_z)

@@ -24,6 +24,7 @@ import os
 from collections import namedtuple
 from pathlib import Path
 
+import torch
 
 import stylemask as sm
 from fid import FID_WEIGHTS
@@ -183,6 +184,8 @@ def read(path, kind, device="cpu"):
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v  # fp16 storage (the world)
+                   for k, v in tensors.items()}
     except Exception as e:  # safetensors raises its own error types for every kind of damage
         raise StyleMaskError(f"{path}: not a readable safetensors file ({e}); re-convert it with "
                              f"python -m weights.convert") from None
@@ -214,6 +217,36 @@ def find(name, path=None, hint=""):
     return p if p.is_file() else None
 
 
+# --- The embedded defaults: the synthetic head world, or the tiny random networks ----------------------------
+
+WORLD = DIR / "world"  # the built world (python -m world.build): trained generator, masks, ArcFace, DECA
+WORLD_KINDS = ("generator", "masknet", "arcface", "deca")  # FLAME is built from code (world.head); e4e is tiny
+
+
+def embedded():
+    """Which embedded default the scripts fall back to: 'world' when weights/world/ holds the built world
+    (and STYLEMASK_DEFAULT is not 'tiny'), else 'tiny' (seeded random networks: a pipeline check)."""
+    choice = os.environ.get("STYLEMASK_DEFAULT", "world")
+    if choice not in ("world", "tiny"):
+        raise StyleMaskError(f"STYLEMASK_DEFAULT={choice!r}: must be 'world' or 'tiny'")
+    if choice == "world" and all((WORLD / KINDS[k].file).is_file() for k in WORLD_KINDS):
+        return "world"
+    return "tiny"
+
+
+def default(kind):
+    """The embedded default parameters of a kind (see `embedded`)."""
+    if embedded() == "world":
+        if kind in WORLD_KINDS:
+            return read(WORLD / KINDS[kind].file, kind)
+        if kind == "flame":
+            from world.head import flame_head
+            return flame_head()
+        if kind == "e4e":
+            return defaults.tiny_e4e(G=read(WORLD / KINDS["generator"].file, "generator"))
+    return KINDS[kind].default()
+
+
 def load(kind, path=None, say=print):
     """(params, is_default): the file at path; with no path weights/<kind>.safetensors; else the embedded
     default, said out loud. Kinds without a default (inception) give (None, True) with a note."""
@@ -229,9 +262,13 @@ def load(kind, path=None, say=print):
         say(f"note: {p} not found: {k.what} has no embedded default (random weights would give meaningless "
             f"numbers), so {k.needed_for} is not computed. To compute it: {convert_command(kind)}")
         return None, True
-    say(f"note: {p} not found: using the TINY random default (a pipeline check, not a face model). "
-        f"For real weights: {convert_command(kind)}")
-    return k.default(), True
+    if embedded() == "world":
+        say(f"note: {p} not found: using the synthetic head world's {k.what} ({WORLD}; not faces). "
+            f"For real weights: {convert_command(kind)}")
+    else:
+        say(f"note: {p} not found: using the TINY random default (a pipeline check, not a face model). "
+            f"For real weights: {convert_command(kind)}")
+    return default(kind), True
 
 
 def load_all(kinds, say=print, tiny=None, **paths):
@@ -274,7 +311,11 @@ def load_all(kinds, say=print, tiny=None, **paths):
                if "generator" in defaulted else "")
         check_fits(nets["masknet"], "masknet", nets["generator"], paths.get("masknet") or DIR / KINDS["masknet"].file,
                    why)
-    if tiny and defaulted - {"inception"}:
+    if tiny and defaulted - {"inception"} and embedded() == "world":
+        say(f"note: no converted weights in weights/: using the synthetic head world ({WORLD}: a generator of "
+            f"rendered heads, its trained mask networks, ArcFace and DECA encoders; python -m world.build). It "
+            f"shows the method on a known toy world; real faces need the official weights (weights/README.md).")
+    elif tiny and defaulted - {"inception"}:
         untrained = ", UNTRAINED mask networks" if "masknet" in defaulted else ""
         nets_said = ", ".join(k for k in group + (["e4e"] if "e4e" in kinds else []))
         say(f"note: no converted weights in weights/: using the TINY defaults (random {nets_said}{untrained}). "

@@ -64,3 +64,46 @@ def render_views(Fl, ident, view, size=64):
     cam = sm.fixed_camera(out["vertices"].shape[0], dtype=dtype)
     img, _ = render(out["vertices"], Fl["f"].long(), albedo.to(dtype), cam, size)
     return img, sm.project(out["landmarks2d"], cam, size)[..., :2]
+
+
+# --- The generator's prior: world parameters as a function of its latent z ------------------------------
+# The world generator is trained to render from z exactly the head that these functions read off z, so
+# every generated image has known parameters. The mapping network first pixel-normalises z (sm.mapping),
+# so the parameters are read off the normalised z̃ = z·√d/|z|, whose coordinates are close to N(0, 1):
+# Φ(z̃_i) is close to uniform in (0, 1) and spans each parameter's range as `identities` / `views` do.
+# Groups of coordinates: pose (yaw, pitch, roll), expression (jaw, then the EXPRESSION coefficients),
+# shape (the SHAPE coefficients) and appearance (APPEARANCE); the rest of z only adds variety to the norm.
+
+Z_DIM = 32
+GROUPS = {"pose": slice(0, 3), "expression": slice(3, 4 + len(head.EXPRESSION)),
+          "shape": slice(4 + len(head.EXPRESSION), 4 + len(head.EXPRESSION) + len(head.SHAPE)),
+          "appearance": slice(4 + len(head.EXPRESSION) + len(head.SHAPE),
+                              4 + len(head.EXPRESSION) + len(head.SHAPE) + len(head.APPEARANCE))}
+
+
+def uniforms(z):
+    """z (n, Z_DIM) -> (n, Z_DIM) in (0, 1): Φ of the pixel-normalised latent (as the mapping network sees it)."""
+    z = z.double()
+    zn = z * torch.rsqrt(z.square().mean(1, keepdim=True) + 1e-8)
+    return 0.5 * (1 + torch.erf(zn / math.sqrt(2)))
+
+
+def from_z(z):
+    """z (n, Z_DIM) -> (identity, view) dicts of `identities` / `views`: the head the world generator draws for z."""
+    return from_uniforms(uniforms(z))
+
+
+def from_uniforms(u):
+    """u (n, Z_DIM) in (0, 1), as `uniforms` gives -> (identity, view) dicts (each group read off its slice)."""
+    n = u.shape[0]
+    ypr = (2 * u[:, GROUPS["pose"]] - 1) * torch.tensor([YAW, PITCH, ROLL], dtype=torch.float64)
+    e = u[:, GROUPS["expression"]]
+    pose = torch.cat([euler_to_axis_angle(*ypr.unbind(1)), JAW * e[:, :1], torch.zeros(n, 2, dtype=torch.float64)], 1)
+    exp = torch.zeros(n, 50, dtype=torch.float64)
+    exp[:, :len(head.EXPRESSION)] = (2 * e[:, 1:] - 1).clamp(min=-0.3)
+    shape = torch.zeros(n, 100, dtype=torch.float64)
+    shape[:, :len(head.SHAPE)] = 2 * u[:, GROUPS["shape"]] - 1
+    app = u[:, GROUPS["appearance"]].clone()
+    hl = head.APPEARANCE.index("hairline")
+    app[:, hl] = app[:, hl] * 2 - 1
+    return dict(shape=shape, appearance=app), dict(pose=pose, angles=ypr, exp=exp)

@@ -1,0 +1,95 @@
+"""The world's networks and their training pieces: the generator's prior and structured style mixing, the
+encoders' exact targets, and training-mode BatchNorm against torch's own."""
+import math
+
+import pytest
+import torch
+
+import facenets as fn
+import stylemask as sm
+from world import encoders, generator, head, sample
+
+
+def test_the_prior_reads_each_group_off_its_own_coordinates_in_range():
+    z = torch.randn(256, sample.Z_DIM, generator=torch.Generator().manual_seed(0))
+    ident, view = sample.from_z(z)
+    yaw, pitch, roll = view["angles"].unbind(1)
+    assert yaw.abs().max() <= sample.YAW and yaw.abs().max() > 0.8 * sample.YAW
+    assert pitch.abs().max() <= sample.PITCH and roll.abs().max() <= sample.ROLL
+    assert ((view["pose"][:, 3] >= 0) & (view["pose"][:, 3] <= sample.JAW)).all()
+    assert ident["shape"][:, :len(head.SHAPE)].abs().max() <= 1 and (ident["shape"][:, len(head.SHAPE):] == 0).all()
+    # the pose is exactly the view `views` would give for these angles
+    want = sample.euler_to_axis_angle(yaw, pitch, roll)
+    assert torch.allclose(view["pose"][:, :3], want, atol=1e-12)
+    # the pixel norm: scaling z changes nothing (the mapping network sees z / |z|)
+    ident2, view2 = sample.from_z(3 * z)
+    assert torch.allclose(view2["pose"], view["pose"], atol=1e-9) and torch.allclose(ident2["shape"], ident["shape"])
+    # groups are disjoint: changing the shape coordinates moves the shape only
+    z2 = z.clone()
+    z2[:, sample.GROUPS["shape"]] = -z2[:, sample.GROUPS["shape"]]  # same norm
+    i3, v3 = sample.from_z(z2)
+    assert torch.allclose(v3["pose"], view["pose"]) and torch.equal(i3["appearance"], ident["appearance"])
+    assert not torch.allclose(i3["shape"], ident["shape"])
+
+
+def test_uniforms_are_close_to_uniform():
+    u = sample.uniforms(torch.randn(4096, sample.Z_DIM, generator=torch.Generator().manual_seed(1)))
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+
+
+def test_structured_mixing_takes_every_layer_from_its_bands_latent():
+    G = generator.init(seed=3)
+    w = torch.randn(2, 5, generator.ARCH["w_dim"], generator=torch.Generator().manual_seed(4))
+    for p in range(2):  # all from one latent: the plain styles
+        pick = torch.full((5, len(generator.ORDER)), p)
+        assert torch.allclose(generator.mixed_styles(G, w, pick), sm.styles(G, w[p]), atol=1e-6)
+    pick = torch.tensor([[0, 1, 0, 1]] * 5)   # shape and appearance from latent 1
+    s, s0, s1 = generator.mixed_styles(G, w, pick), sm.styles(G, w[0]), sm.styles(G, w[1])
+    for L in sm.style_layout(G):
+        want = s1 if generator.band(L) in ("shape", "appearance") else s0
+        assert torch.allclose(s[:, L.offset:L.offset + L.dim], want[:, L.offset:L.offset + L.dim], atol=1e-6), L.name
+    assert {generator.band(L) for L in sm.style_layout(G) if L.kind == "torgb"} == {"appearance"}
+    # the target: each group's coordinates from the latent its band picks
+    z = torch.randn(2, 5, sample.Z_DIM, generator=torch.Generator().manual_seed(5))
+    u = generator.mixed_uniforms(z, pick)
+    u0, u1 = sample.uniforms(z[0]), sample.uniforms(z[1])
+    for g, i in zip(generator.ORDER, (0, 1, 0, 1)):
+        assert torch.equal(u[:, sample.GROUPS[g]], (u1 if i else u0)[:, sample.GROUPS[g]])
+
+
+def test_the_deca_target_is_the_code_layout():
+    rng = torch.Generator().manual_seed(6)
+    ident, view = sample.identities(4, rng), sample.views(4, rng)
+    code = fn.deca_split(encoders.deca_target(ident, view))
+    assert torch.equal(code["shape"], ident["shape"]) and torch.equal(code["exp"], view["exp"])
+    assert torch.equal(code["pose"], view["pose"]) and torch.equal(code["tex"][:, :5], ident["appearance"])
+    assert torch.equal(code["cam"], sm.fixed_camera(4, torch.float64)) and (code["light"] == 0).all()
+
+
+def test_identity_targets_have_the_cosines_of_the_identities():
+    rng = torch.Generator().manual_seed(7)
+    ident = sample.identities(64, rng)
+    Q = encoders.identity_basis()
+    assert torch.allclose(Q.T @ Q, torch.eye(encoders.N_ID), atol=1e-5)
+    t, u = encoders.identity_target(ident, Q), encoders.identity_vector(ident)
+    cos_t, cos_u = t @ t.T, torch.nn.functional.normalize(u, dim=1) @ torch.nn.functional.normalize(u, dim=1).T
+    assert torch.allclose(cos_t, cos_u, atol=1e-5)
+    assert abs(u.std().item() - 1) < 0.1 and u.abs().max() <= math.sqrt(3) + 1e-6  # standardised
+    assert cos_u.fill_diagonal_(0).abs().mean() < 0.3  # random identities are far apart
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 7, 7), (9, 4)])
+def test_batch_statistics_is_torchs_training_mode(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(8)) * 3 + 1
+    c = shape[1]
+    P = {"n.running_mean": torch.zeros(c), "n.running_var": torch.ones(c), "n.weight": torch.rand(c) + 0.5,
+         "n.bias": torch.randn(c)}
+    ref = (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d)(c)
+    with torch.no_grad():
+        ref.weight.copy_(P["n.weight"])
+        ref.bias.copy_(P["n.bias"])
+    with fn.batch_statistics():
+        y = fn.bn(P, "n", x)
+    assert torch.allclose(y, ref.train()(x), atol=1e-5)
+    assert torch.allclose(P["n.running_mean"], ref.running_mean) and torch.allclose(P["n.running_var"], ref.running_var)
+    assert torch.allclose(fn.bn(P, "n", x), ref.eval()(x), atol=1e-5)  # outside: eval mode again

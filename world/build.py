@@ -1,0 +1,202 @@
+"""Build the synthetic head world: train its generator, its 3DMM encoder and identity network on its renders,
+then StyleMask's mask networks with train.py's own loop, and install them as the repository's default.
+
+    python -m world.build                      # the whole build (about 2 hours on 2 CPU cores), resumable
+    python -m world.build --stages report      # the quality gates of the installed world only
+    python -m world.build --quick --work /tmp/w --no-install    # a few steps of everything (tests)
+
+Every stage checkpoints into --work and a killed build, run again with the same flags, continues where it
+stopped and ends with the same files as an uninterrupted one (the data of every step is drawn from the seed
+and the step). `install` writes the trained networks into weights/world/ (fp16) with their SHA-256 in
+weights/world/manifest.json; `report` prints the quality gates (quality.py) and stores them there too.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import cli
+import weights
+from stylemask import StyleMaskError
+from world import encoders, fit, generator, head, quality
+
+WORLD = Path(weights.__file__).resolve().parent / "world"   # the installed world: the default networks
+STAGES = ("generator", "encoders", "masks", "install", "report")
+FILES = {"generator": "generator.safetensors", "deca": "deca.safetensors", "arcface": "arcface.safetensors",
+         "masknet": "masknet.safetensors"}
+
+
+@dataclass
+class Config:
+    work: str = "runs/world"     # checkpoints and the built files, before they are installed
+    stages: str = ",".join(STAGES)
+    seed: int = 0
+    gen_steps: int = 6000        # generator: batches of 16
+    enc_steps: int = 1500        # E_flame and ArcFace: batches of 32
+    mask_steps: int = 1500       # mask networks (train.py): batches of 6
+    mask_lr: float = 1e-3
+    quick: bool = False          # a few steps of every stage (tests): the result is not a usable world
+    install: bool = True         # write the result into weights/world/ (the default networks)
+
+
+HELP = dict(work="folder for checkpoints and built files (resumed if it holds a build)",
+            stages=f"comma-separated stages to run, of {', '.join(STAGES)}", seed="seed of the whole build",
+            gen_steps="generator training steps", enc_steps="encoder training steps",
+            mask_steps="mask training steps (train.py)", mask_lr="mask learning rate (train.py --lr)",
+            quick="a few steps of every stage, to check the build (not a usable world)",
+            install="install the built networks into weights/world/ (the defaults of every script)")
+
+
+def parse_args(argv=None):
+    cfg = cli.parse_config(Config, HELP, argv, description=__doc__)
+    cli.check_flags(cfg, seed=cli.at_least(0), gen_steps=cli.at_least(1), enc_steps=cli.at_least(1),
+                    mask_steps=cli.at_least(1), mask_lr=cli.finite(0))
+    bad = [s for s in cfg.stages.split(",") if s not in STAGES]
+    if bad:
+        raise StyleMaskError(f"--stages: unknown stage {bad[0]!r}; stages are {', '.join(STAGES)}")
+    if cfg.quick:
+        cfg.gen_steps, cfg.enc_steps, cfg.mask_steps = min(cfg.gen_steps, 20), min(cfg.enc_steps, 10), \
+            min(cfg.mask_steps, 4)
+    return cfg
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _half(P):
+    """fp16 storage: the shipped files are half the size; `weights.read` gives them back in fp32."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in P.items()}
+
+
+def train_generator(cfg, work):
+    G = fit.fit(generator.job(cfg.gen_steps, cfg.seed), work)
+    weights.save(_half(generator.finish(G, cfg.seed)), work / FILES["generator"], "generator",
+                 world=f"python -m world.build, {cfg.gen_steps} steps, seed {cfg.seed}")
+
+
+def train_encoders(cfg, work):
+    D, A = encoders.split(fit.fit(encoders.job(cfg.enc_steps, cfg.seed), work))
+    for kind, P in (("deca", D), ("arcface", A)):
+        weights.save(_half(P), work / FILES[kind], kind, world=f"python -m world.build, {cfg.enc_steps} steps, "
+                     f"seed {cfg.seed}")
+
+
+def train_masks(cfg, work):
+    import train
+    runs = work / "masks"
+    ckpt = runs / "checkpoint.safetensors"
+    args = ["--resume", str(ckpt)] if ckpt.is_file() else [
+        "--out", str(runs), "--generator", str(work / FILES["generator"]), "--deca", str(work / FILES["deca"]),
+        "--arcface", str(work / FILES["arcface"]), "--flame", str(work / "flame.safetensors"),
+        "--n-layers", str(generator.n_conv()), "--lr", str(cfg.mask_lr), "--seed", str(cfg.seed),
+        "--save-every", str(max(1, min(100, cfg.mask_steps)))]
+    rc = train.main(args + ["--steps", str(cfg.mask_steps)])
+    if rc:
+        raise StyleMaskError(f"train.py stopped (exit {rc}); run the build again to continue")
+    (work / FILES["masknet"]).write_bytes((runs / "masknet.safetensors").read_bytes())
+
+
+def install(work):
+    """Copy the built networks into weights/world/, with their hashes in manifest.json."""
+    WORLD.mkdir(exist_ok=True)
+    for kind, name in FILES.items():
+        weights.read(work / name, kind)  # checked before it ships
+        tmp = WORLD / f".{name}.tmp"
+        tmp.write_bytes((work / name).read_bytes())
+        os.replace(tmp, WORLD / name)
+    write_manifest(sha256={name: sha256(WORLD / name) for name in FILES.values()})
+
+
+def write_manifest(**entries):
+    """Update weights/world/manifest.json with entries (the files' hashes, the build's measured gates)."""
+    path = WORLD / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    manifest.update(entries)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def report(folder):
+    """The quality gates of the networks in folder (printed, and returned as a dict)."""
+    G = weights.read(folder / FILES["generator"], "generator")
+    D = weights.read(folder / FILES["deca"], "deca")
+    A = weights.read(folder / FILES["arcface"], "arcface")
+    Fl = head.flame_head()
+    out = {"encoder": quality.encoder_errors(D, Fl=Fl), "verification": quality.verification(A, Fl=Fl)}
+    fid = quality.generator_fidelity(G, D, Fl=Fl)
+    out["generator"] = {k: v for k, v in fid.items() if not torch.is_tensor(v)}
+    cli.write_png(folder / "samples.png", cli.image_grid([fid["renders"][:8], fid["images"][:8],
+                                                          fid["renders"][8:], fid["images"][8:]],
+                                                         titles=["render", "generated", "render", "generated"]))
+    e, v, g = out["encoder"], out["verification"], out["generator"]
+    print(f"E_flame on held-out renders: pose {e['pose_deg']:.2f}° (yaw {e['yaw_deg']:.2f}, pitch {e['pitch_deg']:.2f}, "
+          f"roll {e['roll_deg']:.2f}; gate <= 2), jaw {e['jaw_deg']:.2f}°, expression {e['exp']:.3f}, "
+          f"shape {e['shape']:.3f}, appearance {e['appearance']:.3f} (mean |error| of the coefficients)")
+    print(f"ArcFace verification on held-out identities: {100 * v['accuracy']:.1f}% (gate >= 95); cosine same "
+          f"{v['same_cos']:.3f}, different {v['different_cos']:.3f}")
+    print(f"generator: pose {g['pose_deg']:.2f}° from the pose z names, yaw spread {100 * g['yaw_spread']:.0f}% of "
+          f"the renders' (gate >= 70), L1 to the renders {g['l1']:.3f}; samples: {folder / 'samples.png'}")
+    return out
+
+
+def reenactment_gates(results):
+    """eval.py's table -> the issue's gates on StyleMask: Pose and Expr. against the source row (<= 0.4, <= 0.5)
+    and the identity kept, (CSIM - CSIM_target) / (1 - CSIM_target) >= 0.7."""
+    r, src, tgt = results["StyleMask"], results["source"], results["target"]
+    return dict(pose_ratio=r["pose"] / src["pose"], expr_ratio=r["expr"] / src["expr"],
+                identity_kept=(r["csim"] - tgt["csim"]) / (1 - tgt["csim"]))
+
+
+def run_eval(folder, out, pairs=64):
+    """eval.py on the world in folder, with eval's defaults for the world (truncation 1) -> its results. The
+    installed world runs as every user runs it (no paths: the embedded default); a work folder by its paths."""
+    import eval as evaluation
+    args = ["--out", str(out), "--overwrite", "--truncation", "1", "--pairs", str(pairs)]
+    if Path(folder).resolve() == WORLD.resolve():
+        os.environ["STYLEMASK_DEFAULT"] = "world"
+    else:
+        args += [*[a for kind in ("generator", "arcface", "deca") for a in (f"--{kind}", str(folder / FILES[kind]))],
+                 "--mask", str(folder / FILES["masknet"]), "--flame", str(folder / "flame.safetensors")]
+    rc = evaluation.main(args)
+    if rc:
+        raise StyleMaskError(f"eval.py failed (exit {rc})")
+    return json.loads((out / "results.json").read_text())["results"]
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    work = Path(cfg.work)
+    stages = cfg.stages.split(",")
+    work.mkdir(parents=True, exist_ok=True)
+    with cli.lock(work, "another world.build"):
+        (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        if "generator" in stages:
+            train_generator(cfg, work)
+        if "encoders" in stages:
+            train_encoders(cfg, work)
+        if "masks" in stages:
+            weights.save(head.flame_head(), work / "flame.safetensors", "flame")
+            train_masks(cfg, work)
+        if "install" in stages and cfg.install:
+            install(work)
+        if "report" in stages:
+            folder = WORLD if cfg.install else work
+            gates = report(folder)
+            results = run_eval(folder, work / "eval")
+            gates["reenactment"] = g = reenactment_gates(results)
+            print(f"eval.py, 64 pairs: StyleMask's Pose error {g['pose_ratio']:.2f}× the source row's (gate <= 0.4), "
+                  f"Expr. {g['expr_ratio']:.2f}× (gate <= 0.5), identity kept {g['identity_kept']:.2f} (gate >= 0.7)")
+            check = run_eval(folder, work / "eval16", pairs=16)
+            (work / "report.json").write_text(json.dumps(gates, indent=2) + "\n")
+            if cfg.install:
+                write_manifest(gates=gates, eval16=check)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_script(main))

@@ -1,0 +1,128 @@
+"""The training loop the world's networks share: Adam over a dict of tensors, data drawn from (seed, step)
+in a worker process, a progress bar, and a checkpoint that a killed run resumes from exactly.
+
+A network is trained by `fit(...)` from a `Job`: its parameters, which of them train (and at which
+learning rate), a `batch(step)` function that draws the step's data from the seed and the step alone (so
+the data of a resumed run is the data the uninterrupted run would have seen), and a `loss(P, batch)`
+function. The checkpoint holds the parameters, Adam's moments and the step, in one safetensors file
+written atomically (write, then rename), so a run killed at any moment resumes from its last checkpoint
+and ends bit for bit where an uninterrupted run ends.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+
+@dataclass
+class Job:
+    """One network's training: name (files and the progress bar), params P, lr (name -> learning rate, for
+    the trained tensors only), batch(step) -> data, loss(P, data) -> (loss, {name: float}), steps, and the
+    Adam betas; every: steps between checkpoints."""
+    name: str
+    P: dict
+    lr: dict
+    batch: Callable
+    loss: Callable
+    steps: int
+    betas: tuple = (0.9, 0.999)
+    every: int = 200
+    decay: Callable = field(default=lambda step: 1.0)  # learning-rate factor at step
+
+
+class _Steps(torch.utils.data.IterableDataset):
+    """The batches of steps start..stop-1, drawn in a worker process while the main process trains."""
+
+    def __init__(self, batch, start, stop):
+        self.batch, self.start, self.stop = batch, start, stop
+
+    def __iter__(self):
+        return (self.batch(k) for k in range(self.start, self.stop))
+
+
+def batches(batch, start, stop, workers=1):
+    """An iterator over batch(k) for k in start..stop-1, prefetched by a worker process (0: in this one)."""
+    if workers == 0:
+        return (batch(k) for k in range(start, stop))
+    return iter(torch.utils.data.DataLoader(_Steps(batch, start, stop), batch_size=None, num_workers=workers,
+                                            prefetch_factor=4, persistent_workers=False))
+
+
+def save(path, P, state, step):
+    """Write a checkpoint atomically: P's tensors, Adam's moments (m.*, v.*) and the step."""
+    tensors = {f"p.{k}": v.detach().contiguous() for k, v in P.items()}
+    tensors.update({k: v.contiguous() for k, v in state.items()})
+    tmp = Path(str(path) + ".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    os.replace(tmp, path)
+
+
+def load(path):
+    """(P, state, step) of a checkpoint written by `save`."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        step = int(f.metadata()["step"])
+    t = load_file(str(path))
+    P = {k[2:]: v for k, v in t.items() if k.startswith("p.")}
+    state = {k: v for k, v in t.items() if not k.startswith("p.")}
+    return P, state, step
+
+
+def adam(P, grads, state, lr, step, betas, eps=1e-8):
+    """One Adam step (bias-corrected, no weight decay) on the tensors named in lr, in place."""
+    b1, b2 = betas
+    with torch.no_grad():
+        for k, rate in lr.items():
+            g = grads[k]
+            m, v = state[f"m.{k}"], state[f"v.{k}"]
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v / (1 - b2 ** (step + 1))).sqrt_().add_(eps)
+            P[k].addcdiv_(m, denom, value=-rate / (1 - b1 ** (step + 1)))
+
+
+def fit(job, work, workers=1, say=print):
+    """Train job.P in place for job.steps steps, checkpointing to work/<name>.ckpt.safetensors and logging
+    to work/<name>.log (one JSON line per 10 steps); resumes from the checkpoint if one is there. -> P."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt, log_path = work / f"{job.name}.ckpt.safetensors", work / f"{job.name}.log"
+    P = job.P
+    state = {f"{m}.{k}": torch.zeros_like(P[k]) for k in job.lr for m in ("m", "v")}
+    start = 0
+    if ckpt.is_file():
+        saved, state, start = load(ckpt)
+        P.update(saved)
+        say(f"{job.name}: resuming at step {start} from {ckpt}")
+    kept = []
+    if log_path.is_file():  # lines past the checkpoint belong to the lost part of an interrupted run
+        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] < start]
+    log_path.write_text("".join(line + "\n" for line in kept))
+    names = list(job.lr)
+    bar = tqdm(range(start, job.steps), initial=start, total=job.steps, desc=job.name, unit="step",
+               dynamic_ncols=True)
+    data = batches(job.batch, start, job.steps, workers)
+    with open(log_path, "a") as log:
+        for step in bar:
+            for k in names:
+                P[k].requires_grad_(True)
+            loss, logs = job.loss(P, next(data))
+            grads = torch.autograd.grad(loss, [P[k] for k in names])
+            for k in names:
+                P[k].requires_grad_(False)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{job.name}: the loss is {loss.item()} at step {step}")
+            f = job.decay(step)
+            adam(P, dict(zip(names, grads)), state, {k: r * f for k, r in job.lr.items()}, step, job.betas)
+            if step % 10 == 0:
+                log.write(json.dumps({"step": step, "loss": loss.item(), **logs}) + "\n")
+                log.flush()
+                bar.set_postfix({k: f"{v:.3g}" for k, v in [("loss", loss.item()), *logs.items()]})
+            if (step + 1) % job.every == 0 or step + 1 == job.steps:
+                save(ckpt, P, state, step + 1)
+    return P

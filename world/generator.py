@@ -1,0 +1,111 @@
+"""The world's StyleGAN2 generator: trained to render, from its latent z, the head `world.sample.from_z` reads
+off z, so that every generated image has known parameters.
+
+Why reconstruction and not a GAN: on 2 CPU cores a GAN at 64×64 does not converge in the build's time, and
+its samples would have no labels. Here z fixes the head exactly (`from_z`), and the generator learns the
+deterministic map z -> render by an L1 loss at two scales: it converges in minutes, and a generated image's
+pose, expression, shape and appearance are the ones z names, which is what `eval.py` checks against.
+
+Style mixing, structured: each step draws two latents and, per group of parameters, which of them it comes
+from; every style layer reads the w of its group's latent (`BANDS`: pose at 4–8 px, shape at 16 px,
+expression at 32 px, appearance at 64 px and in every ToRGB), and the target is the render of the mixed
+parameters. So, as in the real StyleGAN2 on faces (coarse layers hold pose, fine ones colour), each style
+layer controls one kind of attribute; the mask networks must find which (ideal m: 1 on the pose and
+expression layers, 0 on the others), and the ToRGB layers, which StyleMask never mixes, carry identity.
+
+Runs as a stage of `python -m world.build`; the architecture is `ARCH`, the result a generator file in
+the official layout (rosinality's names), with the noise strengths 0.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+import stylemask as sm
+from weights.defaults import random_generator
+from world import fit, head, sample
+
+ARCH = dict(resolution=64, z_dim=sample.Z_DIM, w_dim=128, n_mlp=4, channels={4: 128, 8: 128, 16: 64, 32: 48, 64: 24})
+BANDS = {4: "pose", 8: "pose", 16: "shape", 32: "expression", 64: "appearance"}  # conv layers by resolution
+ORDER = ("pose", "shape", "expression", "appearance")
+
+
+def n_conv():
+    """The number of conv layers of ARCH (9): the mask networks control all of them."""
+    return sm.n_conv_layers(ARCH)
+
+
+def band(L):
+    """The parameter group style layer L controls: by resolution for convs; ToRGB layers: appearance."""
+    return "appearance" if L.kind == "torgb" else BANDS[L.res]
+
+
+def init(seed=0):
+    """A fresh generator of ARCH: the official initialisation (`random_generator`), noise strengths 0."""
+    G = random_generator(ARCH, seed)
+    for k in G:
+        if k.endswith("noise.weight"):
+            G[k] = torch.zeros_like(G[k])
+    return G
+
+
+def mixed_styles(G, w, pick):
+    """w (2, B, w_dim) two latents' w, pick (B, len(ORDER)) 0/1 -> s (B, D): every style layer from the w of
+    the latent its band picks."""
+    s = []
+    for L in sm.style_layout(G):
+        g = pick[:, ORDER.index(band(L))]                                    # (B,)
+        w_l = torch.where(g[:, None].bool(), w[1], w[0])                     # (B, w_dim)
+        A, b = G[f"{L.name}.conv.modulation.weight"], G[f"{L.name}.conv.modulation.bias"]
+        s.append(F.linear(w_l, A * (1 / math.sqrt(A.shape[1])), b))
+    return torch.cat(s, 1)
+
+
+def mixed_uniforms(z, pick):
+    """z (2, B, Z_DIM), pick (B, len(ORDER)) -> the uniforms (B, Z_DIM) of the mixed head: each group's
+    slice from the latent it picks."""
+    u = sample.uniforms(z.reshape(-1, z.shape[-1])).reshape(z.shape)
+    out = u[0].clone()
+    for i, g in enumerate(ORDER):
+        sl = sample.GROUPS[g]
+        out[:, sl] = torch.where(pick[:, i:i + 1].bool(), u[1][:, sl], u[0][:, sl])
+    return out
+
+
+def draw(seed, step, batch, Fl, size):
+    """The data of one step, from (seed, step) alone: latents z (2, B, Z_DIM), picks (B, 4), target renders."""
+    rng = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    z = torch.randn(2, batch, sample.Z_DIM, generator=rng)
+    pick = (torch.rand(batch, len(ORDER), generator=rng) < 0.5).long()
+    pick[: batch // 4] = 0  # a quarter of every batch unmixed: plain samples, as eval draws them
+    ident, view = sample.from_uniforms(mixed_uniforms(z, pick))
+    img, _ = sample.render_views(Fl, ident, view, size)
+    return z, pick, img.float()
+
+
+def loss(G, data):
+    """L1 between the generated and the rendered images, at full and half resolution."""
+    z, pick, target = data
+    w = sm.mapping(G, z.reshape(-1, z.shape[-1])).reshape(2, z.shape[1], -1)
+    img = sm.synthesis(G, mixed_styles(G, w, pick))
+    l1 = (img - target).abs().mean()
+    l_half = (F.avg_pool2d(img, 2) - F.avg_pool2d(target, 2)).abs().mean()
+    return l1 + l_half, {"l1": l1.item()}
+
+
+def job(steps, seed=0, batch=16, lr=2e-3, mapping_lr=2e-3 / sm.LR_MLP / 10):
+    """The generator's training Job. The mapping network's weights are stored divided by LR_MLP (equalised
+    learning rate, as officially), so its rate is raised to move it about a tenth as fast as synthesis."""
+    G = init(seed)
+    Fl = head.flame_head(torch.float32)
+    rates = {k: (mapping_lr if k.startswith("style.") else lr) for k in G
+             if not (k.endswith("noise.weight") or k.endswith(".kernel") or k.startswith("noises.") or k == "latent_avg")}
+    return fit.Job("generator", G, rates, lambda k: draw(seed, k, batch, Fl, ARCH["resolution"]), loss, steps,
+                   betas=(0.0, 0.99), decay=lambda k: min(1.0, 2.0 * (1 - k / steps) + 0.05))
+
+
+def finish(G, seed=0):
+    """The trained parameters as a generator file's tensors: latent_avg recomputed, everything contiguous."""
+    G = {k: v.detach().clone().contiguous() for k, v in G.items()}
+    G["latent_avg"] = sm.mean_latent(G, seed=seed)
+    return G
