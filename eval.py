@@ -1,6 +1,6 @@
 """Evaluate face reenactment on random generated pairs: the paper's metrics (Sect. IV-B, Tables I, III-V).
 
-    python eval.py                                      # tiny embedded defaults: a pipeline check, ~1 min
+    python eval.py                                      # no weights: the embedded default (below), minutes
     python eval.py --pairs 5000                         # converted weights in weights/: Table I's protocol
     python eval.py --pairs 2000 --global-mask runs/global/masknet.safetensors --w-mask runs/w/masknet.safetensors
 
@@ -15,7 +15,10 @@ pairs, and one table reports per method:
           shape, target expression and pose), over the ground truth's outer-eye-corner distance (36-45);
   FID     of the reenacted images against the generated sources and targets (pytorch-fid's Inception).
 Rows "source" (no reenactment) and "target" (the target image itself) need no training and bound
-every metric. Outputs in --out: a markdown table (also printed), results.json, grid.png.
+every metric. Without converted weights the networks are the embedded default: the synthetic head world
+(weights/world/, once built by python -m world.build; truncation 1, 64 pairs, and a second table of
+errors against every head's true parameters), else the tiny random networks (a pipeline check).
+Outputs in --out: a markdown table (also printed), results.json, grid.png.
 """
 # The evaluation protocol and its metrics only: the model is stylemask's, the networks and their files
 # weights', the command line and image writing cli's.

@@ -1,13 +1,13 @@
 """Reenact faces with StyleMask: the source's identity with the target's head pose and expression.
 
-    python reenact.py                                          # a generated pair (seeds 0, 1), tiny defaults on CPU
+    python reenact.py                                          # a generated pair (seeds 0, 1), embedded defaults
     python reenact.py --source a.jpg --target b.jpg            # photos: FFHQ-align, invert with e4e, reenact
     python reenact.py --source a.jpg --target clip.mp4 --paste-back   # a video (or a frame folder), full frames
     python reenact.py --source photos/ --target drivers/       # batch: every source × every target
 
 Sources and targets are photos (aligned here, or pre-aligned with --aligned), W+ latent files (.pt or
 .npy, as e4e inversions are saved: (18, 512), (1, 18, 512), or one w (512,)), or, when not given, faces
-generated from --source-seed / --target-seed (truncation 0.7, the official trainer's). A target may also
+generated from --source-seed / --target-seed (truncation 0.7, the official trainer's; 1 on the world). A target may also
 be a folder of frames or a video file: every frame is reenacted and streamed to disk (frames/NNNNN.png by
 input frame, reenacted.mp4 at the input's frame count and fps, grid.mp4, GIF previews); frames where no
 face is found are reported, skipped and listed with the reason in frames.json. A folder of sources is
@@ -22,8 +22,9 @@ Outputs in --out (written only when the run succeeds; an --out that holds result
 reenacted.png and grid.png (titled columns: the input photos beside source | target | reenacted, the
 codes rendered by the generator, as the official grids), aligned/ crops and their W+ codes (.npy: pass
 them again as --source/--target), config.json; the sequence and batch outputs above. Without converted
-weights in weights/ everything runs on the tiny defaults (random generator and e4e, untrained mask) and
-says so: a pipeline check, not faces.
+weights in weights/ everything runs on the embedded default and says so: the synthetic head world
+(weights/world/ once built: a generator of rendered heads and its trained masks; its e4e is random, so
+photos give meaningless codes), else the tiny random networks (a pipeline check). Neither is faces.
 """
 # Inputs (photos, latents, frame sequences) and outputs only: reenactment is stylemask's, alignment
 # align's, inversion e4e's, parameters weights', the command line and image writing cli's.

@@ -1,14 +1,15 @@
 """Train StyleMask's mask networks on random generated pairs (Sect. III-B, IV-A).
 
-    python train.py                                    # tiny embedded defaults: a short CPU pipeline run
+    python train.py                                    # no weights: the embedded default (below)
     python train.py --out runs/paper                   # converted weights in weights/: the paper's setup
     python train.py --resume runs/paper/checkpoint.safetensors   # continue exactly where it stopped, in runs/paper
 
 Each step samples source, target and (for the cycle loss) a second target latent, maps them with
 truncation 0.7, renders them and estimates their 3DMM parameters (no gradients), reenacts with the
 mask networks, renders the reenacted images, and minimises Eq. 8 (L_r + L_cycle, with the official
-eye and mouth terms). Without converted weights every network is the tiny embedded default, and the
-run says so: it checks the pipeline, it does not learn faces. See weights/README.md for real weights.
+eye and mouth terms). Without converted weights every network is the embedded default, and the run says
+so: the synthetic head world's (weights/world/, once built by python -m world.build: it learns the world's
+masks, not faces), else the tiny random networks (a pipeline check). See weights/README.md for real weights.
 """
 # The training loop and its bookkeeping only: the math is stylemask's (Eq. 1-8), the networks and their
 # files are weights', the command line and image writing cli's.

@@ -13,6 +13,7 @@ weights/world/manifest.json; `report` prints the quality gates (quality.py) and 
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 from dataclasses import dataclass
@@ -36,10 +37,10 @@ class Config:
     work: str = "runs/world"     # checkpoints and the built files, before they are installed
     stages: str = ",".join(STAGES)
     seed: int = 0
-    gen_steps: int = 6000        # generator: batches of 16
-    enc_steps: int = 1500        # E_flame and ArcFace: batches of 32
-    mask_steps: int = 1500       # mask networks (train.py): batches of 6
-    mask_lr: float = 1e-3
+    gen_steps: int = 16000       # generator: batches of 16
+    enc_steps: int = 3000        # E_flame and ArcFace: batches of 32
+    mask_steps: int = 0          # mask networks (train.py, batches of 6); 0: train.py's default on the world
+    mask_lr: float = 0.0         # 0: train.py's default on the world
     quick: bool = False          # a few steps of every stage (tests): the result is not a usable world
     install: bool = True         # write the result into weights/world/ (the default networks)
 
@@ -47,7 +48,8 @@ class Config:
 HELP = dict(work="folder for checkpoints and built files (resumed if it holds a build)",
             stages=f"comma-separated stages to run, of {', '.join(STAGES)}", seed="seed of the whole build",
             gen_steps="generator training steps", enc_steps="encoder training steps",
-            mask_steps="mask training steps (train.py)", mask_lr="mask learning rate (train.py --lr)",
+            mask_steps="mask training steps (0: train.py's default on the world, so that python train.py reproduces "
+                       "the shipped masks)", mask_lr="mask learning rate (0: train.py's default on the world)",
             quick="a few steps of every stage, to check the build (not a usable world)",
             install="install the built networks into weights/world/ (the defaults of every script)")
 
@@ -55,10 +57,12 @@ HELP = dict(work="folder for checkpoints and built files (resumed if it holds a 
 def parse_args(argv=None):
     cfg = cli.parse_config(Config, HELP, argv, description=__doc__)
     cli.check_flags(cfg, seed=cli.at_least(0), gen_steps=cli.at_least(1), enc_steps=cli.at_least(1),
-                    mask_steps=cli.at_least(1), mask_lr=cli.finite(0))
+                    mask_steps=cli.at_least(0), mask_lr=cli.finite(0))
     bad = [s for s in cfg.stages.split(",") if s not in STAGES]
     if bad:
         raise StyleMaskError(f"--stages: unknown stage {bad[0]!r}; stages are {', '.join(STAGES)}")
+    import train
+    cfg.mask_steps, cfg.mask_lr = cfg.mask_steps or train.WORLD_STEPS, cfg.mask_lr or train.WORLD_LR
     if cfg.quick:
         cfg.gen_steps, cfg.enc_steps, cfg.mask_steps = min(cfg.gen_steps, 20), min(cfg.enc_steps, 10), \
             min(cfg.mask_steps, 4)
@@ -74,17 +78,36 @@ def _half(P):
     return {k: v.half() if v.is_floating_point() else v for k, v in P.items()}
 
 
-def train_generator(cfg, work):
-    G = fit.fit(generator.job(cfg.gen_steps, cfg.seed), work)
+def train_generator(cfg, work, position=None):
+    G = fit.fit(generator.job(cfg.gen_steps, cfg.seed), work, position=position)
     weights.save(_half(generator.finish(G, cfg.seed)), work / FILES["generator"], "generator",
                  world=f"python -m world.build, {cfg.gen_steps} steps, seed {cfg.seed}")
 
 
-def train_encoders(cfg, work):
-    D, A = encoders.split(fit.fit(encoders.job(cfg.enc_steps, cfg.seed), work))
+def train_encoders(cfg, work, position=None):
+    torch.set_num_threads(max(1, torch.get_num_threads() // 2) if position else torch.get_num_threads())
+    D, A = encoders.split(fit.fit(encoders.job(cfg.enc_steps, cfg.seed), work, position=position))
     for kind, P in (("deca", D), ("arcface", A)):
         weights.save(_half(P), work / FILES[kind], kind, world=f"python -m world.build, {cfg.enc_steps} steps, "
                      f"seed {cfg.seed}")
+
+
+def train_both(cfg, work):
+    """The generator here and the encoders in a child process at the same time: each is one main thread and
+    one data worker, so together they keep 2 cores busy where one alone leaves them half idle."""
+    child = multiprocessing.get_context("fork").Process(target=train_encoders, args=(cfg, work, 1))
+    child.start()
+    try:
+        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+        train_generator(cfg, work, position=0)
+    except BaseException:  # Ctrl-C or an error: the child stops too (both resume from their checkpoints)
+        child.terminate()
+        child.join()
+        raise
+    child.join()
+    if child.exitcode:
+        raise StyleMaskError(f"the encoders' training stopped (exit {child.exitcode}); run the build again to "
+                             f"continue it")
 
 
 def train_masks(cfg, work):
@@ -94,12 +117,21 @@ def train_masks(cfg, work):
     args = ["--resume", str(ckpt)] if ckpt.is_file() else [
         "--out", str(runs), "--generator", str(work / FILES["generator"]), "--deca", str(work / FILES["deca"]),
         "--arcface", str(work / FILES["arcface"]), "--flame", str(work / "flame.safetensors"),
-        "--n-layers", str(generator.n_conv()), "--lr", str(cfg.mask_lr), "--seed", str(cfg.seed),
+        "--n-layers", str(generator.n_conv()), "--lr", str(cfg.mask_lr), "--seed", str(cfg.seed), "--truncation", "1",
         "--save-every", str(max(1, min(100, cfg.mask_steps)))]
-    rc = train.main(args + ["--steps", str(cfg.mask_steps)])
-    if rc:
-        raise StyleMaskError(f"train.py stopped (exit {rc}); run the build again to continue")
-    (work / FILES["masknet"]).write_bytes((runs / "masknet.safetensors").read_bytes())
+    done = ckpt.is_file() and int(weights.header(ckpt, "checkpoint").get("step", 0)) >= cfg.mask_steps
+    if not done:
+        rc = train.main(args + ["--steps", str(cfg.mask_steps)])
+        if rc:
+            raise StyleMaskError(f"train.py stopped (exit {rc}); run the build again to continue")
+    _copy(runs / "masknet.safetensors", work / FILES["masknet"])
+
+
+def _copy(src, dst):
+    """Copy a file atomically (write beside, then rename)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.write_bytes(Path(src).read_bytes())
+    os.replace(tmp, dst)
 
 
 def install(work):
@@ -107,9 +139,7 @@ def install(work):
     WORLD.mkdir(exist_ok=True)
     for kind, name in FILES.items():
         weights.read(work / name, kind)  # checked before it ships
-        tmp = WORLD / f".{name}.tmp"
-        tmp.write_bytes((work / name).read_bytes())
-        os.replace(tmp, WORLD / name)
+        _copy(work / name, WORLD / name)
     write_manifest(sha256={name: sha256(WORLD / name) for name in FILES.values()})
 
 
@@ -175,9 +205,11 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     with cli.lock(work, "another world.build"):
         (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        if "generator" in stages:
+        if "generator" in stages and "encoders" in stages:  # independent: both at once, a process each
+            train_both(cfg, work)
+        elif "generator" in stages:
             train_generator(cfg, work)
-        if "encoders" in stages:
+        elif "encoders" in stages:
             train_encoders(cfg, work)
         if "masks" in stages:
             weights.save(head.flame_head(), work / "flame.safetensors", "flame")

@@ -86,9 +86,10 @@ def adam(P, grads, state, lr, step, betas, eps=1e-8):
             P[k].addcdiv_(m, denom, value=-rate / (1 - b1 ** (step + 1)))
 
 
-def fit(job, work, workers=1, say=print):
+def fit(job, work, workers=1, say=print, position=None):
     """Train job.P in place for job.steps steps, checkpointing to work/<name>.ckpt.safetensors and logging
-    to work/<name>.log (one JSON line per 10 steps); resumes from the checkpoint if one is there. -> P."""
+    to work/<name>.log (one JSON line per 10 steps); resumes from the checkpoint if one is there. -> P.
+    position: the progress bar's line, when several trainings run at once."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     ckpt, log_path = work / f"{job.name}.ckpt.safetensors", work / f"{job.name}.log"
@@ -105,7 +106,7 @@ def fit(job, work, workers=1, say=print):
     log_path.write_text("".join(line + "\n" for line in kept))
     names = list(job.lr)
     bar = tqdm(range(start, job.steps), initial=start, total=job.steps, desc=job.name, unit="step",
-               dynamic_ncols=True)
+               dynamic_ncols=True, position=position)
     data = batches(job.batch, start, job.steps, workers)
     with open(log_path, "a") as log:
         for step in bar:

@@ -70,14 +70,15 @@ def _expression_fields(lat, lon, X):
     brows = _bump(lat, lon, D(24), D(-22), D(5), D(14)) + _bump(lat, lon, D(24), D(22), D(5), D(14))
     eyes_l, eyes_r = _bump(lat, lon, D(17), D(-22), D(5), D(9)), _bump(lat, lon, D(17), D(22), D(5), D(9))
     E = torch.zeros(X.shape[0], 3, len(EXPRESSION), dtype=X.dtype)
-    E[:, 0, 0] = 0.006 * (corner[1] - corner[0])            # smile: corners out and up
-    E[:, 1, 0] = 0.005 * (corner[0] + corner[1])
-    E[:, 2, 1] = 0.008 * lips                               # pucker: lips forward and together
-    E[:, 0, 1] = -0.15 * X[:, 0] * lips
-    E[:, 1, 2] = 0.008 * brows                              # brow raise
+    # Amplitudes: a unit coefficient moves features 3–5 px in a 64×64 render, as a broad smile does a face.
+    E[:, 0, 0] = 0.012 * (corner[1] - corner[0])            # smile: corners out and up
+    E[:, 1, 0] = 0.010 * (corner[0] + corner[1])
+    E[:, 2, 1] = 0.012 * lips                               # pucker: lips forward and together
+    E[:, 0, 1] = -0.3 * X[:, 0] * lips
+    E[:, 1, 2] = 0.014 * brows                              # brow raise
     eye_y = X[:, 1] - (RADII[1] * math.sin(D(17)))
     E[:, 1, 3] = -0.8 * eye_y * (eyes_l + eyes_r)           # eyes closed: the eye region squeezes to its centre
-    E[:, 0, 4] = 0.12 * X[:, 0] * lips                      # mouth stretch: lips wider
+    E[:, 0, 4] = 0.25 * X[:, 0] * lips                      # mouth stretch: lips wider
     return E
 
 

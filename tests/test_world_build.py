@@ -1,0 +1,38 @@
+"""python -m world.build, a few steps of every training stage: it writes files of the right kinds, a second
+run with the same flags resumes (finds every stage done) and ends with the same networks, and bad flags
+are one-line errors."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import weights
+from world import build
+
+
+def _tensors(work):
+    """Every built file's tensors (not its bytes: safetensors writes the metadata in no fixed order)."""
+    return {name: load_file(str(work / name)) for name in build.FILES.values()}
+
+
+@pytest.mark.slow
+def test_quick_build_writes_the_world_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "WORLD", tmp_path / "never-installed")
+    work = tmp_path / "w"
+    args = ["--quick", "--work", str(work), "--no-install", "--stages", "generator,encoders,masks"]
+    assert build.main(args) == 0
+    for kind, name in build.FILES.items():
+        weights.read(work / name, kind)  # complete and of its kind
+    G = weights.read(work / "generator.safetensors", "generator")
+    assert G["conv1.conv.weight"].shape[1] == build.generator.ARCH["channels"][4]
+    first = _tensors(work)
+    assert build.main(args) == 0  # everything is done: nothing trains again, the files are the same
+    again = _tensors(work)
+    assert all(torch.equal(first[n][k], again[n][k]) for n in first for k in first[n])
+    assert not (tmp_path / "never-installed").exists()
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, capsys):
+    import cli
+    assert cli.run_script(build.main, ["--stages", "generator,paint", "--work", str(tmp_path)]) == 2
+    assert "unknown stage 'paint'" in capsys.readouterr().err
+    assert cli.run_script(build.main, ["--gen-steps", "0", "--work", str(tmp_path)]) == 2
