@@ -135,7 +135,8 @@ def load_nets(cfg, say=print):
     nets, defaulted = weights.load_all(["generator", "arcface", "deca", "flame", "masknet", "inception"], say=say,
                                        generator=cfg.generator, arcface=cfg.arcface, deca=cfg.deca, flame=cfg.flame,
                                        masknet=cfg.mask, inception=cfg.inception)
-    masks = {"StyleMask (untrained)" if "masknet" in defaulted else "StyleMask": nets.pop("masknet")}
+    untrained = "masknet" in defaulted and weights.embedded() == "tiny"  # the world's default masks are trained
+    masks = {"StyleMask (untrained)" if untrained else "StyleMask": nets.pop("masknet")}
     for name, p in (("global mask", cfg.global_mask), ("w/o cycle loss", cfg.no_cycle_mask), ("W+ space", cfg.w_mask)):
         if p:
             masks[name] = weights.read(p, "masknet")

@@ -1,6 +1,9 @@
 """python -m world.build, a few steps of every training stage: it writes files of the right kinds, a second
 run with the same flags resumes (finds every stage done) and ends with the same networks, and bad flags
 are one-line errors."""
+import json
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -29,6 +32,33 @@ def test_quick_build_writes_the_world_and_resumes(tmp_path, monkeypatch):
     again = _tensors(work)
     assert all(torch.equal(first[n][k], again[n][k]) for n in first for k in first[n])
     assert not (tmp_path / "never-installed").exists()
+
+
+@pytest.mark.slow
+def test_an_installed_world_becomes_every_scripts_default(tmp_path, monkeypatch, capsys):
+    """A quick world installed into a scratch weights/world/: eval.py and train.py pick it up with no flags,
+    say so, run at truncation 1, and eval.py adds the ground-truth table."""
+    import eval as evaluation
+    import train
+    world = tmp_path / "world"
+    monkeypatch.setattr(build, "WORLD", world)
+    monkeypatch.setattr(weights, "WORLD", world)
+    monkeypatch.setattr(weights, "DIR", tmp_path / "no-weights")
+    monkeypatch.setenv("STYLEMASK_DEFAULT", "world")
+    assert weights.embedded() == "tiny"  # nothing installed yet
+    assert build.main(["--quick", "--work", str(tmp_path / "w"), "--stages", "generator,encoders,masks,install"]) == 0
+    assert weights.embedded() == "world" and (world / "manifest.json").is_file()
+    capsys.readouterr()
+    assert evaluation.main(["--pairs", "4", "--out", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert "SYNTHETIC HEAD WORLD" in out and "Ground truth" in out and "truncation 1.0" in out
+    rows = json.loads((tmp_path / "e" / "results.json").read_text())["results"]
+    assert all(math.isfinite(rows[m]["pose_gt"]) for m in rows) and set(rows) >= {"StyleMask", "source", "target"}
+    assert train.main(["--steps", "1", "--batch", "2", "--eval-pairs", "2", "--out", str(tmp_path / "t")]) == 0
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert config["truncation"] == 1.0 and config["n_layers"] == 9 and config["lr"] == train.WORLD_LR
+    monkeypatch.setenv("STYLEMASK_DEFAULT", "tiny")
+    assert weights.embedded() == "tiny"
 
 
 def test_bad_flags_are_one_line_errors(tmp_path, capsys):
