@@ -67,11 +67,14 @@ def deca_target(ident, view):
 def _code_scale():
     s = torch.full((236,), 0.1)
     off = dict(shape=0, tex=100, exp=150, pose=200, cam=206, light=209)
-    s[off["shape"]:off["shape"] + len(head.SHAPE)] = 0.58
-    s[off["tex"]:off["tex"] + len(head.APPEARANCE)] = 0.3
-    s[off["exp"]:off["exp"] + len(head.EXPRESSION)] = 0.4
-    s[off["pose"]:off["pose"] + 3] = 0.1  # the head pose matters most (eval's Pose column): weighed most
-    s[off["pose"] + 3] = 0.05
+    # Balanced so that no group's gradient drowns another's in the shared trunk (weight 1 / scale² per output):
+    # a chance-level guess costs about 4–5 per output for shape, expression and appearance, and 10–20 for the
+    # head pose (eval's Pose column must reach 2°) and the jaw.
+    s[off["shape"]:off["shape"] + len(head.SHAPE)] = 0.25
+    s[off["tex"]:off["tex"] + len(head.APPEARANCE)] = 0.15
+    s[off["exp"]:off["exp"] + len(head.EXPRESSION)] = 0.2
+    s[off["pose"]:off["pose"] + 3] = 0.1
+    s[off["pose"] + 3] = 0.02
     return s
 
 
