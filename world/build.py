@@ -1,14 +1,15 @@
 """Build the synthetic head world: train its generator, its 3DMM encoder and identity network on its renders,
 then StyleMask's mask networks with train.py's own loop, and install them as the repository's default.
 
-    python -m world.build                      # the whole build (about 2 hours on 2 CPU cores), resumable
+    python -m world.build                      # the whole build (hours on 2 CPU cores), resumable
     python -m world.build --stages report      # the quality gates of the installed world only
     python -m world.build --quick --work /tmp/w --no-install    # a few steps of everything (tests)
 
-Every stage checkpoints into --work and a killed build, run again with the same flags, continues where it
-stopped and ends with the same files as an uninterrupted one (the data of every step is drawn from the seed
-and the step). `install` writes the trained networks into weights/world/ (fp16) with their SHA-256 in
-weights/world/manifest.json; `report` prints the quality gates (quality.py) and stores them there too.
+The generator and the encoders train at the same time (a process each). Every stage checkpoints into
+--work and a killed build, run again with the same flags, continues where it stopped and ends with the same
+networks as an uninterrupted one (the data of every step is drawn from the seed and the step). `install` copies the trained networks (fp16) into weights/world/ with their SHA-256 in
+weights/world/manifest.json; `report` prints the quality gates (quality.py) and eval.py's reenactment gates,
+and stores them there too.
 """
 import dataclasses
 import hashlib
