@@ -223,6 +223,7 @@ def evaluate(cfg, nets, ranges, grid_pairs, truth=False):
         p_gt = sm.flame(Fl, sup_s["p"]["shape"], sup_t["p"]["exp"], sup_t["p"]["pose"])  # Eq. 2 ground truth
         l_gt = sm.project(p_gt["landmarks3d"], sm.fixed_camera(zs.shape[0], img_s.dtype, img_s.device))
         images = {"source": img_s, "target": img_t}
+        gt = truth_params(zs, zt) if truth else None  # once per batch: every method is held to the same truth
         for name, M in masks.items():
             images[name] = pooled(sm.synthesis(G, sm.reenact_w(G, w_s, w_t, M)))
         for name in methods:
@@ -236,7 +237,7 @@ def evaluate(cfg, nets, ranges, grid_pairs, truth=False):
                                                             pt["exp"], ranges.to(pr["exp"])).sum())
             acc["nme"] += float(nme(sup_r["l3d"], l_gt).sum())
             if truth:
-                for k, v in truth_errors(pr, zs, zt).items():
+                for k, v in truth_errors(pr, gt).items():
                     acc[k] += float(v.sum())
             if inception is not None:
                 feats[name].append(fid.features(inception, images[name]).double().cpu())
@@ -257,20 +258,27 @@ def evaluate(cfg, nets, ranges, grid_pairs, truth=False):
 TRUTH_ZERO = dict(pose_gt=0.0, expr_gt=0.0, jaw_gt=0.0, shape_gt=0.0)
 
 
-def truth_errors(p, z_s, z_t):
-    """Per pair, the world encoder's reading p of an image against the true parameters of the world: pose
-    (yaw, pitch, roll, degrees) and expression (its coefficients; jaw in degrees) against the target's, shape
-    coefficients against the source's (identity)."""
-    from world import head, sample
+def truth_params(z_s, z_t):
+    """The true parameters the world's latents name (`world.sample.from_z`): the sources' identities and the
+    targets' views, with the targets' Euler angles (degrees, DECA's convention), on the CPU in float64."""
+    from world import sample
     ident_s, _ = sample.from_z(z_s.cpu())
     _, view_t = sample.from_z(z_t.cpu())
+    return dict(shape_s=ident_s["shape"], view_t=view_t,
+                euler_t=fn.axis_angle_to_euler(view_t["pose"][:, :3]) * (180 / math.pi))
+
+
+def truth_errors(p, gt):
+    """Per pair, the world encoder's reading p of an image against the true parameters gt (`truth_params`):
+    pose (yaw, pitch, roll, degrees) and expression (its coefficients; jaw in degrees) against the target's,
+    shape coefficients against the source's (identity)."""
+    from world import head
     ne, ns = len(head.EXPRESSION), len(head.SHAPE)
-    dev = p["pose"].device
-    euler_t = fn.axis_angle_to_euler(view_t["pose"][:, :3]) * (180 / math.pi)
-    return dict(pose_gt=pose_error(p["euler"].double().cpu(), euler_t).to(dev),
+    dev, view_t = p["pose"].device, gt["view_t"]
+    return dict(pose_gt=pose_error(p["euler"].double().cpu(), gt["euler_t"]).to(dev),
                 expr_gt=(p["exp"][:, :ne].double().cpu() - view_t["exp"][:, :ne]).abs().mean(1).to(dev),
                 jaw_gt=((p["pose"][:, 3].double().cpu() - view_t["pose"][:, 3]).abs() * (180 / math.pi)).to(dev),
-                shape_gt=(p["shape"][:, :ns].double().cpu() - ident_s["shape"][:, :ns]).abs().mean(1).to(dev))
+                shape_gt=(p["shape"][:, :ns].double().cpu() - gt["shape_s"][:, :ns]).abs().mean(1).to(dev))
 
 
 def truth_table(results, deca):

@@ -5,7 +5,7 @@
     python train.py --resume runs/paper/checkpoint.safetensors   # continue exactly where it stopped, in runs/paper
 
 Each step samples source, target and (for the cycle loss) a second target latent, maps them with
-truncation 0.7, renders them and estimates their 3DMM parameters (no gradients), reenacts with the
+truncation 0.7 (1 on the world), renders them and estimates their 3DMM parameters (no gradients), reenacts with the
 mask networks, renders the reenacted images, and minimises Eq. 8 (L_r + L_cycle, with the official
 eye and mouth terms). Without converted weights every network is the embedded default, and the run says
 so: the synthetic head world's (weights/world/, once built by python -m world.build: it learns the world's
