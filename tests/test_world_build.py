@@ -21,8 +21,13 @@ def _tensors(work):
 def test_quick_build_writes_the_world_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "WORLD", tmp_path / "never-installed")
     work = tmp_path / "w"
-    args = ["--quick", "--work", str(work), "--no-install", "--stages", "generator,encoders,masks"]
+    args = ["--quick", "--work", str(work), "--no-install", "--stages", "generator,encoders,adapt,masks"]
     assert build.main(args) == 0
+    trained, _, step = build.fit.load(work / "encoders.ckpt.safetensors")
+    adapted, _, a_step = build.fit.load(work / "adapt.ckpt.safetensors")
+    assert (step, a_step) == (10, 4) and not torch.equal(trained["deca.layers.2.weight"], adapted["deca.layers.2.weight"])
+    shipped = weights.read(work / "deca.safetensors", "deca")  # the adapted encoder ships (fp16)
+    assert torch.equal(shipped["layers.2.weight"], adapted["deca.layers.2.weight"].half().float())
     for kind, name in build.FILES.items():
         weights.read(work / name, kind)  # complete and of its kind
     G = weights.read(work / "generator.safetensors", "generator")

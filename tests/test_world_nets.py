@@ -93,3 +93,55 @@ def test_batch_statistics_is_torchs_training_mode(shape):
     assert torch.allclose(y, ref.train()(x), atol=1e-5)
     assert torch.allclose(P["n.running_mean"], ref.running_mean) and torch.allclose(P["n.running_var"], ref.running_var)
     assert torch.allclose(fn.bn(P, "n", x), ref.eval()(x), atol=1e-5)  # outside: eval mode again
+
+
+def test_face_weight_peaks_on_the_feature_landmarks_and_is_one_far_away():
+    lmk = torch.full((1, 68, 2), 1000.0)          # every landmark off the image...
+    lmk[0, 40] = torch.tensor([20.5, 30.5])       # ...but one eye landmark, at pixel (20, 30)
+    lmk[0, 5] = torch.tensor([50.5, 50.5])        # a jaw-contour landmark: not a feature, no weight
+    wt = generator.face_weight(lmk, 64)[0, 0]
+    assert wt[30, 20].item() == pytest.approx(1 + generator.FEATURE_WEIGHT)
+    r = 2.0  # two pixels away: the Gaussian of FEATURE_SIGMA px
+    assert wt[30, 22].item() == pytest.approx(1 + generator.FEATURE_WEIGHT * math.exp(-r * r / (2 * generator.FEATURE_SIGMA ** 2)))
+    assert wt[50, 50].item() == pytest.approx(1.0) and wt[0, 63].item() == pytest.approx(1.0)
+
+
+def test_the_generator_loss_is_the_weighted_pyramid_of_l1s():
+    G = generator.init(seed=1)
+    g = torch.Generator().manual_seed(2)
+    z, pick = torch.randn(2, 2, generator.ARCH["z_dim"], generator=g), torch.zeros(2, 4, dtype=torch.long)
+    target = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    wt = 1 + 4 * torch.rand(2, 1, 64, 64, generator=g)
+    img = sm.synthesis(G, sm.styles(G, sm.mapping(G, z[0])))
+    want, d, w_ = 0.0, (img - target).double(), wt.double()
+    for level in range(4):  # independent: explicit sums, weights pooled with the differences
+        if level:
+            d, w_ = torch.nn.functional.avg_pool2d(d, 2), torch.nn.functional.avg_pool2d(w_, 2)
+        want += (d.abs() * w_.expand_as(d)).sum() / w_.expand_as(d).sum()
+        if level == 0:
+            for dx, ww in ((d[..., 1:, :] - d[..., :-1, :], w_[..., 1:, :]), (d[..., :, 1:] - d[..., :, :-1], w_[..., :, 1:])):
+                want += (dx.abs() * ww.expand_as(dx)).sum() / ww.expand_as(dx).sum()
+    got, logs = generator.loss(G, (z, pick, target, wt))
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert logs["l1"] == pytest.approx((img - target).abs().mean().item(), rel=1e-5)
+
+
+def test_generated_adaptation_images_carry_the_labels_of_their_latents():
+    G = generator.init(seed=5)
+    img, ident, view = encoders.draw_generated(G, seed=3, step=2, batch=4)
+    rng = torch.Generator().manual_seed(3 * 1_000_003 + 2)  # the draw's own stream: latents first
+    z = torch.randn(2, 4, sample.Z_DIM, generator=rng)
+    pick = (torch.rand(4, len(generator.ORDER), generator=rng) < 0.5).long()
+    pick[:2] = 0
+    plain = sm.synthesis(G, sm.styles(G, sm.mapping(G, z[0, :2])))
+    assert torch.allclose(img[:2], plain, atol=1e-5)                     # unmixed half: plain samples of z
+    i0, v0 = sample.from_z(z[0, :2])
+    assert torch.equal(ident["shape"][:2], i0["shape"]) and torch.equal(view["pose"][:2], v0["pose"])
+    u = sample.uniforms(z.reshape(-1, sample.Z_DIM)).reshape(2, 4, -1)  # mixed half: each group from its pick
+    for i, g in enumerate(generator.ORDER):
+        for b in (2, 3):
+            want = u[pick[b, i], b, sample.GROUPS[g]]
+            got = generator.mixed_uniforms(z, pick)[b, sample.GROUPS[g]]
+            assert torch.equal(got, want)
+    i2, v2 = sample.from_uniforms(generator.mixed_uniforms(z, pick)[2:])
+    assert torch.equal(ident["appearance"][2:], i2["appearance"]) and torch.equal(view["exp"][2:], v2["exp"])

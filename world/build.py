@@ -5,9 +5,11 @@ then StyleMask's mask networks with train.py's own loop, and install them as the
     python -m world.build --stages report      # the quality gates of the installed world only
     python -m world.build --quick --work /tmp/w --no-install    # a few steps of everything (tests)
 
-The generator and the encoders train at the same time (a process each). Every stage checkpoints into
---work and a killed build, run again with the same flags, continues where it stopped and ends with the same
-networks as an uninterrupted one (the data of every step is drawn from the seed and the step). `install` copies the trained networks (fp16) into weights/world/ with their SHA-256 in
+The generator and the encoders train at the same time (a process each); `adapt` then trains the encoders
+on a mix of renders and the generator's images, so that they read the generator's softer heads too. Every
+stage checkpoints into --work and a killed build, run again with the same flags, continues where it stopped
+and ends with the same networks as an uninterrupted one (the data of every step is drawn from the seed and
+the step). `install` copies the trained networks (fp16) into weights/world/ with their SHA-256 in
 weights/world/manifest.json; `report` prints the quality gates (quality.py) and eval.py's reenactment gates,
 and stores them there too.
 """
@@ -28,7 +30,7 @@ from stylemask import StyleMaskError
 from world import encoders, fit, generator, head, quality
 
 WORLD = Path(weights.__file__).resolve().parent / "world"   # the installed world: the default networks
-STAGES = ("generator", "encoders", "masks", "install", "report")
+STAGES = ("generator", "encoders", "adapt", "masks", "install", "report")
 FILES = {"generator": "generator.safetensors", "deca": "deca.safetensors", "arcface": "arcface.safetensors",
          "masknet": "masknet.safetensors"}
 
@@ -40,6 +42,7 @@ class Config:
     seed: int = 0
     gen_steps: int = 16000       # generator: batches of 16
     enc_steps: int = 3000        # E_flame and ArcFace: batches of 32
+    adapt_steps: int = 400       # E_flame and ArcFace on renders and generated images: batches of 32
     mask_steps: int = 0          # mask networks (train.py, batches of 6); 0: train.py's default on the world
     mask_lr: float = 0.0         # 0: train.py's default on the world
     quick: bool = False          # a few steps of every stage (tests): the result is not a usable world
@@ -49,6 +52,7 @@ class Config:
 HELP = dict(work="folder for checkpoints and built files (resumed if it holds a build)",
             stages=f"comma-separated stages to run, of {', '.join(STAGES)}", seed="seed of the whole build",
             gen_steps="generator training steps", enc_steps="encoder training steps",
+            adapt_steps="steps adapting the encoders to the generator's images (half renders, half generated)",
             mask_steps="mask training steps (0: train.py's default on the world, so that python train.py reproduces "
                        "the shipped masks)", mask_lr="mask learning rate (0: train.py's default on the world)",
             quick="a few steps of every stage, to check the build (not a usable world)",
@@ -58,6 +62,7 @@ HELP = dict(work="folder for checkpoints and built files (resumed if it holds a 
 def parse_args(argv=None):
     cfg = cli.parse_config(Config, HELP, argv, description=__doc__)
     cli.check_flags(cfg, seed=cli.at_least(0), gen_steps=cli.at_least(1), enc_steps=cli.at_least(1),
+                    adapt_steps=cli.at_least(0),
                     mask_steps=cli.at_least(0), mask_lr=cli.finite(0))
     bad = [s for s in cfg.stages.split(",") if s not in STAGES]
     if bad:
@@ -65,8 +70,8 @@ def parse_args(argv=None):
     import train
     cfg.mask_steps, cfg.mask_lr = cfg.mask_steps or train.WORLD_STEPS, cfg.mask_lr or train.WORLD_LR
     if cfg.quick:
-        cfg.gen_steps, cfg.enc_steps, cfg.mask_steps = min(cfg.gen_steps, 20), min(cfg.enc_steps, 10), \
-            min(cfg.mask_steps, 4)
+        cfg.gen_steps, cfg.enc_steps, cfg.adapt_steps, cfg.mask_steps = min(cfg.gen_steps, 20), \
+            min(cfg.enc_steps, 10), min(cfg.adapt_steps, 4), min(cfg.mask_steps, 4)
     return cfg
 
 
@@ -87,10 +92,22 @@ def train_generator(cfg, work, position=None):
 
 def train_encoders(cfg, work, position=None):
     torch.set_num_threads(max(1, torch.get_num_threads() // 2) if position else torch.get_num_threads())
-    D, A = encoders.split(fit.fit(encoders.job(cfg.enc_steps, cfg.seed), work, position=position))
+    P = fit.fit(encoders.job(cfg.enc_steps, cfg.seed), work, position=position)
+    save_encoders(cfg, work, P, f"{cfg.enc_steps} steps on renders")
+
+
+def save_encoders(cfg, work, P, what):
+    D, A = encoders.split(P)
     for kind, P in (("deca", D), ("arcface", A)):
-        weights.save(_half(P), work / FILES[kind], kind, world=f"python -m world.build, {cfg.enc_steps} steps, "
-                     f"seed {cfg.seed}")
+        weights.save(_half(P), work / FILES[kind], kind, world=f"python -m world.build, {what}, seed {cfg.seed}")
+
+
+def adapt_encoders(cfg, work):
+    """The trained encoders (their checkpoint), trained on renders and the trained generator's images."""
+    P, _, _ = fit.load(work / "encoders.ckpt.safetensors")
+    G = weights.read(work / FILES["generator"], "generator")
+    P = fit.fit(encoders.adapt_job(P, G, cfg.adapt_steps, cfg.seed), work)
+    save_encoders(cfg, work, P, f"{cfg.enc_steps} steps on renders, {cfg.adapt_steps} adapting to the generator")
 
 
 def train_both(cfg, work):
@@ -187,7 +204,8 @@ def run_eval(folder, out, pairs=64):
     """eval.py on the world in folder, with eval's defaults for the world (truncation 1) -> its results. The
     installed world runs as every user runs it (no paths: the embedded default); a work folder by its paths."""
     import eval as evaluation
-    args = ["--out", str(out), "--overwrite", "--truncation", "1", "--pairs", str(pairs)]
+    args = ["--out", str(out), "--overwrite", "--truncation", "1", "--pairs", str(pairs), "--size", "128",
+            "--grid-pairs", "6"]
     if Path(folder).resolve() == WORLD.resolve():
         os.environ["STYLEMASK_DEFAULT"] = "world"
     else:
@@ -212,6 +230,8 @@ def main(argv=None):
             train_generator(cfg, work)
         elif "encoders" in stages:
             train_encoders(cfg, work)
+        if "adapt" in stages and cfg.adapt_steps:
+            adapt_encoders(cfg, work)
         if "masks" in stages:
             weights.save(head.flame_head(), work / "flame.safetensors", "flame")
             train_masks(cfg, work)
@@ -226,8 +246,9 @@ def main(argv=None):
                   f"Expr. {g['expr_ratio']:.2f}× (gate <= 0.5), identity kept {g['identity_kept']:.2f} (gate >= 0.7)")
             check = run_eval(folder, work / "eval16", pairs=16)
             (work / "report.json").write_text(json.dumps(gates, indent=2) + "\n")
-            if cfg.install:
+            if cfg.install:  # the README's pictures: generated samples, and source | target | reenacted
                 write_manifest(gates=gates, eval16=check)
+                _copy(work / "eval" / "grid.png", WORLD / "reenactment.png")
     return 0
 
 

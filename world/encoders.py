@@ -162,3 +162,46 @@ def split(P):
     D = {k[5:]: v.detach().contiguous() for k, v in P.items() if k.startswith("deca.")}
     A = {k[8:]: v.detach().contiguous() for k, v in P.items() if k.startswith("arcface.")}
     return D, A
+
+
+# --- Adaptation to the generator's images --------------------------------------------------------------
+# The generator draws softer heads than the renderer. Its images have exact labels too (the head its latents
+# name, `world.generator.mixed_uniforms`), so after training on renders the encoders train a little longer on
+# batches that are half renders, half generated images (plain and style-mixed, as StyleMask's outputs are):
+# they then read the generator's images as well as renders, which is what train.py and eval.py ask of them.
+
+
+def draw_generated(G, seed, step, batch):
+    """One step's generated images (B, 3, 64, 64) from (seed, step) alone, with the identities and views of
+    the heads their (mixed) latents name."""
+    from world import generator
+    rng = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    z = torch.randn(2, batch, sample.Z_DIM, generator=rng)
+    pick = (torch.rand(batch, len(generator.ORDER), generator=rng) < 0.5).long()
+    pick[: batch // 2] = 0  # half of them unmixed
+    with torch.no_grad():
+        w = sm.mapping(G, z.reshape(-1, sample.Z_DIM)).reshape(2, batch, -1)
+        img = sm.synthesis(G, generator.mixed_styles(G, w, pick))
+    ident, view = sample.from_uniforms(generator.mixed_uniforms(z, pick))
+    return img, ident, view
+
+
+def _cat(a, b):
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def draw_adapt(G, seed, step, batch, Fl):
+    """Half renders (`draw`), half generated images (`draw_generated`), from (seed, step) alone."""
+    img_r, id_r, v_r = draw(seed, step, batch // 2, Fl)
+    img_g, id_g, v_g = draw_generated(G, seed + 1, step, batch - batch // 2)
+    return torch.cat([img_r, img_g]), _cat(id_r, id_g), _cat(v_r, v_g)
+
+
+def adapt_job(P, G, steps, seed=0, batch=32, lr=3e-4):
+    """The adaptation Job: the trained encoders P (as `job` names them) on renders and generator G's images,
+    at a lower rate decaying to 0."""
+    Fl = head.flame_head(torch.float32)
+    Q = identity_basis(seed)
+    rates = {k: lr for k in P if "running_" not in k}
+    return fit.Job("adapt", dict(P), rates, lambda k: draw_adapt(G, seed + 11, k, batch, Fl),
+                   lambda P, d: loss(P, d, Q), steps, every=100, decay=lambda k: 1 - k / steps)
