@@ -38,7 +38,7 @@ def test_uniforms_are_close_to_uniform():
 
 
 def test_structured_mixing_takes_every_layer_from_its_bands_latent():
-    G = generator.init(seed=3)
+    G = generator.init(seed=3, mapping_steps=0)
     w = torch.randn(2, 5, generator.ARCH["w_dim"], generator=torch.Generator().manual_seed(4))
     for p in range(2):  # all from one latent: the plain styles
         pick = torch.full((5, len(generator.ORDER)), p)
@@ -107,7 +107,7 @@ def test_face_weight_peaks_on_the_feature_landmarks_and_is_one_far_away():
 
 
 def test_the_generator_loss_is_the_weighted_pyramid_of_l1s():
-    G = generator.init(seed=1)
+    G = generator.init(seed=1, mapping_steps=0)
     g = torch.Generator().manual_seed(2)
     z, pick = torch.randn(2, 2, generator.ARCH["z_dim"], generator=g), torch.zeros(2, 4, dtype=torch.long)
     target = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
@@ -127,7 +127,7 @@ def test_the_generator_loss_is_the_weighted_pyramid_of_l1s():
 
 
 def test_generated_adaptation_images_carry_the_labels_of_their_latents():
-    G = generator.init(seed=5)
+    G = generator.init(seed=5, mapping_steps=0)
     img, ident, view = encoders.draw_generated(G, seed=3, step=2, batch=4)
     rng = torch.Generator().manual_seed(3 * 1_000_003 + 2)  # the draw's own stream: latents first
     z = torch.randn(2, 4, sample.Z_DIM, generator=rng)
@@ -145,3 +145,15 @@ def test_generated_adaptation_images_carry_the_labels_of_their_latents():
             assert torch.equal(got, want)
     i2, v2 = sample.from_uniforms(generator.mixed_uniforms(z, pick)[2:])
     assert torch.equal(ident["appearance"][2:], i2["appearance"]) and torch.equal(view["exp"][2:], v2["exp"])
+
+
+def test_the_fitted_mapping_network_names_the_head_in_ws_first_coordinates():
+    G0 = generator.init(seed=2, mapping_steps=0)
+    G = generator.fit_mapping(G0, steps=300, seed=2)
+    z = torch.randn(2000, sample.Z_DIM, generator=torch.Generator().manual_seed(77))  # not the fit's draws
+    want = generator.named(z)
+    assert want.shape == (2000, 24) and want.abs().max() <= math.sqrt(3)
+    assert ((want.var(0) - 1).abs() < 0.1).all()                 # unit spread, as documented
+    err = lambda G: (sm.mapping(G, z)[:, :generator.N_PARAMS] - want).square().mean().item()  # noqa: E731
+    assert err(G0) > 0.5 and err(G) < 0.1, (err(G0), err(G))     # random: scrambled; fitted: read off w
+    assert all(torch.equal(G[k], G0[k]) for k in G if not k.startswith("style."))  # synthesis untouched

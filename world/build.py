@@ -40,7 +40,7 @@ class Config:
     work: str = "runs/world"     # checkpoints and the built files, before they are installed
     stages: str = ",".join(STAGES)
     seed: int = 0
-    gen_steps: int = 16000       # generator: batches of 16
+    gen_steps: int = 12000       # generator: batches of 16
     enc_steps: int = 3000        # E_flame and ArcFace: batches of 32
     adapt_steps: int = 400       # E_flame and ArcFace on renders and generated images: batches of 32
     mask_steps: int = 0          # mask networks (train.py, batches of 6); 0: train.py's default on the world
@@ -85,7 +85,8 @@ def _half(P):
 
 
 def train_generator(cfg, work, position=None):
-    G = fit.fit(generator.job(cfg.gen_steps, cfg.seed), work, position=position)
+    G = fit.fit(generator.job(cfg.gen_steps, cfg.seed, mapping_steps=20 if cfg.quick else 1500), work,
+                position=position)
     weights.save(_half(generator.finish(G, cfg.seed)), work / FILES["generator"], "generator",
                  world=f"python -m world.build, {cfg.gen_steps} steps, seed {cfg.seed}")
 

@@ -41,13 +41,44 @@ def band(L):
     return "appearance" if L.kind == "torgb" else BANDS[L.res]
 
 
-def init(seed=0):
-    """A fresh generator of ARCH: the official initialisation (`random_generator`), noise strengths 0."""
+def init(seed=0, mapping_steps=1500):
+    """A fresh generator of ARCH: the official initialisation (`random_generator`), noise strengths 0, and
+    the mapping network fitted to name the head (`fit_mapping`)."""
     G = random_generator(ARCH, seed)
     for k in G:
         if k.endswith("noise.weight"):
             G[k] = torch.zeros_like(G[k])
-    return G
+    return fit_mapping(G, mapping_steps, seed) if mapping_steps else G
+
+
+N_PARAMS = sample.GROUPS["appearance"].stop   # the coordinates of z that name the head
+
+
+def named(z):
+    """z (B, Z_DIM) -> (B, N_PARAMS): the head's parameters as the mapping network is fitted to give them, each
+    uniform in [−√3, √3] (unit spread)."""
+    return math.sqrt(3) * (2 * sample.uniforms(z)[:, :N_PARAMS].float() - 1)
+
+
+def fit_mapping(G, steps, seed=0, batch=512, lr=3.0):
+    """G with its mapping network fitted so that w's first N_PARAMS coordinates are the head's parameters
+    (`named`; the others stay free): the synthesis layers' affine maps then read every parameter off w
+    linearly from the first step. A random mapping network scrambles them (only ~65% of their variance is
+    linear in w) and, at its equalised learning rate, unscrambles them too slowly for the build. Adam, the
+    rate decaying to 0; about 20 s."""
+    names = [k for k in G if k.startswith("style.")]
+    P = {k: G[k].clone().requires_grad_(True) for k in names}
+    opt = torch.optim.Adam(P.values(), lr=lr, betas=(0.9, 0.99))
+    rng = torch.Generator().manual_seed(seed + 101)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * (1 - step / steps)
+        z = torch.randn(batch, sample.Z_DIM, generator=rng)
+        loss = (sm.mapping(P, z)[:, :N_PARAMS] - named(z)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {**G, **{k: v.detach() for k, v in P.items()}}
 
 
 def mixed_styles(G, w, pick):
@@ -122,10 +153,11 @@ def loss(G, data):
     return total, {"l1": l1.item()}
 
 
-def job(steps, seed=0, batch=16, lr=2e-3, mapping_lr=2e-3 / sm.LR_MLP / 10):
+def job(steps, seed=0, batch=16, lr=2e-3, mapping_lr=2e-3 / sm.LR_MLP, mapping_steps=1500):
     """The generator's training Job. The mapping network's weights are stored divided by LR_MLP (equalised
-    learning rate, as officially), so its rate is raised to move it about a tenth as fast as synthesis."""
-    G = init(seed)
+    learning rate, as officially: about 1/LR_MLP times larger than the synthesis weights), so its rate is
+    raised by 1/LR_MLP to move it as fast, relatively, as synthesis."""
+    G = init(seed, mapping_steps)
     Fl = head.flame_head(torch.float32)
     rates = {k: (mapping_lr if k.startswith("style.") else lr) for k in G
              if not (k.endswith("noise.weight") or k.endswith(".kernel") or k.startswith("noises.") or k == "latent_avg")}
