@@ -105,6 +105,7 @@ def save_encoders(cfg, work, P, what):
 
 def adapt_encoders(cfg, work):
     """The trained encoders (their checkpoint), trained on renders and the trained generator's images."""
+    torch.set_num_threads(1)  # as in a full build: float sums round alike whichever stages a run does
     P, _, _ = fit.load(work / "encoders.ckpt.safetensors")
     G = weights.read(work / FILES["generator"], "generator")
     P = fit.fit(encoders.adapt_job(P, G, cfg.adapt_steps, cfg.seed), work)
@@ -130,7 +131,9 @@ def train_both(cfg, work):
 
 
 def train_masks(cfg, work):
+    """train.py's own main, on one thread: `OMP_NUM_THREADS=1 python train.py` reproduces the masks bit for bit."""
     import train
+    torch.set_num_threads(1)
     runs = work / "masks"
     ckpt = runs / "checkpoint.safetensors"
     args = ["--resume", str(ckpt)] if ckpt.is_file() else [

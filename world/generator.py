@@ -5,7 +5,9 @@ Why reconstruction and not a GAN: on 2 CPU cores a GAN at 64×64 does not conver
 its samples would have no labels. Here z fixes the head exactly (`from_z`), and the generator learns the
 deterministic map z -> render by an L1 loss (`loss`): a generated image's pose, expression, shape and
 appearance are the ones z names, which is what `eval.py` checks against. The price: regression blurs what
-it has not yet placed exactly (small features first), so it needs many steps.
+it has not yet placed exactly (small features first), so it needs many steps. Two things make them count:
+the mapping network starts fitted to put the head's parameters in w's first coordinates (`fit_mapping`),
+and the loss weighs the facial features 5× (`face_weight`).
 
 Style mixing, structured: each step draws two latents and, per group of parameters, which of them it comes
 from; every style layer reads the w of its group's latent (`BANDS`: pose at 4–8 px, shape at 16 px,
