@@ -175,13 +175,9 @@ def draw_generated(G, seed, step, batch):
     """One step's generated images (B, 3, 64, 64) from (seed, step) alone, with the identities and views of
     the heads their (mixed) latents name."""
     from world import generator
-    rng = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    z = torch.randn(2, batch, sample.Z_DIM, generator=rng)
-    pick = (torch.rand(batch, len(generator.ORDER), generator=rng) < 0.5).long()
-    pick[: batch // 2] = 0  # half of them unmixed
+    z, pick = generator.mixed_latents(seed, step, batch, batch // 2)  # half of them unmixed
     with torch.no_grad():
-        w = sm.mapping(G, z.reshape(-1, sample.Z_DIM)).reshape(2, batch, -1)
-        img = sm.synthesis(G, generator.mixed_styles(G, w, pick))
+        img = generator.generate(G, z, pick)
     ident, view = sample.from_uniforms(generator.mixed_uniforms(z, pick))
     return img, ident, view
 

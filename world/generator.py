@@ -106,12 +106,26 @@ def mixed_uniforms(z, pick):
     return out
 
 
-def draw(seed, step, batch, Fl, size):
-    """The data of one step, from (seed, step) alone: latents z (2, B, Z_DIM), picks (B, 4), target renders."""
+def mixed_latents(seed, step, batch, unmixed):
+    """Two latents per image z (2, B, Z_DIM) and which one each group comes from, pick (B, len(ORDER)), from
+    (seed, step) alone; the first `unmixed` images take every group from their first latent."""
     rng = torch.Generator().manual_seed(seed * 1_000_003 + step)
     z = torch.randn(2, batch, sample.Z_DIM, generator=rng)
     pick = (torch.rand(batch, len(ORDER), generator=rng) < 0.5).long()
-    pick[: batch // 4] = 0  # a quarter of every batch unmixed: plain samples, as eval draws them
+    pick[:unmixed] = 0
+    return z, pick
+
+
+def generate(G, z, pick):
+    """Images (B, 3, H, W) of two latents per image z (2, B, Z_DIM), mixed by pick (`mixed_styles`)."""
+    w = sm.mapping(G, z.reshape(-1, z.shape[-1])).reshape(2, z.shape[1], -1)
+    return sm.synthesis(G, mixed_styles(G, w, pick))
+
+
+def draw(seed, step, batch, Fl, size):
+    """The data of one step, from (seed, step) alone: latents z (2, B, Z_DIM), picks (B, 4), target renders
+    and their loss weights. A quarter of every batch is unmixed: plain samples, as eval draws them."""
+    z, pick = mixed_latents(seed, step, batch, batch // 4)
     ident, view = sample.from_uniforms(mixed_uniforms(z, pick))
     img, lmk = sample.render_views(Fl, ident, view, size)
     return z, pick, img.float(), face_weight(lmk.float(), size)
@@ -125,7 +139,7 @@ def face_weight(lmk, size):
     """Landmarks (B, 68, 2) in pixels -> per-pixel loss weights (B, 1, size, size): 1, plus FEATURE_WEIGHT on
     the facial features (Gaussian bumps of FEATURE_SIGMA px around their landmarks, capped at 1). Eyes, brows
     and lips cover a few per cent of the pixels, so under a plain L1 they carry almost nothing and the
-    generator leaves them out; weighted, they carry about a third of the loss."""
+    generator leaves them out; weighted, they carry about 40% of it."""
     c = torch.arange(size, dtype=lmk.dtype) + 0.5                              # pixel centres
     p = lmk[:, FEATURES]                                                        # (B, K, 2)
     gx = torch.exp(-(c[None, None, :] - p[..., :1]) ** 2 / (2 * FEATURE_SIGMA ** 2))   # (B, K, size)
@@ -140,8 +154,7 @@ def loss(G, data):
     it into place), plus the weighted L1 of their horizontal and vertical differences (edges: the small
     features, eyes and lips, that plain L1 blurs)."""
     z, pick, target, wt = data
-    w = sm.mapping(G, z.reshape(-1, z.shape[-1])).reshape(2, z.shape[1], -1)
-    img = sm.synthesis(G, mixed_styles(G, w, pick))
+    img = generate(G, z, pick)
     d = img - target
     l1 = d.abs().mean()
 

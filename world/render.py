@@ -77,13 +77,11 @@ def rasterize_batch(pix, faces, size):
         face = face.scatter_reduce(0, p_idx[nearest], t_idx[nearest], "amin", include_self=False)
     face = face.view(B, size, size)
     hit = face >= 0
-    face = torch.where(hit, face - torch.arange(B, device=dev)[:, None, None] * T, face)  # image-local ids
     ys, xs = torch.meshgrid(torch.arange(size, device=dev), torch.arange(size, device=dev), indexing="ij")
     centres = torch.stack([xs, ys], -1).to(pix.dtype) + 0.5           # (size, size, 2)
     bary = torch.zeros(B, size, size, 3, dtype=pix.dtype, device=dev)
-    b_id = torch.arange(B, device=dev)[:, None, None].expand(B, size, size)
-    bary[hit] = barycentric(pix[b_id[hit][:, None], faces[face[hit]], :2], centres.expand(B, size, size, 2)[hit])
-    return face, bary
+    bary[hit] = barycentric(tri[face[hit], :, :2], centres.expand(B, size, size, 2)[hit])
+    return torch.where(hit, face - torch.arange(B, device=dev)[:, None, None] * T, face), bary  # image-local ids
 
 
 def vertex_normals(V, faces):
