@@ -71,3 +71,31 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     assert cli.run_script(build.main, ["--stages", "generator,paint", "--work", str(tmp_path)]) == 2
     assert "unknown stage 'paint'" in capsys.readouterr().err
     assert cli.run_script(build.main, ["--gen-steps", "0", "--work", str(tmp_path)]) == 2
+
+
+def test_a_work_folder_of_another_build_is_refused_not_resumed(tmp_path, capsys, monkeypatch):
+    """Checkpoints of other training flags or of another world (head, renderer, sampler) are never resumed:
+    a one-line error, exit 2, and the folder is left as it was."""
+    import cli
+    work = tmp_path / "w"
+    work.mkdir()
+    cfg = build.parse_args(["--work", str(work)])
+    record = build.check_work(cfg, work)      # an empty folder: nothing to check against
+    assert len(record["world"]) == 16 and record["gen_steps"] == 12000
+    (work / "config.json").write_text(json.dumps(record))
+    (work / "generator.ckpt.safetensors").write_bytes(b"a checkpoint")
+    assert build.check_work(cfg, work) == record  # the same build: resumed
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+    assert cli.run_script(build.main, ["--work", str(work), "--gen-steps", "500", "--stages", "report"]) == 2
+    assert "--gen-steps 12000 (now 500)" in capsys.readouterr().err
+    (work / "config.json").write_text(json.dumps({**record, "world": "0" * 16}))
+    before["config.json"] = (work / "config.json").read_bytes()
+    assert cli.run_script(build.main, ["--work", str(work), "--stages", "report"]) == 2
+    err = capsys.readouterr().err
+    assert "another world" in err and "head.py" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before
+    # and the fingerprint does follow the head: a changed albedo is another world
+    fp = build.world_fingerprint()
+    real = build.head.albedo
+    monkeypatch.setattr(build.head, "albedo", lambda *a, **k: real(*a, **k) * 0.99)
+    assert build.world_fingerprint() != fp

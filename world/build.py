@@ -9,7 +9,8 @@ The generator and the encoders train at the same time (a process each); `adapt` 
 on a mix of renders and the generator's images, so that they read the generator's softer heads too. Every
 stage checkpoints into --work and a killed build, run again with the same flags, continues where it stopped
 and ends with the same networks as an uninterrupted one (the data of every step is drawn from the seed and
-the step). `install` copies the trained networks (fp16) into weights/world/ with their SHA-256 in
+the step). A work folder holding checkpoints of another build (other training flags, or a changed head,
+renderer or sampler: `world_fingerprint`) is refused rather than resumed. `install` copies the trained networks (fp16) into weights/world/ with their SHA-256 in
 weights/world/manifest.json; `report` prints the quality gates (quality.py) and eval.py's reenactment gates,
 and stores them there too.
 """
@@ -27,7 +28,7 @@ import torch
 import cli
 import weights
 from stylemask import StyleMaskError
-from world import encoders, fit, generator, head, quality
+from world import encoders, fit, generator, head, quality, sample
 
 WORLD = Path(weights.__file__).resolve().parent / "world"   # the installed world: the default networks
 STAGES = ("generator", "encoders", "adapt", "masks", "install", "report")
@@ -77,6 +78,40 @@ def parse_args(argv=None):
 
 def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+TRAINING = ("seed", "gen_steps", "enc_steps", "adapt_steps", "mask_steps", "mask_lr", "quick")  # what a work folder is a build of
+
+
+def world_fingerprint():
+    """SHA-256 (16 hex digits) of the world the networks learn from: the head (`head.flame_head`) and a batch of
+    renders of it. A change to world/head.py, render.py or sample.py changes it, so a work folder's
+    checkpoints are never resumed into a different world (~1 s)."""
+    h = hashlib.sha256()
+    Fl = head.flame_head(torch.float64)
+    for k in sorted(Fl):
+        h.update(k.encode() + Fl[k].contiguous().numpy().tobytes())
+    rng = torch.Generator().manual_seed(0)
+    img, lmk = sample.render_views(Fl, sample.identities(4, rng), sample.views(4, rng))
+    h.update(img.numpy().tobytes() + lmk.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_work(cfg, work):
+    """The build's record for work/config.json; a one-line error when work holds checkpoints of another build
+    (other training flags, or another world), which resuming would mix into this one's networks."""
+    record = {**{k: getattr(cfg, k) for k in TRAINING}, "world": world_fingerprint()}
+    path = work / "config.json"
+    if path.is_file() and any(work.glob("*.ckpt.safetensors")):
+        old = json.loads(path.read_text())
+        diff = [k for k in record if old.get(k) != record[k]]
+        if diff:
+            what = "the world (world/head.py, render.py or sample.py changed)" if diff == ["world"] else \
+                ", ".join(f"--{k.replace('_', '-')} {old.get(k)} (now {record[k]})" for k in diff if k != "world")
+            raise StyleMaskError(f"{work} holds a build of another {'world' if diff == ['world'] else 'configuration'}: "
+                                 f"{what}; resuming would mix the two. Use a new --work folder, or delete {work} "
+                                 f"to rebuild")
+    return record
 
 
 def _half(P):
@@ -227,7 +262,8 @@ def main(argv=None):
     stages = cfg.stages.split(",")
     work.mkdir(parents=True, exist_ok=True)
     with cli.lock(work, "another world.build"):
-        (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        record = check_work(cfg, work)
+        (work / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), **record}, indent=2) + "\n")
         if "generator" in stages and "encoders" in stages:  # independent: both at once, a process each
             train_both(cfg, work)
         elif "generator" in stages:
