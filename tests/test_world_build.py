@@ -94,6 +94,13 @@ def test_a_work_folder_of_another_build_is_refused_not_resumed(tmp_path, capsys,
     err = capsys.readouterr().err
     assert "another world" in err and "head.py" in err and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in work.iterdir()} == before
+    # each checkpoint is checked against the flags it depends on: other mask flags leave the generator's valid
+    (work / "config.json").write_text(json.dumps(record))
+    other = build.parse_args(["--work", str(work), "--mask-steps", "7"])
+    assert build.check_work(other, work)["mask_steps"] == 7
+    (work / "masks").mkdir()
+    with pytest.raises(build.StyleMaskError, match=f"--mask-steps {record['mask_steps']} \\(now 7\\)"):
+        build.check_work(other, work)
     # and the fingerprint does follow the head: a changed albedo is another world
     fp = build.world_fingerprint()
     real = build.head.albedo

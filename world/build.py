@@ -10,7 +10,9 @@ on a mix of renders and the generator's images, so that they read the generator'
 stage checkpoints into --work and a killed build, run again with the same flags, continues where it stopped
 and ends with the same networks as an uninterrupted one (the data of every step is drawn from the seed and
 the step). A work folder holding checkpoints of another build (other training flags, or a changed head,
-renderer or sampler: `world_fingerprint`) is refused rather than resumed. `install` copies the trained networks (fp16) into weights/world/ with their SHA-256 in
+renderer or sampler: `world_fingerprint`) is refused rather than resumed: each stage's checkpoint is
+checked against the flags it depends on, so after changing only --mask-steps, deleting work/masks retrains
+the masks alone. `install` copies the trained networks (fp16) into weights/world/ with their SHA-256 in
 weights/world/manifest.json; `report` prints the quality gates (quality.py) and eval.py's reenactment gates,
 and stores them there too.
 """
@@ -81,6 +83,11 @@ def sha256(path):
 
 
 TRAINING = ("seed", "gen_steps", "enc_steps", "adapt_steps", "mask_steps", "mask_lr", "quick")  # what a work folder is a build of
+# each stage's checkpoint, and the record entries it was trained under (a later stage depends on the earlier ones)
+CHECKPOINTS = {"generator.ckpt.safetensors": ("world", "seed", "quick", "gen_steps"),
+               "encoders.ckpt.safetensors": ("world", "seed", "quick", "enc_steps"),
+               "adapt.ckpt.safetensors": ("world", "seed", "quick", "gen_steps", "enc_steps", "adapt_steps"),
+               "masks": ("world",) + TRAINING}
 
 
 def world_fingerprint():
@@ -98,19 +105,20 @@ def world_fingerprint():
 
 
 def check_work(cfg, work):
-    """The build's record for work/config.json; a one-line error when work holds checkpoints of another build
-    (other training flags, or another world), which resuming would mix into this one's networks."""
+    """The build's record for work/config.json; a one-line error when work holds a checkpoint trained under
+    another record (other training flags, or another world), which resuming would mix into this build."""
     record = {**{k: getattr(cfg, k) for k in TRAINING}, "world": world_fingerprint()}
     path = work / "config.json"
-    if path.is_file() and any(work.glob("*.ckpt.safetensors")):
-        old = json.loads(path.read_text())
-        diff = [k for k in record if old.get(k) != record[k]]
-        if diff:
-            what = "the world (world/head.py, render.py or sample.py changed)" if diff == ["world"] else \
-                ", ".join(f"--{k.replace('_', '-')} {old.get(k)} (now {record[k]})" for k in diff if k != "world")
-            raise StyleMaskError(f"{work} holds a build of another {'world' if diff == ['world'] else 'configuration'}: "
-                                 f"{what}; resuming would mix the two. Use a new --work folder, or delete {work} "
-                                 f"to rebuild")
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    for name, keys in CHECKPOINTS.items():
+        diff = [k for k in keys if old.get(k) != record[k]]
+        if not (work / name).exists() or not diff:
+            continue
+        what = ", ".join("the world (world/head.py, render.py or sample.py changed)" if k == "world" else
+                         f"--{k.replace('_', '-')} {old.get(k)} (now {record[k]})" for k in diff)
+        raise StyleMaskError(f"{work / name} was trained under another {'world' if 'world' in diff else 'configuration'}"
+                             f": {what}; resuming would mix the two. Delete it to retrain that stage (and the "
+                             f"later ones), or use a new --work folder")
     return record
 
 
