@@ -1,7 +1,7 @@
 """Build the synthetic head world: train its generator, its 3DMM encoder and identity network on its renders,
 then StyleMask's mask networks with train.py's own loop, and install them as the repository's default.
 
-    python -m world.build                      # the whole build (about 1 h 20 min on 2 CPU cores), resumable
+    python -m world.build                      # the whole build (about 1 h 10 min on 2 CPU cores), resumable
     python -m world.build --stages report      # the quality gates of the installed world only
     python -m world.build --quick --work /tmp/w --no-install    # a few steps of everything (tests)
 

@@ -5,7 +5,8 @@ ears modelled as smooth bumps in (longitude, latitude) on the surface. The shape
 component is the linearised displacement of one construction parameter (head width, nose length, ...),
 so `stylemask.shape_model` (linear, as FLAME) reproduces the construction to first order. Expressions are
 displacement fields local to mouth, brows and eyes; the jaw opens by FLAME's jaw joint. Appearance
-(skin, lips, eyes, brows, hair) is a per-vertex albedo from named parameters. Landmarks follow the
+(skin, lips, eyes, brows, hair) is a per-vertex albedo from named parameters, and eyes_closed also paints
+the upper lids down over the eyes. The grid's nodes are densest at the face (`_warp`). Landmarks follow the
 68-point layout of `weights.defaults` at the features' positions.
 """
 import math
@@ -25,10 +26,38 @@ SHAPE = ("width", "height", "depth", "jaw_width", "nose_length", "nose_width", "
 EXPRESSION = ("smile", "pucker", "brow_raise", "eyes_closed", "mouth_stretch")
 
 
+WARP = 0.4  # node density: 1/(1 − WARP) = 1.7× the mean at the face, 1/(1 + WARP) at the back of the head
+
+
+def _warp(x):
+    """Uniform x -> x − WARP·sin x (monotone, fixed at 0 and ±π): nodes 1.7× denser near x = 0."""
+    return x - WARP * torch.sin(x)
+
+
+def _unwarp(y):
+    """The inverse of `_warp` (Kepler's equation, by Newton's method; float64-exact)."""
+    x = torch.as_tensor(y, dtype=torch.float64).clone()
+    for _ in range(30):
+        x = x - (_warp(x) - y) / (1 - WARP * torch.cos(x))
+    return x
+
+
+def _lat_of_index(t):
+    """Fractional row index t ∈ [0, N_LAT − 1] -> latitude: rows densest at the middle of LAT_RANGE (the face)."""
+    x = -math.pi + 2 * math.pi * torch.as_tensor(t, dtype=torch.float64) / (N_LAT - 1)
+    return LAT_RANGE[0] + (LAT_RANGE[1] - LAT_RANGE[0]) * (_warp(x) + math.pi) / (2 * math.pi)
+
+
+def _lon_of_index(u):
+    """Fractional column index u ∈ [0, N_LON) -> longitude in [0, 2π): columns densest at 0 (the face)."""
+    return _warp(torch.as_tensor(u, dtype=torch.float64) * (2 * math.pi / N_LON))
+
+
 def _grid():
-    """(lat, lon) of every vertex, (V,) each: a latitude-longitude grid, longitude 0 = the face."""
-    lat = torch.linspace(*LAT_RANGE, N_LAT, dtype=torch.float64)[:, None].expand(N_LAT, N_LON)
-    lon = (torch.arange(N_LON, dtype=torch.float64) * (2 * math.pi / N_LON))[None, :].expand(N_LAT, N_LON)
+    """(lat, lon) of every vertex, (V,) each: a latitude-longitude grid, longitude 0 = the face, its nodes
+    warped (`_warp`) so that the face gets the most of them (eyes and lips are a few pixels wide)."""
+    lat = _lat_of_index(torch.arange(N_LAT))[:, None].expand(N_LAT, N_LON)
+    lon = _lon_of_index(torch.arange(N_LON))[None, :].expand(N_LAT, N_LON)
     lon = torch.where(lon > math.pi, lon - 2 * math.pi, lon)
     return lat.reshape(-1), lon.reshape(-1)
 
@@ -67,18 +96,22 @@ def _expression_fields(lat, lon, X):
     """(V, 3, 5) displacement fields of the named expressions, in metres per unit coefficient."""
     corner = _bump(lat, lon, D(-12.5), D(-20), D(5), D(7)), _bump(lat, lon, D(-12.5), D(20), D(5), D(7))
     lips = _bump(lat, lon, D(-12.5), 0, D(5), D(18))
-    brows = _bump(lat, lon, D(24), D(-22), D(5), D(14)) + _bump(lat, lon, D(24), D(22), D(5), D(14))
+    lip_y = X[:, 1] - (RADII[1] * math.sin(D(-12.5)))
+    brows = _bump(lat, lon, D(25), D(-22), D(3.5), D(14)) + _bump(lat, lon, D(25), D(22), D(3.5), D(14))
     eyes_l, eyes_r = _bump(lat, lon, D(17), D(-22), D(5), D(9)), _bump(lat, lon, D(17), D(22), D(5), D(9))
     E = torch.zeros(X.shape[0], 3, len(EXPRESSION), dtype=X.dtype)
-    # Amplitudes: a unit coefficient moves features 3–5 px in a 64×64 render, as a broad smile does a face.
-    E[:, 0, 0] = 0.012 * (corner[1] - corner[0])            # smile: corners out and up
-    E[:, 1, 0] = 0.010 * (corner[0] + corner[1])
-    E[:, 2, 1] = 0.012 * lips                               # pucker: lips forward and together
-    E[:, 0, 1] = -0.3 * X[:, 0] * lips
-    E[:, 1, 2] = 0.014 * brows                              # brow raise
+    # Amplitudes: a unit coefficient moves features 4–5 px in a 64×64 render, as a broad smile does a face, so
+    # that the world's encoder (and the generator's loss) can tell the expressions apart at that size.
+    E[:, 0, 0] = 0.016 * (corner[1] - corner[0])            # smile: corners out and up
+    E[:, 1, 0] = 0.014 * (corner[0] + corner[1])
+    E[:, 2, 1] = 0.012 * lips                               # pucker: lips forward, together and taller
+    E[:, 0, 1] = -0.45 * X[:, 0] * lips
+    E[:, 1, 1] = 0.5 * lip_y * lips
+    E[:, 1, 2] = 0.02 * brows                               # brow raise
     eye_y = X[:, 1] - (RADII[1] * math.sin(D(17)))
     E[:, 1, 3] = -0.8 * eye_y * (eyes_l + eyes_r)           # eyes closed: the eye region squeezes to its centre
-    E[:, 0, 4] = 0.25 * X[:, 0] * lips                      # mouth stretch: lips wider
+    E[:, 0, 4] = 0.45 * X[:, 0] * lips                      # mouth stretch: lips wider and thinner
+    E[:, 1, 4] = -0.4 * lip_y * lips
     return E
 
 
@@ -105,10 +138,21 @@ def head_model(n_shape=300, n_exp=100):
 APPEARANCE = ("skin", "hair", "eyes", "lips", "hairline")
 
 
-def albedo(lat, lon, a):
+EYE_LAT, EYE_LON, EYE_H, EYE_W = D(17), D(22), D(3.6), D(9)   # eye centres (±EYE_LON), half height and width
+
+
+def _ellipse(lat, lon, lat0, lon0, h, w):
+    """(V,) bool: inside the ellipse of half height h and half width w (radians) centred at (lat0, lon0)."""
+    return ((lat - lat0) / h) ** 2 + ((lon - lon0) / w) ** 2 < 1
+
+
+def albedo(lat, lon, a, eyes_closed=0.0):
     """Per-vertex albedo (V, 3) in [0, 1] from appearance parameters a (dict): skin tone t ∈ [0, 1] (light to
     dark), hair colour h ∈ [0, 1] (blond to black), eye colour e ∈ [0, 1] (blue to brown), lip redness, and
-    the hairline height (−1 low … 1 receding)."""
+    the hairline height (−1 low … 1 receding); and the view's eyes_closed expression coefficient, which lowers
+    the upper lids (skin, with their dark lash line) over the eyes: open at ≤ 0, shut at 1. Features are
+    drawn in strong contrast (eye socket shade, white, iris, black pupil, lash line, brows darker than the
+    hair, the line between the lips, nostrils): at 64×64 an eye is ~6×3 pixels."""
     light, dark = torch.tensor([0.93, 0.76, 0.64]), torch.tensor([0.42, 0.28, 0.2])
     skin = light + (dark - light) * a["skin"]
     blond, black = torch.tensor([0.85, 0.7, 0.4]), torch.tensor([0.08, 0.06, 0.05])
@@ -116,13 +160,24 @@ def albedo(lat, lon, a):
     blue, brown = torch.tensor([0.25, 0.45, 0.75]), torch.tensor([0.35, 0.2, 0.1])
     iris = blue + (brown - blue) * a["eyes"]
     lip = skin * torch.tensor([0.85, 0.55, 0.55]) + torch.tensor([0.1, 0.0, 0.0]) * a["lips"]
+    lash, pupil, white = torch.tensor([0.06, 0.05, 0.05]), torch.tensor([0.02, 0.02, 0.02]), torch.tensor([0.97, 0.97, 0.97])
     hairline = D(36 + 8 * a["hairline"]) - D(55) * torch.sigmoid((lon.abs() - D(95)) / 0.15)  # low at the back
     regions = [(lat > hairline, hair),                                    # painted in order: later ones win
-               (((lat - D(-12.5)) / D(4)) ** 2 + (lon / D(19)) ** 2 < 1, lip)]
-    for lon0 in (D(-22), D(22)):
-        regions += [(((lat - D(17)) / D(3.2)) ** 2 + ((lon - lon0) / D(8)) ** 2 < 1, torch.tensor([0.95, 0.95, 0.95])),
-                    (((lat - D(17)) / D(2.6)) ** 2 + ((lon - lon0) / D(2.8)) ** 2 < 1, iris),
-                    (((lat - D(24.5)) / D(1.6)) ** 2 + ((lon - lon0) / D(10)) ** 2 < 1, hair * 0.8)]
+               (_ellipse(lat, lon, D(-12.5), 0, D(4.5), D(19)), lip),
+               (_ellipse(lat, lon, D(-12.5), 0, D(1.0), D(16)), lip * 0.45),        # between the lips
+               (_ellipse(lat, lon, D(1), D(-4.5), D(1.5), D(2.5)), skin * 0.55),    # nostrils
+               (_ellipse(lat, lon, D(1), D(4.5), D(1.5), D(2.5)), skin * 0.55)]
+    lid = EYE_LAT + EYE_H - 2 * EYE_H * min(max(eyes_closed, 0.0), 1.0)   # the upper lid's edge
+    for lon0 in (-EYE_LON, EYE_LON):
+        eye = _ellipse(lat, lon, EYE_LAT, lon0, EYE_H, EYE_W)
+        regions += [(_ellipse(lat, lon, EYE_LAT + D(0.5), lon0, D(6.5), D(13)), skin * 0.8),   # socket shade
+                    (eye, white),
+                    (_ellipse(lat, lon, EYE_LAT, lon0, D(3.0), D(3.6)), iris),
+                    (_ellipse(lat, lon, EYE_LAT, lon0, D(1.4), D(1.7)), pupil),
+                    (eye & (lat > lid), skin * 0.92),                                   # the upper lid
+                    (_ellipse(lat, lon, EYE_LAT, lon0, EYE_H + D(1.2), EYE_W + D(1.5))
+                     & (lat > lid - D(0.6)) & (lat < lid + D(1.1)), lash),
+                    (_ellipse(lat, lon, D(24.5), lon0, D(2.0), D(11)), hair * 0.45 + 0.02)]   # brow
     c = skin.double().expand(lat.shape[0], 3)
     for mask, colour in regions:
         c = torch.where(mask[:, None], colour.double(), c)
@@ -131,8 +186,9 @@ def albedo(lat, lon, a):
 
 def _on_face(lat0, lon0):
     """(face index, barycentric weights (3,)) of the surface point at (lat0, lon0) on the grid's triangles."""
-    t = (lat0 - LAT_RANGE[0]) / (LAT_RANGE[1] - LAT_RANGE[0]) * (N_LAT - 1)
-    u = (lon0 % (2 * math.pi)) / (2 * math.pi / N_LON)
+    x = _unwarp(2 * math.pi * (lat0 - LAT_RANGE[0]) / (LAT_RANGE[1] - LAT_RANGE[0]) - math.pi)
+    t = float((x + math.pi) / (2 * math.pi) * (N_LAT - 1))          # fractional indices of the warped grid
+    u = float(_unwarp(lon0 % (2 * math.pi)) / (2 * math.pi / N_LON))
     i, j = int(t), int(u)
     s, t = u - j, t - i  # inside the cell (a, b, c) + (b, d, c): a = (i, j), b = (i, j+1), c = (i+1, j)
     if s + t <= 1:

@@ -55,12 +55,15 @@ def views(n, rng):
 
 def render_views(Fl, ident, view, size=64):
     """Images (n, 3, size, size) in [−1, 1] and 2-D landmarks (n, 68, 2) in pixels of identities × views
-    (matching rows), with the fixed camera of the losses (`stylemask.fixed_camera`)."""
+    (matching rows), with the fixed camera of the losses (`stylemask.fixed_camera`); each albedo from its identity's
+    appearance and its view's eyes_closed coefficient (the lids)."""
     dtype = Fl["v_template"].dtype
     out = sm.flame(Fl, ident["shape"].to(dtype), view["exp"].to(dtype), view["pose"].to(dtype))
     lat, lon = head._grid()
     names = head.APPEARANCE
-    albedo = torch.stack([head.albedo(lat, lon, dict(zip(names, a.tolist()))) for a in ident["appearance"]])
+    closed = view["exp"][:, head.EXPRESSION.index("eyes_closed")].tolist()
+    albedo = torch.stack([head.albedo(lat, lon, dict(zip(names, a.tolist())), c)
+                          for a, c in zip(ident["appearance"], closed)])
     cam = sm.fixed_camera(out["vertices"].shape[0], dtype=dtype)
     img, _ = render(out["vertices"], Fl["f"].long(), albedo.to(dtype), cam, size)
     return img, sm.project(out["landmarks2d"], cam, size)[..., :2]
