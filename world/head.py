@@ -19,6 +19,7 @@ N_LAT, N_LON = 56, 72
 LAT_RANGE = (math.radians(-70), math.radians(82))
 RADII = (0.075, 0.1, 0.09)  # half width, half height, half depth (m)
 D = math.radians
+EYE_LAT, EYE_LON = D(17), D(22)   # the eyes' centres, (EYE_LAT, ±EYE_LON); the brows sit above them
 
 # shape parameters (name, step): each basis column is d(vertices)/d(parameter) at the mean head
 SHAPE = ("width", "height", "depth", "jaw_width", "nose_length", "nose_width", "chin", "brow_ridge", "cheeks",
@@ -53,6 +54,17 @@ def _lon_of_index(u):
     return _warp(torch.as_tensor(u, dtype=torch.float64) * (2 * math.pi / N_LON))
 
 
+def _index_of_lat(lat):
+    """The inverse of `_lat_of_index`: latitude -> fractional row index (float)."""
+    x = _unwarp(2 * math.pi * (lat - LAT_RANGE[0]) / (LAT_RANGE[1] - LAT_RANGE[0]) - math.pi)
+    return float((x + math.pi) / (2 * math.pi) * (N_LAT - 1))
+
+
+def _index_of_lon(lon):
+    """The inverse of `_lon_of_index`: longitude (any turn) -> fractional column index in [0, N_LON) (float)."""
+    return float(_unwarp(lon % (2 * math.pi)) / (2 * math.pi / N_LON))
+
+
 def _grid():
     """(lat, lon) of every vertex, (V,) each: a latitude-longitude grid, longitude 0 = the face, its nodes
     warped (`_warp`) so that the face gets the most of them (eyes and lips are a few pixels wide)."""
@@ -80,9 +92,9 @@ def _build(lat, lon, p):
     nose_w = 1 + 0.35 * p["nose_width"]
     height = (0.013 * nose_len * _bump(lat, lon, D(8), 0, D(9), D(5) * nose_w)             # nose ridge and tip
               + 0.006 * nose_len * _bump(lat, lon, D(3), 0, D(4), D(7) * nose_w)
-              + 0.004 * (1 + 0.8 * p["brow_ridge"]) * (_bump(lat, lon, D(24), D(-22), D(4), D(12))
-                                                        + _bump(lat, lon, D(24), D(22), D(4), D(12)))
-              - 0.005 * (_bump(lat, lon, D(17), D(-22), D(5), D(9)) + _bump(lat, lon, D(17), D(22), D(5), D(9)))
+              + 0.004 * (1 + 0.8 * p["brow_ridge"]) * (_bump(lat, lon, D(24), -EYE_LON, D(4), D(12))
+                                                        + _bump(lat, lon, D(24), EYE_LON, D(4), D(12)))
+              - 0.005 * (_bump(lat, lon, EYE_LAT, -EYE_LON, D(5), D(9)) + _bump(lat, lon, EYE_LAT, EYE_LON, D(5), D(9)))
               + 0.004 * (1 + 0.8 * p["cheeks"]) * (_bump(lat, lon, D(0), D(-35), D(9), D(12))
                                                     + _bump(lat, lon, D(0), D(35), D(9), D(12)))
               + 0.004 * _bump(lat, lon, D(-12.5), 0, D(4), D(16))                        # lips
@@ -97,8 +109,8 @@ def _expression_fields(lat, lon, X):
     corner = _bump(lat, lon, D(-12.5), D(-20), D(5), D(7)), _bump(lat, lon, D(-12.5), D(20), D(5), D(7))
     lips = _bump(lat, lon, D(-12.5), 0, D(5), D(18))
     lip_y = X[:, 1] - (RADII[1] * math.sin(D(-12.5)))
-    brows = _bump(lat, lon, D(25), D(-22), D(3.5), D(14)) + _bump(lat, lon, D(25), D(22), D(3.5), D(14))
-    eyes_l, eyes_r = _bump(lat, lon, D(17), D(-22), D(5), D(9)), _bump(lat, lon, D(17), D(22), D(5), D(9))
+    brows = _bump(lat, lon, D(25), -EYE_LON, D(3.5), D(14)) + _bump(lat, lon, D(25), EYE_LON, D(3.5), D(14))
+    eyes_l, eyes_r = _bump(lat, lon, EYE_LAT, -EYE_LON, D(5), D(9)), _bump(lat, lon, EYE_LAT, EYE_LON, D(5), D(9))
     E = torch.zeros(X.shape[0], 3, len(EXPRESSION), dtype=X.dtype)
     # Amplitudes: a unit coefficient moves features 4–5 px in a 64×64 render, as a broad smile does a face, so
     # that the world's encoder (and the generator's loss) can tell the expressions apart at that size.
@@ -108,7 +120,7 @@ def _expression_fields(lat, lon, X):
     E[:, 0, 1] = -0.45 * X[:, 0] * lips
     E[:, 1, 1] = 0.5 * lip_y * lips
     E[:, 1, 2] = 0.02 * brows                               # brow raise
-    eye_y = X[:, 1] - (RADII[1] * math.sin(D(17)))
+    eye_y = X[:, 1] - (RADII[1] * math.sin(EYE_LAT))
     E[:, 1, 3] = -0.8 * eye_y * (eyes_l + eyes_r)           # eyes closed: the eye region squeezes to its centre
     E[:, 0, 4] = 0.45 * X[:, 0] * lips                      # mouth stretch: lips wider and thinner
     E[:, 1, 4] = -0.4 * lip_y * lips
@@ -138,7 +150,7 @@ def head_model(n_shape=300, n_exp=100):
 APPEARANCE = ("skin", "hair", "eyes", "lips", "hairline")
 
 
-EYE_LAT, EYE_LON, EYE_H, EYE_W = D(17), D(22), D(3.6), D(9)   # eye centres (±EYE_LON), half height and width
+EYE_H, EYE_W = D(3.6), D(9)   # the painted eyes' half height and half width
 
 
 def _ellipse(lat, lon, lat0, lon0, h, w):
@@ -186,9 +198,7 @@ def albedo(lat, lon, a, eyes_closed=0.0):
 
 def _on_face(lat0, lon0):
     """(face index, barycentric weights (3,)) of the surface point at (lat0, lon0) on the grid's triangles."""
-    x = _unwarp(2 * math.pi * (lat0 - LAT_RANGE[0]) / (LAT_RANGE[1] - LAT_RANGE[0]) - math.pi)
-    t = float((x + math.pi) / (2 * math.pi) * (N_LAT - 1))          # fractional indices of the warped grid
-    u = float(_unwarp(lon0 % (2 * math.pi)) / (2 * math.pi / N_LON))
+    t, u = _index_of_lat(lat0), _index_of_lon(lon0)                # fractional indices of the warped grid
     i, j = int(t), int(u)
     s, t = u - j, t - i  # inside the cell (a, b, c) + (b, d, c): a = (i, j), b = (i, j+1), c = (i+1, j)
     if s + t <= 1:
@@ -214,7 +224,7 @@ def flame_head(dtype=torch.float32):
         return mask.double() / mask.sum()
     neck = mean_of(lat < D(-60))
     jaw = mean_of((lat.abs() < D(8)) & ((lon.abs() - D(90)).abs() < D(12)))
-    eyes = [mean_of(((lat - D(17)) ** 2 + (lon - l0) ** 2) < D(6) ** 2) for l0 in (D(-22), D(22))]
+    eyes = [mean_of(((lat - EYE_LAT) ** 2 + (lon - l0) ** 2) < D(6) ** 2) for l0 in (-EYE_LON, EYE_LON)]
     jaw_w = torch.sigmoid((D(-14) - lat) / 0.06) * torch.sigmoid((D(60) - lon.abs()) / 0.1)
     W = torch.zeros(V, 5, dtype=torch.float64)
     W[:, 2], W[:, 1] = jaw_w, 1 - jaw_w
