@@ -32,6 +32,11 @@ def test_quick_build_writes_the_world_and_resumes(tmp_path, monkeypatch):
         weights.read(work / name, kind)  # complete and of its kind
     G = weights.read(work / "generator.safetensors", "generator")
     assert G["conv1.conv.weight"].shape[1] == build.generator.ARCH["channels"][4]
+    phase1, _, g_step = build.fit.load(work / "generator.ckpt.safetensors")
+    phase2, _, e_step = build.fit.load(work / "expression.ckpt.safetensors")
+    assert (g_step, e_step) == (20, 4)  # the generator ships after its expression phase
+    assert torch.equal(G["convs.4.conv.weight"], phase2["convs.4.conv.weight"].half().float())
+    assert not torch.equal(phase1["convs.4.conv.weight"], phase2["convs.4.conv.weight"])
     first = _tensors(work)
     assert build.main(args) == 0  # everything is done: nothing trains again, the files are the same
     again = _tensors(work)

@@ -126,6 +126,42 @@ def test_the_generator_loss_is_the_weighted_pyramid_of_l1s():
     assert logs["l1"] == pytest.approx((img - target).abs().mean().item(), rel=1e-5)
 
 
+def test_expression_pairs_differ_in_their_expression_alone():
+    Fl = head.flame_head(torch.float32)
+    z, pick, img, wt = generator.draw_pairs(seed=4, step=3, batch=8, Fl=Fl, size=32)
+    h, e = 4, generator.ORDER.index("expression")
+    assert torch.equal(z[:, :h], z[:, h:]) and torch.equal(pick[:h, e], 1 - pick[h:, e])
+    others = [i for i in range(len(generator.ORDER)) if i != e]
+    assert torch.equal(pick[:h, others], pick[h:, others])
+    ident, view = sample.from_uniforms(generator.mixed_uniforms(z, pick))
+    for k in ident:
+        assert torch.equal(ident[k][:h], ident[k][h:])
+    assert torch.equal(view["pose"][:h, :3], view["pose"][h:, :3])          # the head pose is the same
+    assert (view["exp"][:h] - view["exp"][h:]).abs().amax(1).min() > 0      # the expression is not
+    assert img.shape == (8, 3, 32, 32) and wt.shape == (8, 1, 32, 32)
+    assert (img[:h] - img[h:]).abs().amax() > 0.1                           # and the renders show it
+
+
+def test_the_pair_loss_adds_the_squared_error_of_each_pairs_change(monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    target = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    wt = 1 + 4 * torch.rand(4, 1, 16, 16, generator=g)
+    noise = 0.1 * torch.randn(2, 3, 16, 16, generator=g)
+    data = (None, None, target, wt)
+    # the same error on both images of a pair: the change is exact, only the image loss remains
+    monkeypatch.setattr(generator, "generate", lambda G, z, pick: target + torch.cat([noise, noise]))
+    got, logs = generator.pair_loss(None, data, weight=30.0)
+    assert logs["pair"] == pytest.approx(0.0, abs=1e-12)
+    assert got.item() == pytest.approx(generator.image_loss(torch.cat([noise, noise]), wt).item(), rel=1e-6)
+    # the second image of each pair off by a constant δ: the change is off by δ everywhere, 3 levels of δ²
+    delta = 0.25
+    monkeypatch.setattr(generator, "generate", lambda G, z, pick: target + torch.cat([noise, noise + delta]))
+    got, logs = generator.pair_loss(None, data, weight=30.0)
+    assert logs["pair"] == pytest.approx(3 * delta ** 2, rel=1e-5)
+    image = generator.image_loss(torch.cat([noise, noise + delta]), wt).item()
+    assert got.item() == pytest.approx(image + 30.0 * 3 * delta ** 2, rel=1e-5)
+
+
 def test_generated_adaptation_images_carry_the_labels_of_their_latents():
     G = generator.init(seed=5, mapping_steps=0)
     img, ident, view = encoders.draw_generated(G, seed=3, step=2, batch=4)

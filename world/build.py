@@ -44,8 +44,9 @@ class Config:
     stages: str = ",".join(STAGES)
     seed: int = 0
     gen_steps: int = 12000       # generator: batches of 16
+    expr_steps: int = 8000       # generator's expression phase: batches of 8 pairs
     enc_steps: int = 3000        # E_flame and ArcFace: batches of 32
-    adapt_steps: int = 400       # E_flame and ArcFace on renders and generated images: batches of 32
+    adapt_steps: int = 800       # E_flame and ArcFace on renders and generated images: batches of 32
     mask_steps: int = 0          # mask networks (train.py, batches of 6); 0: train.py's default on the world
     mask_lr: float = 0.0         # 0: train.py's default on the world
     quick: bool = False          # a few steps of every stage (tests): the result is not a usable world
@@ -54,7 +55,9 @@ class Config:
 
 HELP = dict(work="folder for checkpoints and built files (resumed if it holds a build)",
             stages=f"comma-separated stages to run, of {', '.join(STAGES)}", seed="seed of the whole build",
-            gen_steps="generator training steps", enc_steps="encoder training steps",
+            gen_steps="generator training steps",
+            expr_steps="steps of the generator's expression phase, on pairs of heads differing in expression alone (0: none)",
+            enc_steps="encoder training steps",
             adapt_steps="steps adapting the encoders to the generator's images (half renders, half generated)",
             mask_steps="mask training steps (0: train.py's default on the world, so that python train.py reproduces "
                        "the shipped masks)", mask_lr="mask learning rate (0: train.py's default on the world)",
@@ -64,7 +67,7 @@ HELP = dict(work="folder for checkpoints and built files (resumed if it holds a 
 
 def parse_args(argv=None):
     cfg = cli.parse_config(Config, HELP, argv, description=__doc__)
-    cli.check_flags(cfg, seed=cli.at_least(0), gen_steps=cli.at_least(1), enc_steps=cli.at_least(1),
+    cli.check_flags(cfg, seed=cli.at_least(0), gen_steps=cli.at_least(1), expr_steps=cli.at_least(0), enc_steps=cli.at_least(1),
                     adapt_steps=cli.at_least(0),
                     mask_steps=cli.at_least(0), mask_lr=cli.finite(0))
     bad = [s for s in cfg.stages.split(",") if s not in STAGES]
@@ -73,8 +76,8 @@ def parse_args(argv=None):
     import train
     cfg.mask_steps, cfg.mask_lr = cfg.mask_steps or train.WORLD_STEPS, cfg.mask_lr or train.WORLD_LR
     if cfg.quick:
-        cfg.gen_steps, cfg.enc_steps, cfg.adapt_steps, cfg.mask_steps = min(cfg.gen_steps, 20), \
-            min(cfg.enc_steps, 10), min(cfg.adapt_steps, 4), min(cfg.mask_steps, 4)
+        cfg.gen_steps, cfg.expr_steps, cfg.enc_steps, cfg.adapt_steps, cfg.mask_steps = min(cfg.gen_steps, 20), \
+            min(cfg.expr_steps, 4), min(cfg.enc_steps, 10), min(cfg.adapt_steps, 4), min(cfg.mask_steps, 4)
     return cfg
 
 
@@ -82,11 +85,13 @@ def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-TRAINING = ("seed", "gen_steps", "enc_steps", "adapt_steps", "mask_steps", "mask_lr", "quick")  # what a work folder is a build of
+TRAINING = ("seed", "gen_steps", "expr_steps", "enc_steps", "adapt_steps", "mask_steps", "mask_lr", "quick")  # what a work folder is a build of
 # each stage's checkpoint, and the record entries it was trained under (a later stage depends on the earlier ones)
 CHECKPOINTS = {"generator.ckpt.safetensors": ("world", "seed", "quick", "gen_steps"),
+               "expression.ckpt.safetensors": ("world", "seed", "quick", "gen_steps", "expr_steps"),
                "encoders.ckpt.safetensors": ("world", "seed", "quick", "enc_steps"),
-               "adapt.ckpt.safetensors": ("world", "seed", "quick", "gen_steps", "enc_steps", "adapt_steps"),
+               "adapt.ckpt.safetensors": ("world", "seed", "quick", "gen_steps", "expr_steps", "enc_steps",
+                                          "adapt_steps"),
                "masks": ("world",) + TRAINING}
 
 
@@ -128,10 +133,16 @@ def _half(P):
 
 
 def train_generator(cfg, work, position=None):
+    """The generator's two phases: images (`generator.job`), then expressions (`generator.expression_job`, on one
+    thread, so that it rounds alike whether or not the encoders train beside it)."""
     G = fit.fit(generator.job(cfg.gen_steps, cfg.seed, mapping_steps=20 if cfg.quick else 1500), work,
                 position=position)
+    if cfg.expr_steps:
+        torch.set_num_threads(1)
+        G = fit.fit(generator.expression_job(G, cfg.expr_steps, cfg.seed), work, position=position)
     weights.save(_half(generator.finish(G, cfg.seed)), work / FILES["generator"], "generator",
-                 world=f"python -m world.build, {cfg.gen_steps} steps, seed {cfg.seed}")
+                 world=f"python -m world.build, {cfg.gen_steps} steps and {cfg.expr_steps} of expression pairs, "
+                       f"seed {cfg.seed}")
 
 
 def train_encoders(cfg, work, position=None):

@@ -7,7 +7,8 @@ deterministic map z -> render by an L1 loss (`loss`): a generated image's pose, 
 appearance are the ones z names, which is what `eval.py` checks against. The price: regression blurs what
 it has not yet placed exactly (small features first), so it needs many steps. Two things make them count:
 the mapping network starts fitted to put the head's parameters in w's first coordinates (`fit_mapping`),
-and the loss weighs the facial features 5× (`face_weight`).
+and the loss weighs the facial features 5× (`face_weight`). L1 still leaves out what moves few pixels, the
+expressions, so a second phase (`expression_job`) trains on pairs of heads that differ in expression alone.
 
 Style mixing, structured: each step draws two latents and, per group of parameters, which of them it comes
 from; every style layer reads the w of its group's latent (`BANDS`: pose at 4–8 px, shape at 16 px,
@@ -148,16 +149,11 @@ def face_weight(lmk, size):
     return (1 + FEATURE_WEIGHT * bumps)[:, None]
 
 
-def loss(G, data):
-    """Face-weighted L1 (`face_weight`) between the generated and the rendered images over a pyramid (full,
-    1/2, 1/4, 1/8 resolution: the coarse levels still overlap where a feature is a few pixels off, so they pull
-    it into place), plus the weighted L1 of their horizontal and vertical differences (edges: the small
-    features, eyes and lips, that plain L1 blurs)."""
-    z, pick, target, wt = data
-    img = generate(G, z, pick)
-    d = img - target
-    l1 = d.abs().mean()
-
+def image_loss(d, wt):
+    """The face-weighted L1 of a generated-minus-rendered difference d (B, 3, H, W), weights wt (B, 1, H, W),
+    over a pyramid (full, 1/2, 1/4, 1/8 resolution: the coarse levels still overlap where a feature is a few
+    pixels off, so they pull it into place), plus the weighted L1 of its horizontal and vertical differences
+    (edges: the small features, eyes and lips, that plain L1 blurs)."""
     def wl1(x, wt):
         return (x.abs() * wt).mean() / wt.mean()
     total = wl1(d, wt) + wl1(d[..., 1:, :] - d[..., :-1, :], wt[..., 1:, :]) \
@@ -165,7 +161,21 @@ def loss(G, data):
     for _ in range(3):
         d, wt = F.avg_pool2d(d, 2), F.avg_pool2d(wt, 2)
         total = total + wl1(d, wt)
-    return total, {"l1": l1.item()}
+    return total
+
+
+def loss(G, data):
+    """`image_loss` between the generated and the rendered images."""
+    z, pick, target, wt = data
+    d = generate(G, z, pick) - target
+    return image_loss(d, wt), {"l1": d.abs().mean().item()}
+
+
+def _rates(G, lr, mapping_lr):
+    """The learning rate of each trained tensor: the mapping network's (style.*) and the synthesis network's;
+    the noise strengths (kept 0), the blur kernels and latent_avg do not train."""
+    return {k: (mapping_lr if k.startswith("style.") else lr) for k in G
+            if not (k.endswith("noise.weight") or k.endswith(".kernel") or k.startswith("noises.") or k == "latent_avg")}
 
 
 def job(steps, seed=0, batch=16, lr=2e-3, mapping_lr=2e-3 / sm.LR_MLP, mapping_steps=1500):
@@ -174,8 +184,7 @@ def job(steps, seed=0, batch=16, lr=2e-3, mapping_lr=2e-3 / sm.LR_MLP, mapping_s
     raised by 1/LR_MLP to move it as fast, relatively, as synthesis."""
     G = init(seed, mapping_steps)
     Fl = head.flame_head(torch.float32)
-    rates = {k: (mapping_lr if k.startswith("style.") else lr) for k in G
-             if not (k.endswith("noise.weight") or k.endswith(".kernel") or k.startswith("noises.") or k == "latent_avg")}
+    rates = _rates(G, lr, mapping_lr)
     return fit.Job("generator", G, rates, lambda k: draw(seed, k, batch, Fl, ARCH["resolution"]), loss, steps,
                    betas=(0.9, 0.99), decay=lambda k: min(1.0, 2.0 * (1 - k / steps) + 0.05))
 
@@ -185,3 +194,51 @@ def finish(G, seed=0):
     G = {k: v.detach().clone().contiguous() for k, v in G.items()}
     G["latent_avg"] = sm.mean_latent(G, seed=seed)
     return G
+
+
+# --- The expression phase --------------------------------------------------------------------------------
+# Under the L1 of `loss` the generator learns pose, shape and appearance, which move hundreds of pixels, but
+# hardly the expressions, which move a few dozen by a pixel or two: after the 12,000 steps its images change
+# with the expression latent by 0.34 of what the renders change, and in other directions (cosine 0.34), so
+# the encoder reads generated expressions weakly and StyleMask cannot be seen to transfer them. This phase
+# trains on pairs of heads that differ in their expression alone, and weighs the squared error of the pair's
+# difference (the generated change against the rendered one): a mean-seeking loss, so a change the generator
+# cannot yet place exactly is still drawn, blurred, rather than left out.
+
+EXPRESSION_WEIGHT = 30.0
+
+
+def draw_pairs(seed, step, batch, Fl, size):
+    """As `draw`, but the second half of the batch is the first half's heads with the expression taken from
+    their other latent: images i and i + batch/2 differ in their expression alone."""
+    z, pick = mixed_latents(seed, step, batch // 2, batch // 8)
+    e = ORDER.index("expression")
+    other = pick.clone()
+    other[:, e] = 1 - other[:, e]
+    z, pick = torch.cat([z, z], 1), torch.cat([pick, other])                    # (2, B, Z_DIM), (B, 4)
+    ident, view = sample.from_uniforms(mixed_uniforms(z, pick))
+    img, lmk = sample.render_views(Fl, ident, view, size)
+    return z, pick, img.float(), face_weight(lmk.float(), size)
+
+
+def pair_loss(G, data, weight=EXPRESSION_WEIGHT):
+    """`image_loss` on every image, plus weight × the face-weighted squared error of each pair's change
+    (`draw_pairs`) at full, 1/2 and 1/4 resolution."""
+    z, pick, target, wt = data
+    d = generate(G, z, pick) - target
+    h = len(d) // 2
+    change, wc = d[:h] - d[h:], torch.maximum(wt[:h], wt[h:])   # generated change minus rendered change
+    pair = 0
+    for level in range(3):
+        if level:
+            change, wc = F.avg_pool2d(change, 2), F.avg_pool2d(wc, 2)
+        pair = pair + (change.square() * wc).mean() / wc.mean()
+    return image_loss(d, wt) + weight * pair, {"l1": d.abs().mean().item(), "pair": pair.item()}
+
+
+def expression_job(G, steps, seed=0, batch=16, lr=2e-3, weight=EXPRESSION_WEIGHT):
+    """The expression phase's Job: the trained generator G, on expression pairs (`pair_loss`), at a rate decaying
+    to 0."""
+    Fl = head.flame_head(torch.float32)
+    return fit.Job("expression", dict(G), _rates(G, lr, lr / sm.LR_MLP), lambda k: draw_pairs(seed + 13, k, batch, Fl, ARCH["resolution"]),
+                   lambda G, d: pair_loss(G, d, weight), steps, betas=(0.9, 0.99), decay=lambda k: 1 - k / steps)
