@@ -1,11 +1,12 @@
 """Build the synthetic head world: train its generator, its 3DMM encoder and identity network on its renders,
 then StyleMask's mask networks with train.py's own loop, and install them as the repository's default.
 
-    python -m world.build                      # the whole build (about 1 h 10 min on 2 CPU cores), resumable
+    python -m world.build                      # the whole build (about 1 h 40 min on 2 CPU cores), resumable
     python -m world.build --stages report      # the quality gates of the installed world only
     python -m world.build --quick --work /tmp/w --no-install    # a few steps of everything (tests)
 
-The generator and the encoders train at the same time (a process each); `adapt` then trains the encoders
+The generator and the encoders train at the same time (a process each), the generator then its expression
+phase (`generator.expression_job`, part of the generator stage); `adapt` then trains the encoders
 on a mix of renders and the generator's images, so that they read the generator's softer heads too. Every
 stage checkpoints into --work and a killed build, run again with the same flags, continues where it stopped
 and ends with the same networks as an uninterrupted one (the data of every step is drawn from the seed and
