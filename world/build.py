@@ -57,7 +57,8 @@ class Config:
 HELP = dict(work="folder for checkpoints and built files (resumed if it holds a build)",
             stages=f"comma-separated stages to run, of {', '.join(STAGES)}", seed="seed of the whole build",
             gen_steps="generator training steps",
-            expr_steps="steps of the generator's expression phase, on pairs of heads differing in expression alone (0: none)",
+            expr_steps="steps of the generator's expression phase, on pairs of heads differing in expression alone "
+                       "(0: none)",
             enc_steps="encoder training steps",
             adapt_steps="steps adapting the encoders to the generator's images (half renders, half generated)",
             mask_steps="mask training steps (0: train.py's default on the world, so that python train.py reproduces "
@@ -68,9 +69,9 @@ HELP = dict(work="folder for checkpoints and built files (resumed if it holds a 
 
 def parse_args(argv=None):
     cfg = cli.parse_config(Config, HELP, argv, description=__doc__)
-    cli.check_flags(cfg, seed=cli.at_least(0), gen_steps=cli.at_least(1), expr_steps=cli.at_least(0), enc_steps=cli.at_least(1),
-                    adapt_steps=cli.at_least(0),
-                    mask_steps=cli.at_least(0), mask_lr=cli.finite(0))
+    cli.check_flags(cfg, seed=cli.at_least(0), gen_steps=cli.at_least(1), expr_steps=cli.at_least(0),
+                    enc_steps=cli.at_least(1), adapt_steps=cli.at_least(0), mask_steps=cli.at_least(0),
+                    mask_lr=cli.finite(0))
     bad = [s for s in cfg.stages.split(",") if s not in STAGES]
     if bad:
         raise StyleMaskError(f"--stages: unknown stage {bad[0]!r}; stages are {', '.join(STAGES)}")
@@ -86,7 +87,8 @@ def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-TRAINING = ("seed", "gen_steps", "expr_steps", "enc_steps", "adapt_steps", "mask_steps", "mask_lr", "quick")  # what a work folder is a build of
+# what a work folder is a build of
+TRAINING = ("seed", "gen_steps", "expr_steps", "enc_steps", "adapt_steps", "mask_steps", "mask_lr", "quick")
 # each stage's checkpoint, and the record entries it was trained under (a later stage depends on the earlier ones)
 CHECKPOINTS = {"generator.ckpt.safetensors": ("world", "seed", "quick", "gen_steps"),
                "expression.ckpt.safetensors": ("world", "seed", "quick", "gen_steps", "expr_steps"),

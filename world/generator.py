@@ -240,5 +240,6 @@ def expression_job(G, steps, seed=0, batch=16, lr=2e-3, weight=EXPRESSION_WEIGHT
     """The expression phase's Job: the trained generator G, on expression pairs (`pair_loss`), at a rate decaying
     to 0."""
     Fl = head.flame_head(torch.float32)
-    return fit.Job("expression", dict(G), _rates(G, lr, lr / sm.LR_MLP), lambda k: draw_pairs(seed + 13, k, batch, Fl, ARCH["resolution"]),
+    return fit.Job("expression", dict(G), _rates(G, lr, lr / sm.LR_MLP),
+                   lambda k: draw_pairs(seed + 13, k, batch, Fl, ARCH["resolution"]),
                    lambda G, d: pair_loss(G, d, weight), steps, betas=(0.9, 0.99), decay=lambda k: 1 - k / steps)
