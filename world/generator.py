@@ -127,9 +127,15 @@ def draw(seed, step, batch, Fl, size):
     """The data of one step, from (seed, step) alone: latents z (2, B, Z_DIM), picks (B, 4), target renders
     and their loss weights. A quarter of every batch is unmixed: plain samples, as eval draws them."""
     z, pick = mixed_latents(seed, step, batch, batch // 4)
+    return (z, pick) + targets(z, pick, Fl, size)
+
+
+def targets(z, pick, Fl, size):
+    """The renders (B, 3, size, size) of the heads latents z (2, B, Z_DIM) mixed by pick (B, 4) name, and their
+    loss weights (`face_weight`)."""
     ident, view = sample.from_uniforms(mixed_uniforms(z, pick))
     img, lmk = sample.render_views(Fl, ident, view, size)
-    return z, pick, img.float(), face_weight(lmk.float(), size)
+    return img.float(), face_weight(lmk.float(), size)
 
 
 FEATURES = slice(17, 68)   # the landmarks of brows, nose, eyes and lips (all but the jaw contour)
@@ -216,9 +222,7 @@ def draw_pairs(seed, step, batch, Fl, size):
     other = pick.clone()
     other[:, e] = 1 - other[:, e]
     z, pick = torch.cat([z, z], 1), torch.cat([pick, other])                    # (2, B, Z_DIM), (B, 4)
-    ident, view = sample.from_uniforms(mixed_uniforms(z, pick))
-    img, lmk = sample.render_views(Fl, ident, view, size)
-    return z, pick, img.float(), face_weight(lmk.float(), size)
+    return (z, pick) + targets(z, pick, Fl, size)
 
 
 def pair_loss(G, data, weight=EXPRESSION_WEIGHT):
