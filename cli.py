@@ -1,25 +1,27 @@
-"""What the scripts share: the error exit, flags and their checks, output folders, devices, images on disk.
+"""What the scripts share: the error exit, flags and their checks, run folders, devices, images on disk.
 
-train.py, eval.py, reenact.py and weights/convert.py use these so that each rule is written once:
+train.py, eval.py, reenact.py, build_world.py and weights/convert.py use these so that each rule is written once:
 - a StyleMaskError ends a script with one `error:` line and exit code 2, Ctrl-C / SIGTERM with one line
-  and exit code 130 / 143;
-- a config dataclass plus a help table is the command line, and every flag is checked before any work;
-- a folder that holds a run's results is never modified unless the user says so (`--overwrite`, or
-  train.py's `--resume`), and results appear only after success, all at once (`staged`);
-- parameters move to a device in one call; images are written atomically, readable by all (0644).
+  and exit code 130 / 143 (a training loop instead stops between steps and saves: `stop_between_steps`);
+- a config dataclass whose fields carry their help (`flag`) is the command line, and every flag is checked
+  before any work;
+- one run-folder rule: a folder that holds a run's results is never modified unless the user says so
+  (`--overwrite`, or train.py's `--resume`); results appear only after success, all at once (`staged`), or,
+  for runs that write as they go (training, the world build), under a lock with the replaced results set
+  aside until the first checkpoint (`in_place`); every file is written atomically (`atomic`), readable by all;
+- parameters move to a device in one call; images are PNG (Pillow), GIF and MP4.
 
 Not here: model math (`stylemask.py` and the network modules), parameter files (`weights/`).
 """
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
 import shutil
 import signal
-import struct
 import sys
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,12 +69,19 @@ def run_script(main, argv=None):
         signal.signal(signal.SIGTERM, previous)
 
 
-OUT_HELP = dict(out="output folder (must not hold results, unless --overwrite; written only when the run succeeds)",
-                overwrite="replace the results of an earlier run of this script in --out")
+def flag(default, help):
+    """A Config field and its --help text, so each flag is described once, where it is declared."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
-def parse_config(Config, help, argv=None, description=None, choices=None, check=None, given=None):
-    """Config dataclass + {field: help} -> a filled Config from the command line (`--help` lists every default).
+# the --out and --overwrite of a script whose results are staged (`staged`)
+OUT_HELP = "output folder (must not hold results, unless --overwrite; written only when the run succeeds)"
+OVERWRITE_HELP = "replace the results of an earlier run of this script in --out"
+
+
+def parse_config(Config, argv=None, description=None, choices=None, check=None, given=None):
+    """Config dataclass (fields made by `flag`) -> a filled Config from the command line (`--help` lists every
+    flag's text and default).
 
     Booleans become --flag / --no-flag; choices maps field names to their allowed values; check(cfg)
     returns an error message (argparse prints it with the usage line and exits 2) or None. given, a set,
@@ -81,13 +90,13 @@ def parse_config(Config, help, argv=None, description=None, choices=None, check=
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     choices = choices or {}
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag_name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=f"{help[f.name]} (default: {f.default})")
+            p.add_argument(flag_name, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f"{help} (default: {f.default})")
         else:
-            p.add_argument(flag, dest=f.name, type=f.type, default=f.default, choices=choices.get(f.name),
-                           help=f"{help[f.name]} (default: {f.default!r})")
+            p.add_argument(flag_name, dest=f.name, type=f.type, default=f.default, choices=choices.get(f.name),
+                           help=f"{help} (default: {f.default!r})")
     cfg = Config(**vars(p.parse_args(argv)))
     if given is not None:  # parse again with no defaults at all: what remains was on the command line
         for a in p._actions:
@@ -120,18 +129,13 @@ def check_flags(cfg, **rules):
             raise StyleMaskError(f"--{name.replace('_', '-')} {value!r}: must be {what}")
 
 
-TRUNCATION_HELP = "(-1: the official 0.7; 1, none, on the synthetic head world, whose every latent is a known head)"
+TRUNCATION_HELP = ("(-1: by the networks' origin: the official 0.7 on real weights; 1, none, on the synthetic head world, "
+                   "whose every latent is a known head)")
 
 
 def truncation_rule():
-    """The rule of a --truncation flag: -1 (the default by origin, `truncation`) or a psi in [0, 1]."""
+    """The rule of a --truncation flag: -1 (the default of the run's origin, `weights.Origin`) or a psi in [0, 1]."""
     return (lambda v: v == -1 or 0 <= v <= 1), "-1 (the default) or a number in [0, 1] (0: the average face, 1: none)"
-
-
-def truncation(psi, world):
-    """The truncation psi of a run: the flag's, or for -1 the official 0.7, and 1 on the synthetic head world
-    (its generator was trained on every latent, and untruncated samples keep the parameters z names)."""
-    return psi if psi != -1 else (1.0 if world else 0.7)
 
 
 def device(name):
@@ -289,13 +293,119 @@ def lock(out, what):
         path.unlink(missing_ok=True)
 
 
-def write_text(path, text):
-    """Write a text file atomically (temp file + rename), readable by all."""
+def set_aside(out):
+    """Move the files of an earlier run in out (--overwrite) into a hidden sibling folder; None if none."""
+    old = [p for p in out.iterdir() if p.name not in (".lock", MARK)]
+    if not old:
+        return None
+    aside = out.parent / f".{out.name}.old{os.getpid()}"
+    aside.mkdir()
+    for p in old:
+        os.rename(p, aside / p.name)
+    return aside
+
+
+def restore(aside, out):
+    """Undo set_aside: this run's files go, the earlier run's come back."""
+    for p in out.iterdir():
+        if p.name not in (".lock", MARK):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in aside.iterdir():
+        os.rename(p, out / p.name)
+    aside.rmdir()
+
+
+@contextmanager
+def in_place(out, script, overwrite=False, continuing=False, resume_hint=False):
+    """A run that writes into out as it goes (train.py's checkpoints and logs, the world build's stages): out is
+    created, held under its lock and cleaned of killed runs' temp files. A new run (not continuing a run in its
+    own folder) needs out free (`check_out`) and marks it as script's; the earlier results that --overwrite
+    replaces wait beside it until the run calls keep() (at its first checkpoint), and a run that fails before
+    puts them back. Yields keep."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StyleMaskError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
+    with lock(out, f"another {script}"):
+        clean_stale(out)
+        aside = None
+        if not continuing:
+            check_out(out, overwrite, script, resume_hint)  # again, under the lock: another run may have ended here
+            aside = set_aside(out)
+            mark(out, script)
+        try:
+            yield lambda: aside and shutil.rmtree(aside, ignore_errors=True)
+        except BaseException:
+            if aside and aside.exists():  # no checkpoint of this run yet: the old run comes back
+                restore(aside, out)
+            raise
+
+
+class Stop:
+    """SIGINT / SIGTERM during a loop (`stop_between_steps`): remembered in .signal, acted on between steps."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        self.signal = signum
+
+
+@contextmanager
+def stop_between_steps():
+    """While the block runs, SIGINT and SIGTERM only set the yielded Stop's .signal, so that a training loop
+    finishes its step and saves a checkpoint before it stops (a step is never cut in half); restored after."""
+    stop = Stop()
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def atomic(path):
+    """Write the file at path all at once, the one way every file here is written: yield a hidden temp path
+    beside it (.<name>.tmp<pid>, which `clean_stale` removes after a kill) to write, then make it readable by
+    all (0644) and rename it over path; on any failure the temp file goes and path stays as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text):
+    """Write a text file atomically, readable by all."""
+    with atomic(path) as tmp:
+        tmp.write_text(text)
+
+
+def copy_file(src, dst):
+    """Copy a file atomically (the copy appears whole or not at all)."""
+    with atomic(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def trim_log(path, last):
+    """Drop the lines of a JSONL log logged after step `last` (the lost steps of a killed run being resumed);
+    a line cut short by the kill (or not JSON) counts as after every step."""
+    path = Path(path)
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if _logged_step(line) <= last]
+        write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _logged_step(line):
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 1 << 62
 
 
 def to_device(P, device):
@@ -349,31 +459,20 @@ def title_strip(titles, width):
 
 
 def write_png(path, img):
-    """Write an (H, W, 3) uint8 image (tensor or numpy) as an 8-bit RGB PNG, atomically (zlib, no image library)."""
-    img = img if isinstance(img, torch.Tensor) else torch.tensor(img)  # numpy frames: copied, so writable
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-    H, W, _ = img.shape
-    raw = torch.cat([torch.zeros(H, 1, dtype=torch.uint8), img.reshape(H, W * 3)], 1)  # filter 0 per row
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw.numpy().tobytes(), 6)) + chunk(b"IEND", b""))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(png)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    """Write an (H, W, 3) uint8 image (tensor or numpy) as an 8-bit RGB PNG (Pillow), atomically."""
+    from PIL import Image
+    img = img.numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+    with atomic(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(img)).save(tmp, format="PNG")
 
 
 def write_gif(path, images, fps):
     """(H, W, 3) uint8 frames -> a looping animated GIF (Pillow's encoder), written atomically."""
     from PIL import Image
-    path = Path(path)
     pics = [Image.fromarray(im) for im in images]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     duration = max(20, int(round(1000 / fps)))  # GIF timing is in 1/100 s, and players slow anything under 20 ms
-    pics[0].save(tmp, format="GIF", save_all=True, append_images=pics[1:], duration=duration, loop=0)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        pics[0].save(tmp, format="GIF", save_all=True, append_images=pics[1:], duration=duration, loop=0)
 
 
 class VideoWriter:

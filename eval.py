@@ -16,7 +16,7 @@ pairs, and one table reports per method:
   FID     of the reenacted images against the generated sources and targets (pytorch-fid's Inception).
 Rows "source" (no reenactment) and "target" (the target image itself) need no training and bound
 every metric. Without converted weights the networks are the embedded default: the synthetic head world
-(weights/world/, once built by python -m world.build; truncation 1, 64 pairs, and a second table of
+(weights/world/, once built by python build_world.py; truncation 1, 64 pairs, and a second table of
 errors against every head's true parameters), else the tiny random networks (a pipeline check).
 Outputs in --out: a markdown table (also printed), results.json, grid.png.
 """
@@ -38,51 +38,39 @@ import facenets as fn
 import fid
 import stylemask as sm
 import weights
-from cli import pooled
+from cli import flag, pooled
 
 
 @dataclass
 class Config:
-    pairs: int = 0            # 0: 5000 on real weights (Table I; ablations use 2000), 64 on the world, 32 tiny
-    seed: int = 0             # seeds the pairs
-    truncation: float = -1.0  # -1: the official trainer/evaluation's 0.7; 1 on the synthetic head world
-    batch: int = 0            # 0: 16 on a GPU, 8 on a CPU
-    generator: str = ""       # converted weights; empty: weights/<name>.safetensors, else the tiny default
-    mask: str = ""            # the trained per-layer mask (default weights/masknet.safetensors)
-    global_mask: str = ""     # optional ablation rows: Table IV (global), Table V (no cycle), Table III (W+)
-    no_cycle_mask: str = ""
-    w_mask: str = ""
-    arcface: str = ""
-    deca: str = ""
-    flame: str = ""
-    inception: str = ""       # FID network (default weights/inception.safetensors); absent: no FID
-    ranges: str = ""          # expression ranges JSON; empty: weights/expression_ranges.json, else computed
-    range_samples: int = 0    # images for computing the ranges: 0 = 2000 (extract_statistics.py), 64 tiny
-    grid_pairs: int = 4       # pairs shown in grid.png
-    size: int = 256           # grid cell size (the official code shows 256; 0 = full resolution)
-    out: str = "out/eval"
-    overwrite: bool = False   # replace the results already in --out
-
-
-HELP = dict(
-    pairs="number of random source/target pairs (0: 5000 real, 64 on the synthetic head world, 32 tiny)", seed="random seed of the pairs",
-    truncation="truncation psi " + cli.TRUNCATION_HELP, batch="pairs per forward pass (0: 16 GPU, 8 CPU)",
-    generator="generator .safetensors", mask="trained per-layer mask .safetensors",
-    global_mask="also evaluate this global-mask checkpoint (Table IV)",
-    no_cycle_mask="also evaluate this checkpoint trained without the cycle loss (Table V)",
-    w_mask="also evaluate this W+-space checkpoint (Table III)",
-    arcface="ArcFace .safetensors", deca="DECA encoder .safetensors", flame="FLAME .safetensors",
-    inception="FID Inception .safetensors (absent: the FID column says so)",
-    ranges="expression ranges JSON (absent: computed from generated images and saved in --out)",
-    range_samples="generated images for the expression ranges (0: 2000 real, 64 tiny)",
-    grid_pairs="pairs in grid.png", size="grid cell size in pixels (0: full resolution)",
-    **cli.OUT_HELP,
-)
+    pairs: int = flag(0, "number of random source/target pairs (0: by the networks' origin: 5000 on real weights, "
+                         "Table I, whose ablations use 2000; 64 on the synthetic head world; 32 tiny)")
+    seed: int = flag(0, "random seed of the pairs")
+    truncation: float = flag(-1.0, "truncation psi " + cli.TRUNCATION_HELP)
+    batch: int = flag(0, "pairs per forward pass (0: 16 on a GPU, 8 on a CPU)")
+    generator: str = weights.path_flag("generator")
+    mask: str = weights.path_flag("masknet")
+    global_mask: str = flag("", "also evaluate this global-mask checkpoint (Table IV)")
+    no_cycle_mask: str = flag("", "also evaluate this checkpoint trained without the cycle loss (Table V)")
+    w_mask: str = flag("", "also evaluate this W+-space checkpoint (Table III)")
+    arcface: str = weights.path_flag("arcface")
+    deca: str = weights.path_flag("deca")
+    flame: str = weights.path_flag("flame")
+    inception: str = flag("", "FID Inception .safetensors (empty: weights/inception.safetensors; absent: the FID "
+                              "column says so)")
+    ranges: str = flag("", "expression ranges JSON (empty: weights/expression_ranges.json with converted weights, "
+                           "else computed from generated images and saved in --out)")
+    range_samples: int = flag(0, "generated images for the expression ranges (0: by origin: 2000 real, as "
+                                 "extract_statistics.py; 64 on the embedded defaults)")
+    grid_pairs: int = flag(4, "pairs shown in grid.png")
+    size: int = flag(256, "grid cell size in pixels (the official code shows 256; 0: full resolution)")
+    out: str = flag("out/eval", cli.OUT_HELP)
+    overwrite: bool = flag(False, cli.OVERWRITE_HELP)
 
 
 def parse_args(argv=None):
     """The Config of this command line, every flag checked."""
-    cfg = cli.parse_config(Config, HELP, argv, description=__doc__)
+    cfg = cli.parse_config(Config, argv, description=__doc__)
     cli.check_flags(cfg, pairs=cli.at_least(0, " (0: the default)"), seed=cli.at_least(0),
                     truncation=cli.truncation_rule(),
                     batch=cli.at_least(0, " (0: the default)"),
@@ -130,22 +118,22 @@ def nme(l_r, l_gt):
 # --- Networks, pairs and supervision ------------------------------------------------------------
 
 def load_nets(cfg, say=print):
-    """(nets, tiny): generator, ArcFace, DECA, FLAME, the mask networks of every method and FID's Inception,
-    all by weights' one default rule ({method name: mask} under "masks")."""
-    nets, defaulted = weights.load_all(["generator", "arcface", "deca", "flame", "masknet", "inception"], say=say,
-                                       generator=cfg.generator, arcface=cfg.arcface, deca=cfg.deca, flame=cfg.flame,
-                                       masknet=cfg.mask, inception=cfg.inception)
-    untrained = "masknet" in defaulted and weights.embedded() == "tiny"  # the world's default masks are trained
+    """(nets, weights.Origin): generator, ArcFace, DECA, FLAME, the mask networks of every method and FID's
+    Inception, all by weights' one default rule ({method name: mask} under "masks")."""
+    nets, origin = weights.load_all(["generator", "arcface", "deca", "flame", "masknet", "inception"], say=say,
+                                    generator=cfg.generator, arcface=cfg.arcface, deca=cfg.deca, flame=cfg.flame,
+                                    masknet=cfg.mask, inception=cfg.inception)
+    untrained = "masknet" in origin.defaulted and origin.name == "tiny"  # the world's default masks are trained
     masks = {"StyleMask (untrained)" if untrained else "StyleMask": nets.pop("masknet")}
     for name, p in (("global mask", cfg.global_mask), ("w/o cycle loss", cfg.no_cycle_mask), ("W+ space", cfg.w_mask)):
         if p:
             masks[name] = weights.read(p, "masknet")
             weights.check_fits(masks[name], "masknet", nets["generator"], p)
     nets["masks"] = masks
-    return nets, "generator" in defaulted
+    return nets, origin
 
 
-def supervise(nets, img):
+def metric_inputs(nets, img):
     """Everything the metrics read from an image: DECA params, Euler angles, ArcFace features, landmarks."""
     A, deca, Fl = nets["arcface"], nets["deca"], nets["flame"]
     p = fn.deca_params(deca, img)
@@ -156,23 +144,22 @@ def supervise(nets, img):
 
 def expression_ranges(G, deca, n, seed, batch, truncation):
     """Min/max over n generated images of yaw, pitch, roll, jaw, exp_0..49 (extract_statistics.py) -> (54, 2)."""
-    gen = torch.Generator().manual_seed(seed)
     rows = []
-    for i in tqdm(range(0, n, batch), desc="expression ranges", unit="batch", leave=False):
-        z = torch.randn(min(batch, n - i), G["style.1.weight"].shape[1], generator=gen).to(G["style.1.weight"])
-        p = fn.deca_params(deca, pooled(sm.synthesis(G, sm.styles(G, sm.mapping(G, z, truncation)))))
+    for z in tqdm(latent_batches(torch.Generator().manual_seed(seed), n, G["style.1.weight"].shape[1], batch),
+                  total=-(-n // batch), desc="expression ranges", unit="batch", leave=False):
+        p = fn.deca_params(deca, image(G, sm.styles(G, sm.mapping(G, z.to(G["style.1.weight"]), truncation))))
         rows.append(torch.cat([p["euler"], p["pose"][:, 3:4], p["exp"]], 1))
     stats = torch.cat(rows).double()
     return torch.stack([stats.min(0).values, stats.max(0).values], 1)  # (54, 2)
 
 
-def load_ranges(cfg, G, deca, tiny, batch, out, say=print):
+def load_ranges(cfg, G, deca, origin, batch, out, say=print):
     """(ranges, where from, the JSON to save or None): by weights' default rule --ranges, else
     weights/expression_ranges.json (converted weights only: they belong to the real generator), else
     computed now, to be saved in --out."""
     path = weights.find("expression_ranges.json", cfg.ranges or None,
                         hint=" (--ranges); eval.py writes expression_ranges.json into --out when --ranges is not given")
-    if path and (cfg.ranges or not tiny):
+    if path and (cfg.ranges or origin.name == "converted"):
         try:
             ranges = torch.tensor(json.loads(path.read_text())["ranges"], dtype=torch.float64)
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -181,7 +168,7 @@ def load_ranges(cfg, G, deca, tiny, batch, out, say=print):
         if ranges.shape != (54, 2) or not torch.isfinite(ranges).all() or not (ranges[:, 1] > ranges[:, 0]).all():
             raise sm.StyleMaskError(f"{path}: expression ranges must be 54 finite (min, max) rows with min < max")
         return ranges, str(path), None
-    n = cfg.range_samples or (64 if tiny else 2000)
+    n = cfg.range_samples or origin.defaults["range_samples"]
     say(f"note: computing the expression ranges from {n} generated images (as extract_statistics.py)")
     ranges = expression_ranges(G, deca, n, cfg.seed + 7919, batch, cfg.truncation)
     labels = ["yaw", "pitch", "roll", "jaw"] + [f"exp_{i:02d}" for i in range(50)]
@@ -192,16 +179,26 @@ def load_ranges(cfg, G, deca, tiny, batch, out, say=print):
 
 # --- The evaluation loop -----------------------------------------------------------------------
 
+def latent_batches(gen, n, z_dim, batch, skip=0):
+    """n seeded latents, batch (batch, z_dim) at a time, after skipping `skip` draws of gen: the same numbers as
+    one randn(skip + n, z_dim), with memory bounded by the batch (CPU randn is chunk-invariant for chunks of
+    16·k values)."""
+    for i in range(0, skip, batch):
+        torch.randn(min(batch, skip - i), z_dim, generator=gen)
+    for i in range(0, n, batch):
+        yield torch.randn(min(batch, n - i), z_dim, generator=gen)
+
+
 def pair_latents(seed, n, z_dim, batch):
     """Two iterators over the source and target latents (batch, z_dim) of n seeded pairs, drawn as
-    z_s = randn(n, z_dim), then z_t = randn(n, z_dim) from one generator, a batch at a time: memory is
-    bounded by the batch, never by n (the targets' generator first skips the sources' draws)."""
-    def draws(gen, skip):
-        for i in range(0, skip, batch):  # the same numbers as one big draw: CPU randn is chunk-invariant
-            torch.randn(min(batch, skip - i), z_dim, generator=gen)        # for chunks of 16·k values
-        for i in range(0, n, batch):
-            yield torch.randn(min(batch, n - i), z_dim, generator=gen)
-    return draws(torch.Generator().manual_seed(seed), 0), draws(torch.Generator().manual_seed(seed), n)
+    z_s = randn(n, z_dim), then z_t = randn(n, z_dim) from one generator (the targets' skips the sources')."""
+    return (latent_batches(torch.Generator().manual_seed(seed), n, z_dim, batch),
+            latent_batches(torch.Generator().manual_seed(seed), n, z_dim, batch, skip=n))
+
+
+def image(G, s):
+    """Style codes (B, D) -> the image (B, 3, 256, 256) every metric network reads (pooled as the official code)."""
+    return pooled(sm.synthesis(G, s))
 
 
 def evaluate(cfg, nets, ranges, grid_pairs, truth=False):
@@ -218,16 +215,16 @@ def evaluate(cfg, nets, ranges, grid_pairs, truth=False):
         zs, zt = zs.to(G["style.1.weight"]), zt.to(G["style.1.weight"])
         w_s, w_t = sm.mapping(G, zs, cfg.truncation), sm.mapping(G, zt, cfg.truncation)
         s_s, s_t = sm.styles(G, w_s), sm.styles(G, w_t)
-        img_s, img_t = pooled(sm.synthesis(G, s_s)), pooled(sm.synthesis(G, s_t))
-        sup_s, sup_t = supervise(nets, img_s), supervise(nets, img_t)
+        img_s, img_t = image(G, s_s), image(G, s_t)
+        sup_s, sup_t = metric_inputs(nets, img_s), metric_inputs(nets, img_t)
         p_gt = sm.flame(Fl, sup_s["p"]["shape"], sup_t["p"]["exp"], sup_t["p"]["pose"])  # Eq. 2 ground truth
         l_gt = sm.project(p_gt["landmarks3d"], sm.fixed_camera(zs.shape[0], img_s.dtype, img_s.device))
         images = {"source": img_s, "target": img_t}
         gt = truth_params(zs, zt) if truth else None  # once per batch: every method is held to the same truth
         for name, M in masks.items():
-            images[name] = pooled(sm.synthesis(G, sm.reenact_w(G, w_s, w_t, M)))
+            images[name] = image(G, sm.reenact_w(G, w_s, w_t, M))
         for name in methods:
-            sup_r = sup_s if name == "source" else sup_t if name == "target" else supervise(nets, images[name])
+            sup_r = sup_s if name == "source" else sup_t if name == "target" else metric_inputs(nets, images[name])
             pr, pt = sup_r["p"], sup_t["p"]
             acc = sums[name]
             acc["csim"] += float(csim(sup_r["f"], sup_s["f"]).sum())
@@ -308,31 +305,33 @@ def markdown_table(results, has_fid):
     return "\n".join(lines)
 
 
+ORIGIN_SAID = {"world": " — the SYNTHETIC HEAD WORLD (not faces)", "tiny": " — TINY DEFAULTS, pipeline check only",
+               "converted": ""}
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     out = Path(cfg.out)
     cli.check_out(out, cfg.overwrite, "eval.py")  # fail before any work; results are staged, published at the end
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.seed)
-    nets, tiny = load_nets(cfg)
-    world = tiny and weights.embedded() == "world"
-    cfg.truncation = cli.truncation(cfg.truncation, world)
-    cfg.pairs = cfg.pairs or (64 if world else 32 if tiny else 5000)
-    truth = world and cfg.truncation == 1  # every image's parameters are known: ground-truth errors too
+    nets, origin = load_nets(cfg)
+    cfg.truncation = origin.defaults["truncation"] if cfg.truncation == -1 else cfg.truncation
+    cfg.pairs = cfg.pairs or origin.defaults["eval_pairs"]
+    truth = origin.name == "world" and cfg.truncation == 1  # every image's parameters are known: ground truth too
     cfg.batch = min(cfg.batch or (16 if device == "cuda" else 8), cfg.pairs)  # never more than there are pairs
     nets = {k: ({m: cli.to_device(M, device) for m, M in P.items()} if k == "masks" else
                 cli.to_device(P, device) if P is not None else None) for k, P in nets.items()}
     with torch.no_grad():
-        ranges, ranges_src, ranges_json = load_ranges(cfg, nets["generator"], nets["deca"], tiny, cfg.batch, out)
+        ranges, ranges_src, ranges_json = load_ranges(cfg, nets["generator"], nets["deca"], origin, cfg.batch,
+                                                      out)
         results, grid = evaluate(cfg, nets, ranges, cfg.grid_pairs, truth)
     has_fid = nets["inception"] is not None
     table = markdown_table(results, has_fid)
-    title = (f"{cfg.pairs} pairs, seed {cfg.seed}, truncation {cfg.truncation}"
-             + (" — the SYNTHETIC HEAD WORLD (not faces)" if world else " — TINY DEFAULTS, pipeline check only" if tiny
-                else ""))
+    title = f"{cfg.pairs} pairs, seed {cfg.seed}, truncation {cfg.truncation}{ORIGIN_SAID[origin.name]}"
     if truth:
         table += "\n\n" + truth_table(results, nets["deca"])
-    settings = dict(dataclasses.asdict(cfg), tiny_default=tiny and not world, world_default=world, device=device,
+    settings = dict(dataclasses.asdict(cfg), origin=origin.name, device=device,
                     generator_arch=sm.architecture(nets["generator"]),
                     expression_ranges=ranges_src, nme_normaliser="outer-eye-corner distance (landmarks 36, 45) "
                     "of the ground-truth 3-D landmarks", fid_reference="the generated sources and targets"

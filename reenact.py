@@ -44,7 +44,7 @@ import cli
 import e4e
 import stylemask as sm
 import weights
-from cli import pooled
+from cli import flag, pooled
 from stylemask import StyleMaskError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif")
@@ -53,50 +53,39 @@ LATENT_SUFFIXES = (".pt", ".pth", ".npy")
 
 @dataclass
 class Config:
-    source: str = ""          # photo or latent file; empty: generated from source_seed
-    target: str = ""          # photo, latent, folder of frames or video; empty: generated from target_seed
-    source_seed: int = 0
-    target_seed: int = 1
-    truncation: float = -1.0  # generated faces: -1 = the official 0.7 (1 on the synthetic head world)
-    inversion_truncation: float = 0.7  # for photos: run_inference.py keeps psi 0.7 for e4e codes too
-    alpha: float = 1.0        # our extension: 0 source, 1 Eq. 1
-    size: int = 0             # output size in pixels; 0: the generator's resolution (official: 256 for display)
-    aligned: bool = False     # photos are already FFHQ-aligned crops: no face detection, only a resize
-    fps: float = 0.0          # frame rate of the MP4 and GIF; 0: the video's own rate, else 10
-    paste_back: bool = False  # sequences: warp each reenacted face back into its full input frame
-    smooth: bool = True       # sequences: smooth the alignment landmarks over time (less jitter)
-    num_pairs: int = 0        # a folder of sources: reenact this many random pairs (0: every source × target)
-    generator: str = ""       # converted weights; empty: weights/<name>.safetensors, else the tiny default
-    mask: str = ""
-    e4e: str = ""
-    device: str = ""          # empty: cuda when available, else cpu
-    out: str = "out/reenact"
-    overwrite: bool = False   # replace the results already in --out
-
-
-HELP = dict(
-    source="source face: photo (.jpg, .png, ...) or W+ latent (.pt/.npy); empty: generated from --source-seed",
-    target="target: photo, latent, folder of frames or video file (needs imageio-ffmpeg); empty: --target-seed",
-    source_seed="seed of the generated source face", target_seed="seed of the generated target face",
-    truncation="truncation psi of generated faces " + cli.TRUNCATION_HELP,
-    inversion_truncation="truncation psi applied to the e4e codes of photos, toward latent_avg (official "
-                         "run_inference.py: 0.7; 1 = the untruncated inversion)",
-    alpha="OUR EXTENSION: how much of the target's pose/expression to take, s_s + alpha·(s_r − s_s); 0 = source, 1 = Eq. 1",
-    size="output size in pixels, average-pooled (0: full generator resolution; the official code showed 256)",
-    aligned="inputs are already FFHQ-aligned face crops: skip detection (needed on the tiny defaults' images)",
-    fps="frame rate of the MP4 and GIF (0: the video's rate, else 10)", generator="generator .safetensors",
-    paste_back="sequences: warp each reenacted face back into its input frame (full-size frames and MP4)",
-    smooth="sequences: smooth the alignment landmarks over time, against jitter (--no-smooth: per frame)",
-    num_pairs="batch mode (--source a folder): this many pairs, drawn at random with --source-seed (0: all pairs)",
-    mask="mask networks .safetensors", e4e="e4e encoder .safetensors (python -m weights.convert e4e_ffhq_encode.pt ...)",
-    device="torch device (empty: cuda when available, else cpu)",
-    **cli.OUT_HELP,
-)
+    source: str = flag("", "source face: photo (.jpg, .png, ...) or W+ latent (.pt/.npy); empty: generated from "
+                           "--source-seed")
+    target: str = flag("", "target: photo, latent, folder of frames or video file (needs imageio-ffmpeg); empty: "
+                           "generated from --target-seed")
+    source_seed: int = flag(0, "seed of the generated source face")
+    target_seed: int = flag(1, "seed of the generated target face")
+    truncation: float = flag(-1.0, "truncation psi of generated faces " + cli.TRUNCATION_HELP)
+    inversion_truncation: float = flag(0.7, "truncation psi applied to the e4e codes of photos, toward latent_avg "
+                                            "(official run_inference.py: 0.7; 1 = the untruncated inversion)")
+    alpha: float = flag(1.0, "OUR EXTENSION: how much of the target's pose/expression to take, "
+                             "s_s + alpha·(s_r − s_s); 0 = source, 1 = Eq. 1")
+    size: int = flag(0, "output size in pixels, average-pooled (0: full generator resolution; the official code "
+                        "showed 256)")
+    aligned: bool = flag(False, "inputs are already FFHQ-aligned face crops: skip detection (needed on the tiny "
+                                "defaults' images)")
+    fps: float = flag(0.0, "frame rate of the MP4 and GIF (0: the video's rate, else 10)")
+    paste_back: bool = flag(False, "sequences: warp each reenacted face back into its input frame (full-size "
+                                   "frames and MP4)")
+    smooth: bool = flag(True, "sequences: smooth the alignment landmarks over time, against jitter (--no-smooth: "
+                              "per frame)")
+    num_pairs: int = flag(0, "batch mode (--source a folder): this many pairs, drawn at random with --source-seed "
+                             "(0: all pairs)")
+    generator: str = weights.path_flag("generator")
+    mask: str = weights.path_flag("masknet")
+    e4e: str = weights.path_flag("e4e")
+    device: str = flag("", "torch device (empty: cuda when available, else cpu)")
+    out: str = flag("out/reenact", cli.OUT_HELP)
+    overwrite: bool = flag(False, cli.OVERWRITE_HELP)
 
 
 def parse_args(argv=None):
     """The Config of this command line, every flag checked."""
-    cfg = cli.parse_config(Config, HELP, argv, description=__doc__)
+    cfg = cli.parse_config(Config, argv, description=__doc__)
     psi = cli.finite(0, 1, note=" (0: the average face, 1: none)")
     cli.check_flags(cfg, source_seed=cli.at_least(0), target_seed=cli.at_least(0), num_pairs=cli.at_least(0),
                     truncation=cli.truncation_rule(),
@@ -150,8 +139,8 @@ def read_latent(path, G):
 class Inverter:
     """Photo -> W+ code: FFHQ alignment (or a resize with --aligned), e4e, loaded on first use."""
 
-    def __init__(self, cfg, G, tiny, say):
-        self.cfg, self.G, self.tiny, self.say, self.E = cfg, G, tiny, say, None
+    def __init__(self, cfg, G, origin, say):
+        self.cfg, self.G, self.origin, self.say, self.E = cfg, G, origin, say, None
         self.smoother = None  # an align.Smoother over the frames of a sequence
 
     def __call__(self, img, name):
@@ -173,8 +162,8 @@ class Inverter:
         return avg + psi * (w - avg), crop, corners  # W+ truncated as the official generate_image does
 
     def load(self):
-        """The e4e encoder by weights' default rule, of the same origin as the generator (converted or tiny)."""
-        nets, _ = weights.load_all(["e4e"], say=lambda *_: None, tiny=self.tiny, e4e=self.cfg.e4e)
+        """The e4e encoder by weights' default rule, of the same origin as the generator."""
+        nets, _ = weights.load_all(["e4e"], say=lambda *_: None, origin=self.origin, e4e=self.cfg.e4e)
         E = nets["e4e"]
         weights.check_fits(E, "e4e", self.G, self.cfg.e4e or weights.DIR / "e4e.safetensors")
         return cli.to_device(E, self.G["latent_avg"].device)
@@ -253,13 +242,13 @@ def run(cfg, say=print):
         if not used:
             say(f"note: {flag} applies to {'a folder of sources' if flag == '--num-pairs' else 'a video or frame folder'}"
                 f" only: ignored here")
-    nets, defaulted = weights.load_all(["generator", "masknet"], say=say, generator=cfg.generator, masknet=cfg.mask)
-    tiny = "generator" in defaulted
-    cfg.truncation = cli.truncation(cfg.truncation, tiny and weights.embedded() == "world")
+    nets, origin = weights.load_all(["generator", "masknet"], say=say, generator=cfg.generator, masknet=cfg.mask)
+    cfg.truncation = origin.defaults["truncation"] if cfg.truncation == -1 else cfg.truncation
     G, M = cli.to_device(nets["generator"], device), cli.to_device(nets["masknet"], device)
-    invert = Inverter(cfg, G, tiny, say)
+    invert = Inverter(cfg, G, origin, say)
     with cli.staged(out, cfg.overwrite, "reenact.py") as tmp:
-        cli.write_text(tmp / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        cli.write_text(tmp / "config.json", json.dumps(dict(dataclasses.asdict(cfg), origin=origin.name), indent=1)
+                       + "\n")
         if batch:
             message = run_batch(cfg, G, M, invert, source, target, tmp, out)
         else:

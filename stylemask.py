@@ -205,8 +205,6 @@ def synthesis(G, s, noise="const", rng=None):
         raise StyleMaskError(f"synthesis: s must be (B, {D}) for this generator, got {tuple(s.shape)}")
     noises = _noise_inputs(G, noise, s.shape[0], rng)
     x = G["input.input"].expand(s.shape[0], -1, -1, -1)  # (B, C, 4, 4)
-    if kernels.fast_cpu(s):
-        kernels.keep_freed_memory()
     return _layers(G, s, layout, noises, x).contiguous()  # (B, 3, H, W), NCHW
 
 
@@ -345,6 +343,12 @@ def reenact(s_s, s_t, M, alpha=1.0):
         m = alpha * m
     mixed = m * s_t[:, idx] + (1 - m) * s_s[:, idx]  # Eq. 1
     return s_s.index_copy(1, idx, mixed)
+
+
+def cycle(M, s_s, s_r, s_t2):
+    """Eq. 4: the recurrent cycle's two reenactments with a second target t2, (s_r1, s_r2): the source
+    reenacted with t2, and the already reenacted s_r reenacted again with t2 (Eq. 5-7 compare them)."""
+    return reenact(s_s, s_t2, M), reenact(s_r, s_t2, M)
 
 
 def code(G, w, space):

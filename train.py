@@ -8,7 +8,7 @@ Each step samples source, target and (for the cycle loss) a second target latent
 truncation 0.7 (1 on the world), renders them and estimates their 3DMM parameters (no gradients), reenacts with the
 mask networks, renders the reenacted images, and minimises Eq. 8 (L_r + L_cycle, with the official
 eye and mouth terms). Without converted weights every network is the embedded default, and the run says
-so: the synthetic head world's (weights/world/, once built by python -m world.build: it learns the world's
+so: the synthetic head world's (weights/world/, once built by python build_world.py: it learns the world's
 masks, not faces), else the tiny random networks (a pipeline check). See weights/README.md for real weights.
 """
 # The training loop and its bookkeeping only: the math is stylemask's (Eq. 1-8), the networks and their
@@ -16,8 +16,6 @@ masks, not faces), else the tiny random networks (a pipeline check). See weights
 import dataclasses
 import json
 import math
-import os
-import shutil
 import signal
 import sys
 import time
@@ -31,63 +29,43 @@ import cli
 import facenets as fn
 import stylemask as sm
 import weights
+from cli import flag
 
 
 @dataclass
 class Config:
-    steps: int = 0               # 0: 70000 with real weights (Sect. IV-A), 250 on the world, 200 on the tiny defaults
-    batch: int = 6               # Sect. IV-A (the official run_trainer.py default is 12)
-    lr: float = 0.0              # 0: 1e-4 with real weights (Sect. IV-A, run_trainer.py), 1e-2 on the defaults
-    weight_decay: float = 5e-4   # Adam weight decay of the official trainer.py
-    n_layers: int = 0            # controlled conv layers, Supp. A: 0 = 12, or every conv layer of a smaller generator
-    truncation: float = -1.0     # -1: trainer.py's 0.7 (1 on the synthetic head world)
-    lambda_x: float = sm.LAMBDA_X    # run_trainer.py lambda_shape (shape, eye and mouth terms)
-    lambda_id: float = sm.LAMBDA_ID  # run_trainer.py lambda_identity
-    eye: bool = True             # official eye-opening term (--no-eye to drop it)
-    mouth: bool = True           # official mouth-opening term (--no-mouth to drop it)
-    cycle: bool = True           # recurrent cycle loss, Eq. 4-7 (--no-cycle: the Table V ablation)
-    paper_id: bool = False       # add Eq. 7's third identity term (I_r1, I_r2), absent from the code
-    space: str = "S"             # S: style space; W: mix W+ codes instead (Table III ablation)
-    mask: str = "per-layer"      # per-layer networks or one global network (Table IV ablation)
-    seed: int = 0                # initialisation and pair sampling
-    generator: str = ""          # converted weights; empty: weights/<name>.safetensors, else tiny
-    arcface: str = ""
-    deca: str = ""
-    flame: str = ""
-    out: str = "runs/stylemask"  # checkpoints, logs and grids
-    resume: str = ""             # a checkpoint.safetensors to continue from (its folder, its flags)
-    overwrite: bool = False      # replace the results already in --out
-    save_every: int = 0          # 0: 1000 with real weights (run_trainer.py), 100 on the defaults
-    log_every: int = 10          # run_trainer.py steps_per_log
-    image_every: int = 0         # grid of held-out pairs every K steps; 0: same as save_every
-    eval_pairs: int = 8          # held-out pairs for the evaluation loss and the grid
+    steps: int = flag(0, "training iterations (0: by the networks' origin: 70000 on real weights, Sect. IV-A; "
+                         "the synthetic head world's, in weights/world/manifest.json; 200 on the tiny defaults)")
+    batch: int = flag(6, "pairs per step (Sect. IV-A; the official run_trainer.py default is 12)")
+    lr: float = flag(0.0, "Adam learning rate (0: by the networks' origin: the paper's 1e-4 on real weights, Sect. IV-A and "
+                       "run_trainer.py; 1e-2 on the synthetic head world and the tiny defaults, whose short runs must "
+                       "move the masks visibly: Adam moves each weight by about lr per step)")
+    weight_decay: float = flag(5e-4, "Adam weight decay (the official trainer.py)")
+    n_layers: int = flag(0, "controlled conv layers n (0: the paper's 12, Supp. A, or all of a generator with fewer)")
+    truncation: float = flag(-1.0, "truncation psi of the sampled latents " + cli.TRUNCATION_HELP)
+    lambda_x: float = flag(sm.LAMBDA_X, "weight of the shape, eye and mouth terms (run_trainer.py lambda_shape: 1)")
+    lambda_id: float = flag(sm.LAMBDA_ID, "weight of the identity terms (run_trainer.py lambda_identity: 10)")
+    eye: bool = flag(True, "the official eye-opening landmark term")
+    mouth: bool = flag(True, "the official mouth-opening landmark term")
+    cycle: bool = flag(True, "recurrent cycle consistency loss, Eq. 4-7 (--no-cycle: the Table V ablation)")
+    paper_id: bool = flag(False, "also the (I_r1, I_r2) identity term of Eq. 7, which the official code omits")
+    space: str = flag("S", "S: mix style codes (paper); W: mix W+ codes (the Table III ablation)")
+    mask: str = flag("per-layer", "per-layer mask networks (paper) or one global network (the Table IV ablation)")
+    seed: int = flag(0, "random seed: initialisation and pair sampling")
+    generator: str = weights.path_flag("generator")
+    arcface: str = weights.path_flag("arcface")
+    deca: str = weights.path_flag("deca")
+    flame: str = weights.path_flag("flame")
+    out: str = flag("runs/stylemask", "output folder: checkpoints, logs and grids (must not hold results, unless "
+                                   "--overwrite)")
+    resume: str = flag("", "checkpoint to resume from: continues its run in its folder with its flags (--steps may grow)")
+    overwrite: bool = flag(False, "replace the results of an earlier run in --out")
+    save_every: int = flag(0, "checkpoint every K steps (0: by the networks' origin: 1000 on real weights, run_trainer.py; 100 on the "
+                           "embedded defaults)")
+    log_every: int = flag(10, "log line every K steps (run_trainer.py steps_per_log)")
+    image_every: int = flag(0, "image grid of held-out pairs every K steps (0: with every checkpoint)")
+    eval_pairs: int = flag(8, "held-out pairs for the evaluation loss and the grid")
 
-
-HELP = dict(
-    steps="training iterations (0: 70000 on real weights, 250 on the synthetic head world, 200 on the tiny defaults)",
-    batch="pairs per step (paper: 6)",
-    lr="Adam learning rate (0: the paper's 1e-4 on real weights; 1e-2 on the synthetic head world and the tiny defaults, whose 200-step run "
-       "must move the masks visibly: Adam moves each weight by about lr per step)",
-    weight_decay="Adam weight decay (official trainer: 5e-4)", n_layers="controlled conv layers n (0: the paper's 12, or all of a generator with fewer)",
-    truncation="truncation psi of the sampled latents " + cli.TRUNCATION_HELP,
-    lambda_x="weight of the shape, eye and mouth terms (official: 1)", lambda_id="weight of the identity terms (official: 10)",
-    eye="official eye-opening landmark term", mouth="official mouth-opening landmark term",
-    cycle="recurrent cycle consistency loss, Eq. 4-7 (--no-cycle: Table V ablation)",
-    paper_id="also the (I_r1, I_r2) identity term of Eq. 7, which the official code omits",
-    space="S: mix style codes (paper); W: mix W+ codes (Table III ablation)",
-    mask="per-layer mask networks (paper) or one global network (Table IV ablation)", seed="random seed",
-    generator="generator .safetensors", arcface="ArcFace IR-SE50 .safetensors", deca="DECA encoder .safetensors",
-    flame="FLAME .safetensors", out="output folder (must not hold results, unless --overwrite)",  # train: in place
-    resume="checkpoint to resume from: continues its run in its folder with its flags (--steps may grow)",
-    overwrite="replace the results of an earlier run in --out",
-    save_every="checkpoint every K steps (0: 1000 real, 100 tiny)", log_every="log line every K steps",
-    image_every="image grid every K steps (0: with every checkpoint)", eval_pairs="held-out pairs (loss and grid)",
-)
-
-
-# The synthetic head world's masks (python -m world.build trains them so): a step there takes about 3 s on 2
-# cores, so 250 steps keep `python train.py` within 15 minutes; lr 1e-2 as on the tiny defaults, for a short run.
-WORLD_STEPS, WORLD_LR = 250, 1e-2
 
 # Flags a resumed run may change; every other one is the checkpoint's (giving a different value is an error).
 RESUME_MAY_CHANGE = ("steps", "save_every", "log_every", "image_every", "out", "resume", "overwrite")
@@ -96,7 +74,7 @@ ZERO_MEANS_DEFAULT = ("steps", "lr", "save_every", "image_every", "n_layers", "t
 
 def parse_args(argv=None, given=None):
     """The Config of this command line, every flag checked (given receives the flags set explicitly)."""
-    cfg = cli.parse_config(Config, HELP, argv, description=__doc__, given=given,
+    cfg = cli.parse_config(Config, argv, description=__doc__, given=given,
                            choices={"space": ["S", "W"], "mask": ["per-layer", "global"]})
     cli.check_flags(cfg, steps=cli.at_least(0, " (0: the default)"), batch=cli.at_least(1),
                     lr=cli.finite(0, note=" (0: the default)"), weight_decay=cli.finite(0),
@@ -128,32 +106,31 @@ def resumed_config(cfg, given):
     return new
 
 
-# --- Codes, images and supervision ----------------------------------------------------------------
+# --- Codes, images and what the losses read from them -------------------------------------------------
 
 def render(G, code, cfg):
     """A code the mask mixes (`sm.code`) -> image pooled to 256×256, as the official trainer feeds the supervision networks."""
     return cli.pooled(sm.synthesis(G, sm.code_to_s(G, code, cfg.space)))
 
 
-def supervise(A, deca, Fl, img):
-    """What the losses need of an image: DECA parameters, the posed shape and landmarks, ArcFace features."""
+def loss_inputs(A, deca, Fl, img):
+    """What the losses read from an image: DECA parameters, the posed shape and landmarks, ArcFace features."""
     p = fn.deca_params(deca, img)
     X, l = sm.shape_and_landmarks(Fl, p["shape"], p["exp"], p["pose"])
     return dict(p=p, X=X, l=l, f=fn.identity(A, img))
 
 
 def pair_loss(nets, M, cfg, src, tgt, tgt2=None):
-    """Eq. 8 for one batch: src/tgt/tgt2 carry code, image and supervision (no gradient) -> (L, terms)."""
+    """Eq. 8 for one batch: src/tgt/tgt2 carry code, image and loss inputs (no gradient) -> (L, terms)."""
     G, A, deca, Fl = nets
     kw = dict(lambda_x=cfg.lambda_x, lambda_id=cfg.lambda_id, eye=cfg.eye, mouth=cfg.mouth)
     code_r = sm.reenact(src["code"], tgt["code"], M)
-    r = supervise(A, deca, Fl, render(G, code_r, cfg))
+    r = loss_inputs(A, deca, Fl, render(G, code_r, cfg))
     X_gt, l_gt = sm.ground_truth_shape(Fl, src["p"], tgt["p"])
     L_r, terms = sm.loss_r(X_gt, r["X"], l_gt, r["l"], r["f"], src["f"], **kw)
     L_cycle = None
-    if tgt2 is not None:  # Eq. 4: reenact the source and the reenacted code with the second target
-        r1 = supervise(A, deca, Fl, render(G, sm.reenact(src["code"], tgt2["code"], M), cfg))
-        r2 = supervise(A, deca, Fl, render(G, sm.reenact(code_r, tgt2["code"], M), cfg))
+    if tgt2 is not None:  # Eq. 4-7: the source and the reenacted code, each reenacted with the second target
+        r1, r2 = (loss_inputs(A, deca, Fl, render(G, c, cfg)) for c in sm.cycle(M, src["code"], code_r, tgt2["code"]))
         X_gt2, l_gt2 = sm.ground_truth_shape(Fl, src["p"], tgt2["p"])
         L_cycle, cyc = sm.loss_cycle(X_gt2, r1["X"], r2["X"], l_gt2, r1["l"], r2["l"], src["f"], r1["f"], r2["f"],
                                      paper_id=cfg.paper_id, **kw)
@@ -163,18 +140,17 @@ def pair_loss(nets, M, cfg, src, tgt, tgt2=None):
 
 @torch.no_grad()
 def sample(nets, cfg, z):
-    """Codes, images and supervision of latents z, without gradients (the frozen part of a step)."""
+    """Codes, images and loss inputs of latents z, without gradients (the frozen part of a step)."""
     G, A, deca, Fl = nets
     code = sm.code(G, sm.mapping(G, z, truncation=cfg.truncation), cfg.space)
     img = render(G, code, cfg)
-    return dict(code=code, img=img, **supervise(A, deca, Fl, img))
+    return dict(code=code, img=img, **loss_inputs(A, deca, Fl, img))
 
 
-def draw_latents(gen, cfg, z_dim, device):
-    """Source, target and second-target latents of one step, from the run's own generator."""
-    n = 3 if cfg.cycle else 2
-    z = torch.randn(n, cfg.batch, z_dim, generator=gen).to(device)
-    return z[0], z[1], (z[2] if cfg.cycle else None)
+def draw_latents(gen, n, batch, z_dim, device):
+    """n sets of batch latents (n, batch, z_dim) from a seeded generator: a step's source, target and second
+    target, or the held-out pairs."""
+    return torch.randn(n, batch, z_dim, generator=gen).to(device)
 
 
 @torch.no_grad()
@@ -188,10 +164,7 @@ def evaluate(nets, M, cfg, held_out):
 
 def save_checkpoint(out, M, opt, step, gen, cfg):
     """Atomically write checkpoint.safetensors (everything to resume) and masknet.safetensors (weights)."""
-    state = {f"train.adam.{name}.{k}": v for name, p in M.params.items()
-             for k, v in opt.state.get(p, {}).items()}
-    state["train.step"] = torch.tensor(step)
-    state["train.rng"] = gen.get_state()
+    state = {**weights.adam_state(opt, M.params), "train.step": torch.tensor(step), "train.rng": gen.get_state()}
     weights.save((M, state), out / "checkpoint.safetensors", "checkpoint", config=json.dumps(dataclasses.asdict(cfg)),
                  step=step)
     weights.save(M, out / "masknet.safetensors", "masknet", step=step)
@@ -200,39 +173,20 @@ def save_checkpoint(out, M, opt, step, gen, cfg):
 def load_checkpoint(path, M, opt, gen):
     """Restore mask weights (in place), Adam moments, the step and the sampling RNG; returns the step."""
     saved, state = weights.read(path, "checkpoint")
-    ck = {**saved.params, **state}
-    if "train.step" not in ck or "train.rng" not in ck:
+    if "train.step" not in state or "train.rng" not in state:
         raise sm.StyleMaskError(f"{path}: mask weights only, no training state: pass a checkpoint.safetensors")
     if (saved.kind, saved.space) != (M.kind, M.space):
         raise sm.StyleMaskError(f"{path}: holds {saved.kind} masks in {saved.space}, this run trains {M.kind} masks "
                                 f"in {M.space}: same --space and --mask needed")
     for name, p in M.params.items():
-        if name not in ck or ck[name].shape != p.shape:
+        if name not in saved.params or saved.params[name].shape != p.shape:
             raise sm.StyleMaskError(f"{path}: does not match this run's mask networks ({name}); same --space, "
                                     f"--mask, --n-layers and generator needed")
         with torch.no_grad():
-            p.copy_(ck[name])
-        moments = {k: ck[f"train.adam.{name}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")
-                   if f"train.adam.{name}.{k}" in ck}
-        if moments:
-            opt.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in moments.items()}
-    gen.set_state(ck["train.rng"])
-    return int(ck["train.step"])
-
-
-def trim_log(log_path, step):
-    """Drop log lines written after the checkpoint we resume from (a killed run's lost steps)."""
-    if log_path.is_file():
-        keep = [line for line in log_path.read_text().splitlines() if _logged_step(line) <= step]
-        cli.write_text(log_path, "".join(l + "\n" for l in keep))
-
-
-def _logged_step(line):
-    """The step of a log line; a line cut short by a kill (or not JSON) counts as after every checkpoint."""
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, TypeError, AttributeError):
-        return 1 << 62
+            p.copy_(saved.params[name])
+    weights.restore_adam(opt, M.params, state)
+    gen.set_state(state["train.rng"])
+    return int(state["train.step"])
 
 
 def save_grid(path, G, M, cfg, held_out, n=4):
@@ -244,35 +198,27 @@ def save_grid(path, G, M, cfg, held_out, n=4):
 
 
 def load_nets(cfg, say=print):
-    """((G, A, deca, Fl), tiny): generator, ArcFace, DECA encoder and FLAME by weights' one default rule."""
-    nets, defaulted = weights.load_all(["generator", "arcface", "deca", "flame"], say=say, generator=cfg.generator,
-                                       arcface=cfg.arcface, deca=cfg.deca, flame=cfg.flame)
-    return tuple(nets.values()), "generator" in defaulted
+    """((G, A, deca, Fl), weights.Origin): generator, ArcFace, DECA encoder and FLAME by weights' one default rule."""
+    nets, origin = weights.load_all(["generator", "arcface", "deca", "flame"], say=say, generator=cfg.generator,
+                                    arcface=cfg.arcface, deca=cfg.deca, flame=cfg.flame)
+    return tuple(nets.values()), origin
 
 
-def resolve(cfg, G, tiny):
-    """Fill in, in place, the flags whose default depends on the networks (0, or -1 for --truncation): real
-    weights, the synthetic head world or the tiny defaults (tiny: an embedded default). -> on the world?"""
-    world = tiny and weights.embedded() == "world"
-    cfg.truncation = cli.truncation(cfg.truncation, world)
-    cfg.steps = cfg.steps or (WORLD_STEPS if world else 200 if tiny else 70000)
-    cfg.lr = cfg.lr or (WORLD_LR if world else 1e-2 if tiny else 1e-4)
-    cfg.save_every = cfg.save_every or (100 if tiny else 1000)
+def resolve(cfg, G, origin):
+    """Fill in, in place, the flags whose default depends on the networks (0, or -1 for --truncation): the
+    run defaults of their origin (`weights.Origin`: real weights, the synthetic head world or the tiny defaults)."""
+    d = origin.defaults
+    cfg.truncation = d["truncation"] if cfg.truncation == -1 else cfg.truncation
+    cfg.steps = cfg.steps or d["train_steps"]
+    cfg.lr = cfg.lr or d["train_lr"]
+    cfg.save_every = cfg.save_every or d["save_every"]
     cfg.image_every = cfg.image_every or cfg.save_every
     cfg.n_layers = cfg.n_layers or min(12, sm.n_conv_layers(sm.architecture(G)))
-    return world
 
 
 # --- The loop --------------------------------------------------------------------------------------
 
-class Stop:
-    """SIGINT / SIGTERM during training: remembered, acted on between steps (a step is never cut in half)."""
-
-    def __init__(self):
-        self.signal = None
-
-    def __call__(self, signum, frame):
-        self.signal = signum
+ORIGIN_SAID = {"world": " (the synthetic head world)", "tiny": " (TINY defaults)", "converted": ""}
 
 
 def main(argv=None):
@@ -289,11 +235,10 @@ def main(argv=None):
         cli.check_out(out, cfg.overwrite, "train.py", resume_hint=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.seed)
-    nets, tiny = load_nets(cfg)
+    nets, origin = load_nets(cfg)
     nets = tuple(cli.to_device(P, device) for P in nets)
     G = nets[0]
-    world = resolve(cfg, G, tiny)
-    origin = " (the synthetic head world)" if world else " (TINY defaults)" if tiny else ""
+    resolve(cfg, G, origin)
 
     M = cli.to_device(sm.init_mask(G, cfg.n_layers, seed=cfg.seed, kind=cfg.mask, space=cfg.space), device)
     for p in M.params.values():
@@ -306,76 +251,40 @@ def main(argv=None):
                                 f"to train further")
     z_dim = G["style.1.weight"].shape[1]
     held_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # held-out pairs, never trained on
-    held_z = torch.randn(3, cfg.eval_pairs, z_dim, generator=held_gen).to(device)
-    held_out = tuple(sample(nets, cfg, z) for z in held_z)
+    held_out = tuple(sample(nets, cfg, z) for z in draw_latents(held_gen, 3, cfg.eval_pairs, z_dim, device))
     if not cfg.cycle:
         held_out = held_out[:2] + (None,)
 
     # Everything is checked and loaded: only now is --out touched, and only under its lock.
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise sm.StyleMaskError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
-    stop = Stop()
-    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with cli.lock(out, "another train.py"):
-            cli.clean_stale(out)
-            aside = None
-            if not continuing:
-                cli.check_out(out, cfg.overwrite, "train.py", resume_hint=True)  # again: another run may have ended here
-                aside = set_aside(out)  # --overwrite: the old run waits beside until this one's first checkpoint
-            cli.mark(out, "train.py")
-            if cfg.resume:
-                trim_log(out / "log.jsonl", step)
-                print(f"resumed from {cfg.resume} at step {step}")
-            cli.write_text(out / "config.json", json.dumps(dict(dataclasses.asdict(cfg), tiny_default=tiny), indent=2)
-                           + "\n")
-            print(f"training {cfg.mask} masks in {cfg.space} over {cfg.n_layers} layers, batch {cfg.batch}, "
-                  f"steps {step}..{cfg.steps} on {device}{origin}; writing to {out}")
-            try:
-                return loop(cfg, nets, M, opt, gen, held_out, step, out, stop,
-                            on_checkpoint=lambda: aside and shutil.rmtree(aside, ignore_errors=True))
-            except BaseException:
-                if aside and aside.exists():  # no checkpoint of this run yet: the old run comes back
-                    restore(aside, out)
-                raise
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    with cli.stop_between_steps() as stop, \
+            cli.in_place(out, "train.py", cfg.overwrite, continuing, resume_hint=True) as keep:
+        if cfg.resume:
+            cli.trim_log(out / "log.jsonl", step)
+            print(f"resumed from {cfg.resume} at step {step}")
+        cli.write_text(out / "config.json", json.dumps(dict(dataclasses.asdict(cfg), origin=origin.name), indent=2)
+                       + "\n")
+        print(f"training {cfg.mask} masks in {cfg.space} over {cfg.n_layers} layers, batch {cfg.batch}, "
+              f"steps {step}..{cfg.steps} on {device}{ORIGIN_SAID[origin.name]}; writing to {out}")
+        return loop(cfg, nets, M, opt, gen, held_out, step, out, stop, on_checkpoint=keep)
 
 
-def set_aside(out):
-    """Move the files of an earlier run in out (--overwrite) into a hidden sibling folder; None if none."""
-    old = [p for p in out.iterdir() if p.name not in (".lock", cli.MARK)]
-    if not old:
-        return None
-    aside = out.parent / f".{out.name}.old{os.getpid()}"
-    aside.mkdir()
-    for p in old:
-        os.rename(p, aside / p.name)
-    return aside
-
-
-def restore(aside, out):
-    """Undo set_aside: this run's files go, the earlier run's come back."""
-    for p in out.iterdir():
-        if p.name not in (".lock", cli.MARK):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    for p in aside.iterdir():
-        os.rename(p, out / p.name)
-    aside.rmdir()
+def log(out, rec):
+    """Append one record to the run's JSONL log."""
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
 
 
 def loop(cfg, nets, M, opt, gen, held_out, step, out, stop, on_checkpoint=lambda: None):
     """Steps step..cfg.steps: Eq. 8 on fresh pairs, logs, grids and checkpoints; a signal saves and stops."""
     G, z_dim, device = nets[0], nets[0]["style.1.weight"].shape[1], nets[0]["style.1.weight"].device
+    if step == 0:  # the untrained masks' held-out loss: what training lowers
+        log(out, {"step": 0, "held_out_loss": round(evaluate(nets, M, cfg, held_out), 6)})
     running, t0 = {}, time.time()
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
     for step in bar:
-        z_s, z_t, z_t2 = draw_latents(gen, cfg, z_dim, device)
+        z_s, z_t, *z_t2 = draw_latents(gen, 3 if cfg.cycle else 2, cfg.batch, z_dim, device)
         src, tgt = sample(nets, cfg, z_s), sample(nets, cfg, z_t)
-        tgt2 = sample(nets, cfg, z_t2) if cfg.cycle else None
+        tgt2 = sample(nets, cfg, z_t2[0]) if cfg.cycle else None
         loss, terms = pair_loss(nets, M, cfg, src, tgt, tgt2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -392,8 +301,7 @@ def loop(cfg, nets, M, opt, gen, held_out, step, out, stop, on_checkpoint=lambda
                    "ms_per_step": round(1000 * (time.time() - t0) / cfg.log_every, 1)}
             if done % cfg.save_every == 0 or done == cfg.steps:
                 rec["held_out_loss"] = round(evaluate(nets, M, cfg, held_out), 6)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            log(out, rec)
             t0 = time.time()
         if done % cfg.image_every == 0 or done == cfg.steps:
             save_grid(out / f"grid_{done:06d}.png", G, M, cfg, held_out)

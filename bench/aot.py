@@ -753,11 +753,8 @@ def launch_rows(launches, models):
 
 
 def write_json(path, obj):
-    """obj as JSON at path, atomically (temp file + rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    """obj as JSON at path, atomically."""
+    cli.write_text(path, json.dumps(obj, indent=1))
 
 
 def main(argv=None):

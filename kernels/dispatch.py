@@ -50,7 +50,7 @@ def keep_freed_memory():
     touch, ~0.3 ms per MiB here, which is ~25% of a 1024×1024 synthesis on two cores. Raising malloc's
     mmap and trim thresholds keeps freed blocks in the heap for the next layer. Peak memory is unchanged
     (freed blocks are reused, not added), but the process keeps its peak heap after the call.
-    A no-op where libc is not glibc. Called by the fast CPU synthesis; STYLEMASK_FAST=0 never calls it.
+    A no-op where libc is not glibc. Called by the fast CPU `layer`; STYLEMASK_FAST=0 never calls it.
     """
     if _KEEP_FREED_MEMORY:
         return

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dispatch import fast_cpu, on_gpu, resolve
-from .modconv import (_channels_last, _modconv_triton, _pow2, demodulation, fir_act, fir_input_pad, halo_empty,
-                      modconv_cpu, modconv_ref, modulates_weights, up_conv)
+from .buffers import channels_last, halo_empty, pow2
+from .dispatch import fast_cpu, keep_freed_memory, on_gpu, resolve
+from .fir import fir_act, fir_input_pad
+from .modconv import _modconv_triton, demodulation, modconv_cpu, modconv_ref, modulates_weights, up_conv
 from .upfirdn2d import upfirdn2d, upfirdn2d_cpu, upfirdn2d_ref
 
 SQRT2 = math.sqrt(2.0)
@@ -151,7 +152,7 @@ def _torgb_kernel(
 def _torgb_triton(x, weight, s, bias, img, img_fir, clamp):
     """Check, allocate, launch `_torgb_kernel`: (B, CIN, H, W) -> the image (B, 3, H, W), contiguous."""
     B, CIN, H, W = x.shape
-    x = _channels_last(x)
+    x = channels_last(x)
     w = (weight.reshape(weight.shape[0], CIN) * (1 / math.sqrt(CIN))).float().contiguous()  # (3, CIN)
     y = torch.empty(B, 3, H, W, device=x.device, dtype=x.dtype)
     if img is not None:
@@ -161,7 +162,7 @@ def _torgb_triton(x, weight, s, bias, img, img_fir, clamp):
         f = img_fir.to(device=x.device, dtype=torch.float32).contiguous()
     else:
         f = w
-    BP, BK = (128, _pow2(CIN, 16, 32)) if on_gpu(x) else (_pow2(H * W, 16, 4096), _pow2(CIN, 16, 64))
+    BP, BK = (128, pow2(CIN, 16, 32)) if on_gpu(x) else (pow2(H * W, 16, 4096), pow2(CIN, 16, 64))
     grid = (B * triton.cdiv(H * W, BP),)
     _torgb_kernel[grid](x, w, s.contiguous(), bias.float().contiguous(), img if img is not None else y, f, y,
                         H, W, CIN, x.stride(0), x.stride(2), x.stride(3), float(clamp or 0.0),
@@ -211,7 +212,7 @@ def _conv_layer_backward(x, weight, s, bias, nz, y, up, fir, clamp, dy):
     else:
         KF = fir.shape[0]
         t = KF - 1 - fir_input_pad(fir)  # the FIR's adjoint: correlate g, padded by t and KF − t, with fir
-        gp = _channels_last(F.pad(g, [t, KF - t, t, KF - t]))
+        gp = channels_last(F.pad(g, [t, KF - t, t, KF - t]))
         dT = fir_act(gp, fir.flip([0, 1]))                        # (B, COUT, 2H + 1, 2W + 1)
         G = _modconv_triton(dT, weight.transpose(0, 1), d, stride=2)  # (B, CIN, H, W)
     ds_ = (x.float() * G.float()).sum((2, 3)) - s_.float() * ((A * d.pow(3)) @ weight.float().square().sum([2, 3]))
@@ -276,5 +277,6 @@ def layer(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength=None, c
         return _Layer.apply(x, weight, s, bias, noise_strength if noise is not None else None, img, up, fir, noise,
                             clamp, rgb, img_fir)
     if fast_cpu(x, impl):
+        keep_freed_memory()  # large activations reuse the heap instead of fresh zero-filled pages (once per process)
         return layer_cpu(x, weight, s, bias, **args)
     return layer_ref(x, weight, s, bias, **args)

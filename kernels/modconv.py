@@ -9,18 +9,20 @@ In teaching order: `modconv_ref`, the plain-PyTorch specification; `modconv_cpu`
 arranged for a CPU; `_modconv_kernel`, the Triton kernel (a channels-last implicit GEMM that modulates
 the x tile as it is loaded, with the layer's epilogue fused; the up-sampling conv as its 4 polyphase
 sub-convolutions), its tile table and launcher; the autograd Function and the public `modconv`; and
-`_fir_act_kernel`, the separable FIR that follows the up-sampling conv, with the epilogue fused. The
-fused synthesis layer built from them is kernels/layer.py.
+`up_conv`, the up-sampling conv on Triton: its phases, then the FIR with the layer's epilogue
+(kernels/fir.py). The fused synthesis layer built from them is kernels/layer.py; the buffers they share
+(channels-last, zero-bordered halos) are kernels/buffers.py.
 """
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .buffers import NHWC, channels_last, halo_empty, has_halo, pow2
 from .dispatch import fast_cpu, on_gpu, resolve
+from .fir import fir_act, fir_input
 from .upfirdn2d import upfirdn2d_ref
 
 
@@ -83,7 +85,6 @@ def modconv_ref(x, weight, s, demodulate=True, up=1, fir=None, eps=1e-8):
 #  * `gain` and `bias` fused into the weights (or s) and the convolution's bias: synthesis passes the
 #    leaky ReLU's gain √2 (lrelu(√2·z) = √2·lrelu(z)) and the layer bias, which then cost no pass.
 
-NHWC = torch.channels_last
 NHWC_MIN_PIXELS = 32 * 32  # channels-last from this input size up (equal speed at 32², see above)
 
 
@@ -346,11 +347,6 @@ def _modconv_kernel(
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _pow2(n, lo, hi):
-    """The power of two ≥ n, clipped to [lo, hi]."""
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
 def modconv_config(pixels, cin, cout, dtype, gpu=True, up=1, exact=False):
     """Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one layer class: the shape table.
 
@@ -367,18 +363,18 @@ def modconv_config(pixels, cin, cout, dtype, gpu=True, up=1, exact=False):
     interpreter costs per operation, not per element: there, few large tiles.
     """
     if not gpu:
-        return _pow2(pixels, 16, 4096), _pow2(cout, 16, 64), _pow2(cin, 16, 32), 4, 1
+        return pow2(pixels, 16, 4096), pow2(cout, 16, 64), pow2(cin, 16, 32), 4, 1
     if exact:  # exact fp32 (TF32 off): FFMA dot products, whose operands live in registers: small tiles
-        return _pow2(pixels, 16, 64), _pow2(cout, 16, 64), 8, 4, 2
+        return pow2(pixels, 16, 64), pow2(cout, 16, 64), 8, 4, 2
     if dtype == torch.float32:  # 4-byte operands: 64-channel K steps (32 for the 64-channel up-sampling
         # phases, which spill on sm_80 otherwise) and 32-channel N tiles (registers)
-        bk, bn_max = (64 if cin >= 128 or (cin >= 64 and up == 1) else _pow2(cin, 16, 32)), 32
+        bk, bn_max = (64 if cin >= 128 or (cin >= 64 and up == 1) else pow2(cin, 16, 32)), 32
     else:  # (the up-sampling phases' runtime tap decoding needs registers: 32-channel N tiles there)
-        bk, bn_max = (128, 64 if up == 1 else 32) if cin >= 128 else (_pow2(cin, 16, 64), 64)
+        bk, bn_max = (128, 64 if up == 1 else 32) if cin >= 128 else (pow2(cin, 16, 64), 64)
     stages = 2 if bk * (4 if dtype == torch.float32 else 2) >= 256 else 3
     if pixels >= 256:
-        return 256, _pow2(cout, 16, bn_max), bk, 8, stages
-    return _pow2(pixels, 16, 32), _pow2(cout, 16, 128 if dtype != torch.float32 else 64), min(bk, 64), 4, 3
+        return 256, pow2(cout, 16, bn_max), bk, 8, stages
+    return pow2(pixels, 16, 32), pow2(cout, 16, 128 if dtype != torch.float32 else 64), min(bk, 64), 4, 3
 
 
 def _precision(dtype):
@@ -398,32 +394,6 @@ def gemm_weight(weight, dtype):
     return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[1], weight.shape[0]).to(dtype).contiguous()
 
 
-def _channels_last(x):
-    return x.contiguous(memory_format=NHWC)
-
-
-# Activations between Triton layers live inside a zeroed 1-pixel border: the tensor a layer returns is the
-# interior view of a (B, C, H + 2, W + 2) channels-last buffer, so the next 3×3 conv's taps that leave the
-# image read zeros and its loop needs no spatial masks. Only buffers made here count (a registry of them).
-_HALOS = weakref.WeakValueDictionary()  # id(buffer) -> buffer
-
-
-def halo_empty(B, C, H, W, like):
-    """(B, C, H, W) channels-last activations with a zeroed 1-pixel border around them (the view's parent)."""
-    base = torch.empty(B, C, H + 2, W + 2, device=like.device, dtype=like.dtype, memory_format=NHWC)
-    base[:, :, 0], base[:, :, H + 1], base[:, :, :, 0], base[:, :, :, W + 1] = 0, 0, 0, 0
-    _HALOS[id(base)] = base
-    return base[:, :, 1:H + 1, 1:W + 1]
-
-
-def has_halo(x):
-    """True when x is the interior of a `halo_empty` buffer (so its 1-pixel border is zero)."""
-    b = x._base
-    return (b is not None and _HALOS.get(id(b)) is b and b.shape[:2] == x.shape[:2]
-            and b.shape[2:] == (x.shape[2] + 2, x.shape[3] + 2) and x.stride() == b.stride()
-            and x.storage_offset() == b.storage_offset() + b.stride(2) + b.stride(3))
-
-
 def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None, act=False, clamp=None, stride=1,
                     halo_out=False):
     """Check, allocate, launch `_modconv_kernel`: gain-free modconv with an optional fused epilogue.
@@ -439,7 +409,7 @@ def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None,
     COUT, _, K, _ = weight.shape
     halo = stride == 2 or (K == 3 and has_halo(x))  # (a stride-2 conv without padding never leaves x)
     if not has_halo(x):
-        x = _channels_last(x)
+        x = channels_last(x)
     s = s.to(x.dtype).contiguous()
     wg = gemm_weight(weight, x.dtype)
     if up == 1:
@@ -494,25 +464,6 @@ class _ModConv(torch.autograd.Function):
         return tuple(next(grads) if t.requires_grad else None for t in inputs) + (None, None, None)
 
 
-def fir_input_pad(fir):
-    """p0: the top/left zero border of the FIR input after the 3×3 transposed conv (1 for the 4-tap blur)."""
-    return (fir.shape[0] - 4 + 1) // 2 + 1
-
-
-def fir_input(B, C, TH, TW, fir, like):
-    """(P, p0): the channels-last FIR input for a (TH, TW) transposed-conv result, its border zeroed.
-
-    The [1,3,3,1] low-pass after the transposed conv pads T by p0 = p1 = (kf − 2 − (3 − 1) + 1)//2 + 1
-    (modconv_ref's padding, 1 for kf = 4); only the border is written here, the phases fill the rest.
-    """
-    p0 = fir_input_pad(fir)
-    p1 = fir.shape[0] - 2 - p0
-    P = torch.empty(B, C, TH + p0 + p1, TW + p0 + p1, device=like.device, dtype=like.dtype, memory_format=NHWC)
-    P[:, :, :p0], P[:, :, P.shape[2] - p1:] = 0, 0
-    P[:, :, :, :p0], P[:, :, :, P.shape[3] - p1:] = 0, 0
-    return P, p0
-
-
 def modconv(x, weight, s, demodulate=True, up=1, fir=None, impl="auto"):
     """Modulated convolution; see `modconv_ref` for the math and shapes (kernels/dispatch.py picks the code)."""
     if resolve(x, impl) == "triton":
@@ -524,180 +475,6 @@ def modconv(x, weight, s, demodulate=True, up=1, fir=None, impl="auto"):
     if fast_cpu(x, impl):
         return modconv_cpu(x, weight, s, demodulate=demodulate, up=up, fir=fir)
     return modconv_ref(x, weight, s, demodulate=demodulate, up=up, fir=fir)
-
-
-# --- Triton FIR with the layer's epilogue ---------------------------------------------------------
-# StyleGAN2's blur is separable ([1,3,3,1] ⊗ [1,3,3,1]): a program filters rows first, then columns, streaming
-# the KF + ROWS − 1 input rows its ROWS output rows need once (each input row is loaded KF times, shifted,
-# for the row filter; its result feeds up to KF output rows). Per output ~(KF·(ROWS + KF − 1)/ROWS + KF)
-# FMAs and (ROWS + KF − 1)·KF/ROWS loads instead of KF² of each. Filters that are not rank one run the
-# direct KF×KF loop (SEPARABLE=False).
-
-@triton.jit
-def _fir_epilogue(acc, n_ptr, bias_ptr, y_ptr, b, oy, ox, c, ok, OW, snb, syb, syh, syw, clamp,
-                  NOISE: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr):
-    """+ noise, + bias, leaky ReLU · √2, clamp, store: the layer's epilogue on one (pixels, channels) tile."""
-    if NOISE:
-        acc = acc + tl.load(n_ptr + b * snb + oy * OW + ox, mask=ok, other=0.0).to(tl.float32)[:, None]
-    if BIAS:
-        acc = acc + tl.load(bias_ptr + c, mask=c >= 0, other=0.0).to(tl.float32)[None, :]
-    if ACT:
-        acc = tl.where(acc > 0, acc, acc * 0.2) * 1.4142135623730951
-    if CLAMP:
-        acc = tl.minimum(tl.maximum(acc, -clamp), clamp)
-    y = y_ptr + b.to(tl.int64) * syb + (oy * syh + ox * syw)[:, None] + c[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=tl.broadcast_to(ok[:, None], acc.shape))
-
-
-@triton.jit
-def _fir_row(src, spw, h0, h1, h2, h3, ok, KF: tl.constexpr):
-    """Σ_j h_j · P[row, ox + j] for one input row (src: its (pixels, channels) pointers at tap 0), fp32."""
-    r = tl.load(src, mask=ok, other=0.0).to(tl.float32) * h0
-    r += tl.load(src + spw, mask=ok, other=0.0).to(tl.float32) * h1
-    if KF > 2:
-        r += tl.load(src + 2 * spw, mask=ok, other=0.0).to(tl.float32) * h2
-    if KF > 3:
-        r += tl.load(src + 3 * spw, mask=ok, other=0.0).to(tl.float32) * h3
-    return r
-
-
-@triton.jit
-def _fir_act_kernel(
-    p_ptr,                   # FIR input P (B, PH, PW, C), channels-last, zero-bordered
-    f_ptr,                   # filter (KF, KF), fp32, contiguous; a true convolution (used flipped)
-    fv_ptr, fh_ptr,          # (KF,) fp32: its factors, f = fv ⊗ fh (read only if SEPARABLE)
-    n_ptr,                   # noise (NB, OH, OW), times its strength (read only if NOISE)
-    bias_ptr,                # (C,) bias (read only if BIAS)
-    y_ptr,                   # output (B, OH, OW, C), channels-last
-    OH, OW, C,
-    spb, sph, spw,           # strides of P
-    syb, syh, syw,           # strides of y
-    snb,                     # batch stride of the noise (0: shared)
-    clamp,
-    KF: tl.constexpr, SEPARABLE: tl.constexpr, NOISE: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr,
-    CLAMP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # Grid (B · cdiv(OH, 4) · cdiv(OW, BLOCK_W), cdiv(C, BLOCK_C)): program (b, row block, column block, tc)
-    # writes 4 output rows × BLOCK_W pixels × BLOCK_C channels. C must be a multiple of BLOCK_C (the launcher
-    # picks it so): channel loads are unmasked 16-byte vectors.
-    tiles_w = tl.cdiv(OW, BLOCK_W)
-    tiles_h = tl.cdiv(OH, 4)
-    pid = tl.program_id(0)
-    b = pid // (tiles_h * tiles_w)
-    oy0 = (pid // tiles_w) % tiles_h * 4
-    ox = (pid % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)               # (BLOCK_W,)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)              # (BLOCK_C,)
-    x_ok = ox < OW
-    src = p_ptr + b.to(tl.int64) * spb + oy0 * sph + (ox * spw)[:, None] + c[None, :]  # row oy0, tap 0
-    ld = tl.broadcast_to(x_ok[:, None], (BLOCK_W, BLOCK_C))
-    yy = oy0 + tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.int32)  # (row tests as tensors: the interpreter
-    yw = oy0 + tl.zeros((BLOCK_W,), dtype=tl.int32)           #  cannot mask with tensor & scalar)
-    if SEPARABLE:  # flipped factors: the convolution meets tap i with f[KF − 1 − i]
-        h0 = tl.load(fh_ptr + KF - 1)
-        h1 = tl.load(fh_ptr + KF - 2)
-        h2 = tl.load(fh_ptr + (KF - 3 if KF > 2 else 0))
-        h3 = tl.load(fh_ptr + (KF - 4 if KF > 3 else 0))
-        v0 = tl.load(fv_ptr + KF - 1)
-        v1 = tl.load(fv_ptr + KF - 2)
-        v2 = tl.load(fv_ptr + (KF - 3 if KF > 2 else 0))
-        v3 = tl.load(fv_ptr + (KF - 4 if KF > 3 else 0))
-        # input row oy0 + k feeds output row oy0 + r with vertical tap k − r (0 ≤ k − r < KF)
-        r = _fir_row(src, spw, h0, h1, h2, h3, ld & (yy < OH + KF - 1), KF)
-        a0 = r * v0
-        r = _fir_row(src + sph, spw, h0, h1, h2, h3, ld & (yy + 1 < OH + KF - 1), KF)
-        a0 += r * v1
-        a1 = r * v0
-        r = _fir_row(src + 2 * sph, spw, h0, h1, h2, h3, ld & (yy + 2 < OH + KF - 1), KF)
-        if KF > 2:
-            a0 += r * v2
-        a1 += r * v1
-        a2 = r * v0
-        r = _fir_row(src + 3 * sph, spw, h0, h1, h2, h3, ld & (yy + 3 < OH + KF - 1), KF)
-        if KF > 3:
-            a0 += r * v3
-        if KF > 2:
-            a1 += r * v2
-        a2 += r * v1
-        a3 = r * v0
-        r = _fir_row(src + 4 * sph, spw, h0, h1, h2, h3, ld & (yy + 4 < OH + KF - 1), KF)
-        if KF > 3:
-            a1 += r * v3
-        if KF > 2:
-            a2 += r * v2
-        a3 += r * v1
-        if KF > 2:
-            r = _fir_row(src + 5 * sph, spw, h0, h1, h2, h3, ld & (yy + 5 < OH + KF - 1), KF)
-            if KF > 3:
-                a2 += r * v3
-            a3 += r * v2
-        if KF > 3:
-            r = _fir_row(src + 6 * sph, spw, h0, h1, h2, h3, ld & (yy + 6 < OH + KF - 1), KF)
-            a3 += r * v3
-    else:
-        a0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        a1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        a2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        a3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        for i in tl.static_range(KF):
-            for j in tl.static_range(KF):
-                tap = tl.load(f_ptr + (KF - 1 - i) * KF + (KF - 1 - j))
-                a0 += tl.load(src + i * sph + j * spw, mask=ld & (yy < OH), other=0.0).to(tl.float32) * tap
-                a1 += tl.load(src + (i + 1) * sph + j * spw, mask=ld & (yy + 1 < OH), other=0.0).to(tl.float32) * tap
-                a2 += tl.load(src + (i + 2) * sph + j * spw, mask=ld & (yy + 2 < OH), other=0.0).to(tl.float32) * tap
-                a3 += tl.load(src + (i + 3) * sph + j * spw, mask=ld & (yy + 3 < OH), other=0.0).to(tl.float32) * tap
-    _fir_epilogue(a0, n_ptr, bias_ptr, y_ptr, b, oy0, ox, c, x_ok & (yw < OH), OW, snb, syb, syh, syw, clamp,
-                  NOISE, BIAS, ACT, CLAMP)
-    _fir_epilogue(a1, n_ptr, bias_ptr, y_ptr, b, oy0 + 1, ox, c, x_ok & (yw + 1 < OH), OW, snb, syb, syh, syw,
-                  clamp, NOISE, BIAS, ACT, CLAMP)
-    _fir_epilogue(a2, n_ptr, bias_ptr, y_ptr, b, oy0 + 2, ox, c, x_ok & (yw + 2 < OH), OW, snb, syb, syh, syw,
-                  clamp, NOISE, BIAS, ACT, CLAMP)
-    _fir_epilogue(a3, n_ptr, bias_ptr, y_ptr, b, oy0 + 3, ox, c, x_ok & (yw + 3 < OH), OW, snb, syb, syh, syw,
-                  clamp, NOISE, BIAS, ACT, CLAMP)
-
-
-_SEPARABLE = {}  # id(filter) -> (weak reference to it, its version, (fv, fh) or None)
-
-
-def separable(fir):
-    """(fv, fh) with fir = outer(fv, fh) (fp32), or None when fir is not rank one; checked once per filter tensor
-    (StyleGAN2's blur is [1,3,3,1] ⊗ [1,3,3,1]: the check is a single host sync per filter, then cached)."""
-    hit = _SEPARABLE.get(id(fir))
-    if hit is not None and hit[0]() is fir and hit[1] == fir._version:
-        return hit[2]
-    f = fir.detach().float()
-    out = None
-    if fir.device.type != "meta" and f.shape[0] >= 2 and f[0, 0].item() > 0:
-        fh = f[0] / f[0, 0].sqrt()
-        fv = f[:, 0] / f[0, 0].sqrt()
-        if torch.allclose(torch.outer(fv, fh), f, rtol=1e-6, atol=1e-7):
-            out = (fv.contiguous(), fh.contiguous())
-    elif fir.device.type == "meta":  # planning (bench/aot.py): StyleGAN2's blur is separable
-        out = (f[:, 0].contiguous(), f[0].contiguous())
-    _SEPARABLE[id(fir)] = (weakref.ref(fir), fir._version, out)
-    return out
-
-
-def fir_act(P, fir, noise=None, bias=None, act=False, clamp=None, halo_out=False):
-    """P (B, C, PH, PW) channels-last -> FIR(P) (B, C, PH − kf + 1, PW − kf + 1) (+ noise, bias, act, clamp);
-    halo_out: the result is a `halo_empty` view."""
-    B, C, PH, PW = P.shape
-    KF = fir.shape[0]
-    OH, OW = PH - KF + 1, PW - KF + 1
-    y = (halo_empty(B, C, OH, OW, P) if halo_out else
-         torch.empty(B, C, OH, OW, device=P.device, dtype=P.dtype, memory_format=NHWC))
-    f = fir.to(device=P.device, dtype=torch.float32).contiguous()
-    sep = separable(fir) if KF <= 4 else None
-    fv, fh = (t.to(P.device) for t in sep) if sep is not None else (f, f)
-    nz = noise.to(P.dtype).contiguous() if noise is not None else None
-    BC = math.gcd(C, 64 if on_gpu(P) else 128)  # a divisor of C: unmasked channel vectors
-    BW = 32 if on_gpu(P) else _pow2(OW, 16, 256)
-    grid = (B * triton.cdiv(OH, 4) * triton.cdiv(OW, BW), C // BC)
-    _fir_act_kernel[grid](P, f, fv, fh, nz if nz is not None else f, bias if bias is not None else f, y, OH, OW, C,
-                          P.stride(0), P.stride(2), P.stride(3), y.stride(0), y.stride(2), y.stride(3),
-                          nz.stride(0) if nz is not None and nz.shape[0] > 1 else 0, float(clamp or 0.0),
-                          KF=KF, SEPARABLE=sep is not None, NOISE=nz is not None, BIAS=bias is not None,
-                          ACT=bool(act), CLAMP=clamp is not None, BLOCK_W=BW, BLOCK_C=BC, num_warps=4)
-    return y
 
 
 def up_conv(x, weight, s, d, fir, **epilogue):

@@ -1,6 +1,8 @@
 """reenact.py end to end on the tiny defaults: alpha's properties against Eq. 1 written here, the images it
 writes against renders computed here, frame sequences (folders, videos) with skipped frames counted, and
 the one-line errors. FFHQ alignment on a photo shipped with scikit-image, when dlib and skimage are installed."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,8 @@ def test_default_run_is_a_generated_pair_on_the_tiny_defaults(G, tmp_path, capsy
     assert reenact.main(["--out", str(tmp_path / "o"), "--size", "64"]) == 0
     said = capsys.readouterr().out
     assert "TINY defaults" in said and "UNTRAINED" in said
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["origin"] == "tiny" and config["truncation"] == 0.7  # the tiny origin's default psi, recorded
     w_s, w_t = reenact.seeded_w(G, 0, 0.7), reenact.seeded_w(G, 1, 0.7)
     s_s, s_t = sm.styles(G, w_s), sm.styles(G, w_t)
     rea = sm.synthesis(G, sm.reenact(s_s, s_t, sm.init_mask(G, seed=0)))

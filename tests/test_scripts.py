@@ -64,7 +64,7 @@ def test_resume_continues_the_checkpoints_run_in_its_folder_with_its_flags(tmp_p
     assert snapshot(default) == before  # the default folder is not touched
     cfg = json.loads((x / "config.json").read_text())
     assert cfg["batch"] == 2 and cfg["steps"] == 3 and cfg["log_every"] == 1  # the checkpoint's flags
-    assert [r["step"] for r in log(x)] == [1, 2, 3]
+    assert [r["step"] for r in log(x)] == [0, 1, 2, 3]  # 0: the untrained masks' held-out loss
 
 
 def test_resume_refuses_a_flag_that_contradicts_the_run(tmp_path, capsys):
@@ -86,7 +86,7 @@ def test_a_new_run_never_writes_into_a_finished_one(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "--overwrite" in err and "--resume" in err
     assert snapshot(x) == before
     assert train.main(TRAIN + ["--batch", "1", "--steps", "1", "--out", str(x), "--overwrite"]) == 0
-    assert [r["step"] for r in log(x)] == [1] and not (x / "grid_000002.png").exists()  # replaced, not appended
+    assert [r["step"] for r in log(x)] == [0, 1] and not (x / "grid_000002.png").exists()  # replaced, not appended
 
 
 def test_a_failed_eval_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch):
@@ -207,9 +207,9 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_is_exact(sig, tmp_path,
     assert train.main(flags + ["--out", str(straight)]) == 0
     calls, pair_loss = [], train.pair_loss
 
-    def signalled(*args, **kwargs):  # the signal arrives in the middle of the second step
-        calls.append(1)
-        if len(calls) == 2:
+    def signalled(*args, **kwargs):  # the signal arrives in the middle of the second step (the first call is the
+        calls.append(1)               # untrained masks' held-out loss, before step 1)
+        if len(calls) == 3:
             signal.raise_signal(sig)
         return pair_loss(*args, **kwargs)
     monkeypatch.setattr(train, "pair_loss", signalled)
@@ -221,7 +221,7 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_is_exact(sig, tmp_path,
     monkeypatch.setattr(train, "pair_loss", pair_loss)
     assert train.main(["--resume", str(split / "checkpoint.safetensors")]) == 0
     a, b = log(straight), log(split)
-    assert [r["step"] for r in b] == [1, 2, 3, 4] and [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4] and [r.get("loss") for r in a] == [r.get("loss") for r in b]
     (Ma, sa), (Mb, sb) = (weights.read(d / "checkpoint.safetensors", "checkpoint") for d in (straight, split))
     assert all(torch.equal(Ma.params[k], Mb.params[k]) for k in Ma.params)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -515,7 +515,7 @@ def test_resume_survives_a_cut_log_line_and_rejects_overwrite(tmp_path, capsys):
     code, err = run(train, ["--resume", str(x / "checkpoint.safetensors"), "--steps", "3", "--overwrite"], capsys)
     assert code == 2 and "--overwrite with --resume" in err
     assert train.main(["--resume", str(x / "checkpoint.safetensors"), "--steps", "3", "--lr", "0"]) == 0  # 0: its own
-    assert [r["step"] for r in log(x)] == [1, 2, 3]
+    assert [r["step"] for r in log(x)] == [0, 1, 2, 3]  # 0: the untrained masks' held-out loss
 
 
 def test_converter_destinations_and_sources_that_cannot_be(tmp_path, capsys):

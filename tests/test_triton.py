@@ -139,15 +139,19 @@ def test_torgb_layer_triton_matches_reference(seed, B, cin, H, skip, clamp):
 
 
 @given(seed=st.integers(0, 2**16), B=st.integers(1, 2), C=st.sampled_from([1, 3, 8, 24]), H=st.integers(1, 9),
-       W=st.integers(1, 9), kf=st.integers(2, 4), rank_one=st.booleans())
-@example(seed=0, B=2, C=8, H=9, W=7, kf=4, rank_one=True)  # the blur of an up-sampling layer (separable path)
-def test_fir_act_matches_upfirdn2d_ref(seed, B, C, H, W, kf, rank_one):
-    """The up-sampling layer's FIR kernel, separable (rows then columns) and direct, against upfirdn2d_ref."""
+       W=st.integers(1, 9), kf=st.integers(2, 4), rank_one=st.booleans(), epilogue=st.booleans())
+@example(seed=0, B=2, C=8, H=9, W=7, kf=4, rank_one=True, epilogue=True)  # an up-sampling layer: blur + epilogue
+def test_fir_act_matches_its_reference(seed, B, C, H, W, kf, rank_one, epilogue):
+    """The up-sampling layer's FIR kernel, separable (rows then columns) and direct, with and without the fused
+    epilogue (noise, bias, leaky ReLU · √2, clamp), against fir_act_ref (upfirdn2d_ref, then the epilogue)."""
+    fir = sys.modules["kernels.fir"]
     g = torch.Generator().manual_seed(seed)
     f = torch.outer(_rand(g, kf), _rand(g, kf)).abs() if rank_one else _rand(g, kf, kf)
     P = _rand(g, B, C, H + kf - 1, W + kf - 1).contiguous(memory_format=torch.channels_last)
-    fir_act = sys.modules["kernels.modconv"].fir_act
-    assert_close(fir_act(P, f), upfirdn2d_ref(P, f), rtol=1e-4, atol=1e-4)
+    kw = dict(noise=_rand(g, B, H, W), bias=_rand(g, C), act=True, clamp=0.5) if epilogue else {}
+    assert_close(fir.fir_act(P, f, **kw), fir.fir_act_ref(P, f, **kw), rtol=1e-4, atol=1e-4)
+    if not epilogue:
+        assert_close(fir.fir_act_ref(P, f), upfirdn2d_ref(P, f), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cin, mid, up", [(8, 8, 1), (8, 16, 2), (5, 4, 2), (16, 4, 1)])
@@ -161,7 +165,7 @@ def test_stacked_layers_triton_match_reference(cin, mid, up):
     out = {}
     for name, layer, kw in (("triton", kernels.layer, dict(impl="triton")), ("ref", kernels.layer_ref, {})):
         h = layer(x, w1, s1, b1, **kw)
-        assert name == "ref" or sys.modules["kernels.modconv"].has_halo(h)
+        assert name == "ref" or sys.modules["kernels.buffers"].has_halo(h)
         y = layer(h, w2, s2, b2, up=up, fir=BLUR.to(DEVICE), **kw)
         ramp = torch.linspace(-1, 1, y.numel(), device=DEVICE).view(y.shape)
         out[name] = (y,) + torch.autograd.grad((y * ramp).sum(), (x, s2))

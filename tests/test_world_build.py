@@ -1,6 +1,7 @@
-"""python -m world.build, a few steps of every training stage: it writes files of the right kinds, a second
-run with the same flags resumes (finds every stage done) and ends with the same networks, and bad flags
-are one-line errors."""
+"""python build_world.py, a few steps of every training stage: it writes files of the right kinds, a second
+run with the same flags resumes (finds every stage done) and ends with the same networks, an installed
+world becomes every script's default, and bad flags are one-line errors. One quick build serves the
+tests that need one."""
 import json
 import math
 
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import weights
-from world import build
+import build_world as build
 
 
 def _tensors(work):
@@ -17,12 +18,27 @@ def _tensors(work):
     return {name: load_file(str(work / name)) for name in build.FILES.values()}
 
 
+QUICK = ["--quick", "--stages", "generator,encoders,adapt,masks,install"]
+
+
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory):
+    """(work folder, installed world folder) of one quick build, installed into a scratch weights/world/."""
+    root = tmp_path_factory.mktemp("quick")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(build, "WORLD", root / "world")
+    mp.setattr(weights, "WORLD", root / "world")
+    mp.setattr(weights, "DIR", root / "no-weights")
+    mp.setenv("STYLEMASK_DEFAULT", "world")
+    assert weights.embedded() == "tiny"  # nothing installed yet
+    assert build.main(QUICK + ["--work", str(root / "w")]) == 0
+    yield root / "w", root / "world"
+    mp.undo()
+
+
 @pytest.mark.slow
-def test_quick_build_writes_the_world_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setattr(build, "WORLD", tmp_path / "never-installed")
-    work = tmp_path / "w"
-    args = ["--quick", "--work", str(work), "--no-install", "--stages", "generator,encoders,adapt,masks"]
-    assert build.main(args) == 0
+def test_quick_build_writes_the_world_and_resumes(quick_world):
+    work, world = quick_world
     trained, _, step = build.fit.load(work / "encoders.ckpt.safetensors")
     adapted, _, a_step = build.fit.load(work / "adapt.ckpt.safetensors")
     assert (step, a_step) == (10, 4) and not torch.equal(trained["deca.layers.2.weight"], adapted["deca.layers.2.weight"])
@@ -30,6 +46,7 @@ def test_quick_build_writes_the_world_and_resumes(tmp_path, monkeypatch):
     assert torch.equal(shipped["layers.2.weight"], adapted["deca.layers.2.weight"].half().float())
     for kind, name in build.FILES.items():
         weights.read(work / name, kind)  # complete and of its kind
+        assert (world / name).read_bytes() == (work / name).read_bytes()  # installed as built
     G = weights.read(work / "generator.safetensors", "generator")
     assert G["conv1.conv.weight"].shape[1] == build.generator.ARCH["channels"][4]
     phase1, _, g_step = build.fit.load(work / "generator.ckpt.safetensors")
@@ -38,37 +55,33 @@ def test_quick_build_writes_the_world_and_resumes(tmp_path, monkeypatch):
     assert torch.equal(G["convs.4.conv.weight"], phase2["convs.4.conv.weight"].half().float())
     assert not torch.equal(phase1["convs.4.conv.weight"], phase2["convs.4.conv.weight"])
     first = _tensors(work)
-    assert build.main(args) == 0  # everything is done: nothing trains again, the files are the same
+    assert build.main(QUICK + ["--work", str(work)]) == 0  # everything is done: nothing trains again, the same files
     again = _tensors(work)
     assert all(torch.equal(first[n][k], again[n][k]) for n in first for k in first[n])
-    assert not (tmp_path / "never-installed").exists()
 
 
 @pytest.mark.slow
-def test_an_installed_world_becomes_every_scripts_default(tmp_path, monkeypatch, capsys):
-    """A quick world installed into a scratch weights/world/: eval.py and train.py pick it up with no flags,
-    say so, run at truncation 1, and eval.py adds the ground-truth table."""
+def test_an_installed_world_becomes_every_scripts_default(quick_world, tmp_path, capsys):
+    """The quick world installed: eval.py and train.py pick it up with no flags, say so, run with the run
+    defaults the build recorded (truncation 1, its mask steps and rate), and eval.py adds the ground-truth table."""
     import eval as evaluation
     import train
-    world = tmp_path / "world"
-    monkeypatch.setattr(build, "WORLD", world)
-    monkeypatch.setattr(weights, "WORLD", world)
-    monkeypatch.setattr(weights, "DIR", tmp_path / "no-weights")
-    monkeypatch.setenv("STYLEMASK_DEFAULT", "world")
-    assert weights.embedded() == "tiny"  # nothing installed yet
-    assert build.main(["--quick", "--work", str(tmp_path / "w"), "--stages", "generator,encoders,masks,install"]) == 0
-    assert weights.embedded() == "world" and (world / "manifest.json").is_file()
+    _, world = quick_world
+    assert weights.embedded() == "world"
+    recorded = json.loads((world / "manifest.json").read_text())["defaults"]
+    assert recorded["train_steps"] == 4 and recorded["truncation"] == 1.0  # --quick: 4 mask steps
     capsys.readouterr()
     assert evaluation.main(["--pairs", "4", "--out", str(tmp_path / "e")]) == 0
     out = capsys.readouterr().out
     assert "SYNTHETIC HEAD WORLD" in out and "Ground truth" in out and "truncation 1.0" in out
-    rows = json.loads((tmp_path / "e" / "results.json").read_text())["results"]
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    rows = results["results"]
+    assert results["settings"]["origin"] == "world"
     assert all(math.isfinite(rows[m]["pose_gt"]) for m in rows) and set(rows) >= {"StyleMask", "source", "target"}
-    assert train.main(["--steps", "1", "--batch", "2", "--eval-pairs", "2", "--out", str(tmp_path / "t")]) == 0
+    assert train.main(["--batch", "2", "--eval-pairs", "2", "--out", str(tmp_path / "t")]) == 0
     config = json.loads((tmp_path / "t" / "config.json").read_text())
-    assert config["truncation"] == 1.0 and config["n_layers"] == 9 and config["lr"] == train.WORLD_LR
-    monkeypatch.setenv("STYLEMASK_DEFAULT", "tiny")
-    assert weights.embedded() == "tiny"
+    assert (config["truncation"], config["n_layers"], config["lr"], config["steps"]) == (1.0, 9, recorded["train_lr"], 4)
+    assert config["origin"] == "world"
 
 
 def test_bad_flags_are_one_line_errors(tmp_path, capsys):

@@ -1,7 +1,8 @@
-"""world.fit: Adam against torch.optim.Adam, and a run killed at a checkpoint that resumes to exactly the
-parameters of an uninterrupted run (data drawn from the step, moments and step restored)."""
+"""world.fit: a run killed at a checkpoint resumes to exactly the parameters of an uninterrupted run (data drawn
+from the step, torch.optim.Adam's moments and the step restored from a checkpoint written through weights)."""
 import torch
 
+import weights
 from world import fit
 
 
@@ -19,19 +20,6 @@ def _job(steps, every=2):
     return fit.Job("toy", P, {"w": 0.3, "b": 0.3}, batch, loss, steps, every=every)
 
 
-def test_adam_matches_torch_optim():
-    P = {"w": torch.randn(5, generator=torch.Generator().manual_seed(0))}
-    ref = P["w"].clone().requires_grad_(True)
-    opt = torch.optim.Adam([ref], lr=0.01, betas=(0.5, 0.9))
-    state = {"m.w": torch.zeros(5), "v.w": torch.zeros(5)}
-    for step in range(5):
-        g = torch.randn(5, generator=torch.Generator().manual_seed(step + 1))
-        fit.adam(P, {"w": g}, state, {"w": 0.01}, step, (0.5, 0.9))
-        ref.grad = g.clone()
-        opt.step()
-    assert torch.allclose(P["w"], ref.detach(), atol=1e-6)
-
-
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     whole = fit.fit(_job(7), tmp_path / "a", workers=0, say=lambda *_: None)
     fit.fit(_job(4), tmp_path / "b", workers=0, say=lambda *_: None)   # "killed" after its step-4 checkpoint
@@ -41,6 +29,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     for k in whole:
         assert torch.equal(whole[k], resumed[k])
     assert (whole["w"] - torch.tensor([1.0, -2.0, 0.5])).abs().max() < 1.0  # it learns
+    assert weights.header(tmp_path / "b" / "toy.ckpt.safetensors", "fit")["step"] == "7"  # a file of its kind
     lines = (tmp_path / "b" / "toy.log").read_text().splitlines()
     assert [int(l.split(",")[0].split(":")[1]) for l in lines] == [0]  # one line per 10 steps, none repeated
 

@@ -14,7 +14,7 @@ import train
 import weights
 
 if not (weights.WORLD / "manifest.json").is_file():
-    pytest.skip("the synthetic head world is not installed in weights/world/ (python -m world.build installs it)",
+    pytest.skip("the synthetic head world is not installed in weights/world/ (python build_world.py installs it)",
                 allow_module_level=True)
 MANIFEST = json.loads((weights.WORLD / "manifest.json").read_text())
 
@@ -31,10 +31,20 @@ def test_shipped_files_match_their_recorded_hashes():
         assert hashlib.sha256((weights.WORLD / name).read_bytes()).hexdigest() == digest, name
 
 
+def test_the_shipped_flame_is_the_heads(world):
+    """weights/world/flame.safetensors is world.head's FLAME, tensor for tensor (weights reads the file, never
+    the world's code)."""
+    from world import head
+    shipped, built = weights.read(weights.WORLD / "flame.safetensors", "flame"), head.flame_head()
+    assert shipped.keys() == built.keys()
+    assert all(shipped[k].dtype == built[k].dtype and torch.equal(shipped[k], built[k]) for k in built)
+
+
 def test_the_world_is_every_scripts_default(world):
     said = []
-    nets, defaulted = weights.load_all(["generator", "masknet", "arcface", "deca", "flame"], say=said.append)
-    assert defaulted == {"generator", "masknet", "arcface", "deca", "flame"} and weights.embedded() == "world"
+    nets, origin = weights.load_all(["generator", "masknet", "arcface", "deca", "flame"], say=said.append)
+    assert origin.name == "world" and origin.defaulted == {"generator", "masknet", "arcface", "deca", "flame"}
+    assert origin.defaults == MANIFEST["defaults"] and said[-1] == origin.note
     assert sm.architecture(nets["generator"])["resolution"] == 64 and len(nets["masknet"].dims) == 9
     assert any("synthetic head world" in s for s in said)
     assert all(v.dtype == torch.float32 for v in nets["generator"].values() if v.is_floating_point())
@@ -68,7 +78,7 @@ def _pose_and_identity(nets, M, z_s, z_t):
 def test_a_short_training_run_learns_to_transfer_pose(world, tmp_path):
     out = tmp_path / "run"
     assert train.main(["--steps", "40", "--batch", "4", "--no-cycle", "--eval-pairs", "4", "--out", str(out)]) == 0
-    nets, tiny = train.load_nets(train.parse_args([]), say=lambda *_: None)
+    nets, _ = train.load_nets(train.parse_args([]), say=lambda *_: None)
     g = torch.Generator().manual_seed(123)
     z_s, z_t = torch.randn(2, 32, sm.architecture(nets[0])["z_dim"], generator=g)
     before = _pose_and_identity(nets, sm.init_mask(nets[0], 9), z_s, z_t)

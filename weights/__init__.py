@@ -2,16 +2,20 @@
 
     load(kind, path=None, say=print) -> (params, is_default)
         The default rule, the same for every network and script: an explicit path (it must exist),
-        else weights/<kind>.safetensors, else the embedded default (`weights.defaults`), said out loud.
-    load_all(kinds, say=print, **paths) -> (nets, defaulted)
-        Several kinds by that rule, all converted files or all embedded defaults, never a silent mix.
+        else weights/<kind>.safetensors, else the embedded default (the synthetic head world in
+        weights/world/, or the tiny stand-ins of `weights.defaults`), said out loud.
+    load_all(kinds, say=print, **paths) -> (nets, Origin)
+        Several kinds by that rule, all converted files or all embedded defaults, never a silent mix, and
+        the run's origin: converted | world | tiny, its one-line announcement and its run defaults.
     read(path, kind) / save(params, path, kind, **meta) / header(path, kind)
         One safetensors file, checked fully against its kind's layout (`weights.layout`); its metadata.
-    find(name, path=None), DIR, KINDS, convert_command(kind)
-        The rule for other files (eval's expression ranges), where defaults live, the kinds, and the
-        command that makes a kind's file.
+    find(name, path=None), DIR, KINDS, convert_command(kind), path_flag(kind)
+        The rule for other files (eval's expression ranges), where defaults live, the kinds, the
+        command that makes a kind's file, and a script's flag for a kind's path.
+    adam_state(opt, params) / restore_adam(opt, params, state)
+        A torch.optim.Adam's moments as a checkpoint's tensors and back (train.py, world.fit).
 
-A file's kind is stated in its safetensors metadata (`stylemask`: generator, masknet, checkpoint,
+A file's kind is stated in its safetensors metadata (`stylemask`: generator, masknet, checkpoint, fit,
 flame, arcface, deca, e4e, inception), never guessed from its tensor names; mask files also state the
 mask's kind, space and layer widths. Mask networks travel as `sm.Masks`, the others as flat dicts.
 Official checkpoints become such files with `python -m weights.convert` (weights/convert.py, the one
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import stylemask as sm
 from fid import FID_WEIGHTS
 from stylemask import StyleMaskError
@@ -44,6 +49,7 @@ KINDS = {
     "masknet": Kind("masknet.safetensors", "StyleMask mask networks", layout.check_mask,
                     defaults.tiny_mask, "mask_network_1024.pt {path}"),
     "checkpoint": Kind(None, "a train.py checkpoint", layout.check_mask, None, None),
+    "fit": Kind(None, "a training checkpoint of the world's build (world.fit)", layout.check_fit, None, None),
     "flame": Kind("flame.safetensors", "a FLAME model", layout.check_flame, defaults.tiny_flame,
                   "generic_model.pkl {path} --landmarks landmark_embedding.npy"),
     "arcface": Kind("arcface.safetensors", "an ArcFace IR-SE network", layout.check_arcface,
@@ -57,6 +63,13 @@ KINDS = {
 PRETRAINED = ("generator", "arcface", "deca", "flame", "e4e")  # all converted or all embedded defaults
 
 
+def path_flag(kind):
+    """A script Config's field for the path of a network of this kind (--generator, --mask, ...), its help
+    written once, here: the default rule it follows."""
+    k = KINDS[kind]
+    return cli.flag("", f"{k.what} .safetensors (empty: weights/{k.file}, else the embedded default)")
+
+
 def convert_command(kind, path=None):
     """The command that makes the file of this kind from its official checkpoint."""
     return "python -m weights.convert " + KINDS[kind].source.format(path=path or DIR / KINDS[kind].file)
@@ -67,7 +80,8 @@ def convert_command(kind, path=None):
 def save(params, path, kind, **meta):
     """Write params of this kind to a safetensors file atomically, the kind and its description in the header.
 
-    masknet: params is an sm.Masks. checkpoint: params is (sm.Masks, training-state tensors).
+    masknet: params is an sm.Masks. checkpoint: params is (sm.Masks, training-state tensors). fit: params is
+    (a network's tensors, training-state tensors), the network's stored under "p.".
     """
     header = {"stylemask": kind, **{k: str(v) for k, v in meta.items()}}
     tensors = params
@@ -75,20 +89,17 @@ def save(params, path, kind, **meta):
         M, state = (params, {}) if kind == "masknet" else params
         header.update(mask_kind=M.kind, mask_space=M.space, ctrl_dims=json.dumps(list(M.dims)))
         tensors = {**M.params, **state}
+    elif kind == "fit":
+        P, state = params
+        tensors = {**{f"p.{k}": v for k, v in P.items()}, **state}
     elif kind == "generator":
         header["arch"] = json.dumps(sm.architecture(params))
     from safetensors.torch import save_file
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with cli.atomic(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
     except Exception as e:  # OSError, or safetensors' own error for an unwritable path
         raise StyleMaskError(f"{path}: cannot write it ({e})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _missing(path, kind):
@@ -191,14 +202,32 @@ def read(path, kind, device="cpu"):
                              f"python -m weights.convert") from None
     found = _file_kind(meta, tensors)
     _check_kind(path, found, kind)
-    params = tensors
+    params, state = tensors, {}
     if found in ("masknet", "checkpoint"):
         params, state = _masks(path, meta, tensors)
+    elif found == "fit":
+        params = {k[2:]: v for k, v in tensors.items() if k.startswith("p.")}
+        state = {k: v for k, v in tensors.items() if k.startswith("train.")}
     try:
         KINDS[kind].check(params)
     except StyleMaskError as e:
         raise StyleMaskError(f"{path}: {e}") from None
-    return (params, state) if kind == "checkpoint" else params
+    return (params, state) if kind in ("checkpoint", "fit") else params
+
+
+def adam_state(opt, params):
+    """A torch.optim.Adam's state of the named tensors params ({name: tensor}) as a checkpoint's training-state
+    tensors: train.adam.<name>.<step | exp_avg | exp_avg_sq>."""
+    return {f"train.adam.{name}.{k}": v for name, p in params.items() for k, v in opt.state.get(p, {}).items()}
+
+
+def restore_adam(opt, params, state):
+    """Put the moments of `adam_state` back into opt, for the named tensors params (the ones it optimises)."""
+    for name, p in params.items():
+        moments = {k: state[f"train.adam.{name}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")
+                   if f"train.adam.{name}.{k}" in state}
+        if moments:
+            opt.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in moments.items()}
 
 
 # --- The default rule -----------------------------------------------------------------------------------
@@ -217,10 +246,48 @@ def find(name, path=None, hint=""):
     return p if p.is_file() else None
 
 
-# --- The embedded defaults: the synthetic head world, or the tiny random networks ----------------------------
+# --- The run's origin: converted weights, the synthetic head world, or the tiny stand-ins ----------------
 
-WORLD = DIR / "world"  # the built world (python -m world.build): trained generator, masks, ArcFace, DECA
-WORLD_KINDS = ("generator", "masknet", "arcface", "deca")  # FLAME is built from code (world.head); e4e is tiny
+WORLD = DIR / "world"  # the built world (python build_world.py): its networks, FLAME and manifest.json
+WORLD_KINDS = ("generator", "masknet", "arcface", "deca", "flame")  # its e4e is the tiny one, sized for its generator
+
+Origin = namedtuple("Origin", "name note defaults defaulted")
+Origin.__doc__ = """Where a run's networks come from, the one place that says so. name: 'converted' (official
+weights converted into weights/, or files given by flag), 'world' (the synthetic head world, weights/world/)
+or 'tiny' (seeded random stand-ins, `weights.defaults`: a pipeline check); note: the one line that announces
+it; defaults: the run defaults that depend on it (`run_defaults`); defaulted: the kinds taken from an
+embedded default (the rest came from files)."""
+
+# The run defaults by origin. Real weights: the paper's and the official scripts'. The tiny stand-ins: short
+# runs that still move the masks visibly (Adam moves each weight by about lr per step). The world's are data
+# in weights/world/manifest.json, written by the build that trained its masks with them (so that a plain
+# `python train.py` there reproduces the shipped masks).
+RUN_DEFAULTS = {
+    "converted": dict(truncation=0.7,      # the official trainer.py and evaluation
+                      train_steps=70000,   # Sect. IV-A
+                      train_lr=1e-4,       # Sect. IV-A, run_trainer.py
+                      save_every=1000,     # run_trainer.py
+                      eval_pairs=5000,     # Table I (the ablations use 2000)
+                      range_samples=2000),  # extract_statistics.py
+    "tiny": dict(truncation=0.7, train_steps=200, train_lr=1e-2, save_every=100, eval_pairs=32, range_samples=64),
+}
+
+
+def run_defaults(name):
+    """The run defaults of an origin (RUN_DEFAULTS; the world's from its manifest.json)."""
+    if name != "world":
+        return dict(RUN_DEFAULTS[name])
+    path = WORLD / "manifest.json"
+    try:
+        found = json.loads(path.read_text())["defaults"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise StyleMaskError(f"{path}: no run defaults in it; rebuild the world (python build_world.py) or set "
+                             f"STYLEMASK_DEFAULT=tiny") from None
+    missing = set(RUN_DEFAULTS["tiny"]) - set(found)
+    if missing:
+        raise StyleMaskError(f"{path}: its run defaults lack {', '.join(sorted(missing))}; rebuild the world "
+                             f"(python build_world.py)")
+    return found
 
 
 def embedded():
@@ -229,27 +296,23 @@ def embedded():
     choice = os.environ.get("STYLEMASK_DEFAULT", "world")
     if choice not in ("world", "tiny"):
         raise StyleMaskError(f"STYLEMASK_DEFAULT={choice!r}: must be 'world' or 'tiny'")
-    if choice == "world" and all((WORLD / KINDS[k].file).is_file() for k in WORLD_KINDS):
-        return "world"
-    return "tiny"
+    files = [WORLD / "manifest.json"] + [WORLD / KINDS[k].file for k in WORLD_KINDS]
+    return "world" if choice == "world" and all(f.is_file() for f in files) else "tiny"
 
 
-def default(kind):
-    """The embedded default parameters of a kind (see `embedded`)."""
-    if embedded() == "world":
-        if kind in WORLD_KINDS:
-            return read(WORLD / KINDS[kind].file, kind)
-        if kind == "flame":
-            from world.head import flame_head
-            return flame_head()
-        if kind == "e4e":
-            return defaults.tiny_e4e(G=read(WORLD / KINDS["generator"].file, "generator"))
+def default(kind, name):
+    """The embedded default parameters of a kind for the embedded origin name ('world' or 'tiny')."""
+    if name == "world" and kind in WORLD_KINDS:
+        return read(WORLD / KINDS[kind].file, kind)
+    if name == "world" and kind == "e4e":
+        return defaults.tiny_e4e(G=read(WORLD / KINDS["generator"].file, "generator"))
     return KINDS[kind].default()
 
 
-def load(kind, path=None, say=print):
+def load(kind, path=None, say=print, origin=None):
     """(params, is_default): the file at path; with no path weights/<kind>.safetensors; else the embedded
-    default, said out loud. Kinds without a default (inception) give (None, True) with a note."""
+    default of origin ('world' or 'tiny'; None: `embedded()`), said out loud. Kinds without a default
+    (inception) give (None, True) with a note."""
     k = KINDS[kind]
     if path:  # asked for by name: it must be there
         return read(path, kind), False
@@ -262,62 +325,76 @@ def load(kind, path=None, say=print):
         say(f"note: {p} not found: {k.what} has no embedded default (random weights would give meaningless "
             f"numbers), so {k.needed_for} is not computed. To compute it: {convert_command(kind)}")
         return None, True
-    if embedded() == "world":
+    origin = origin or embedded()
+    if origin == "world":
         say(f"note: {p} not found: using the synthetic head world's {k.what} ({WORLD}; not faces). "
             f"For real weights: {convert_command(kind)}")
     else:
         say(f"note: {p} not found: using the TINY random default (a pipeline check, not a face model). "
             f"For real weights: {convert_command(kind)}")
-    return default(kind), True
+    return default(kind, origin), True
 
 
-def load_all(kinds, say=print, tiny=None, **paths):
-    """({kind: params}, defaulted kinds): each kind by the default rule, the networks of PRETRAINED all from
-    converted files or all embedded defaults (real faces scored by random networks, or the reverse, would
-    mean nothing). With converted networks, mask networks and e4e must be converted too (no default fits
-    them); masks must fit the generator. tiny: the origin already chosen by networks loaded earlier
-    (True: tiny defaults, False: converted), for kinds loaded later on (reenact.py's e4e, on first use)."""
+def _announce(name, kinds, defaulted):
+    """The one line that says where a run's networks come from."""
+    if name == "converted":
+        return f"networks: converted weights ({DIR}, or the files given)"
+    if name == "world":
+        return (f"note: no converted weights in weights/: using the synthetic head world ({WORLD}: a generator of "
+                f"rendered heads, its trained mask networks, ArcFace and DECA encoders; python build_world.py). It "
+                f"shows the method on a known toy world; real faces need the official weights (weights/README.md).")
+    untrained = ", UNTRAINED mask networks" if "masknet" in defaulted else ""
+    nets_said = ", ".join(k for k in kinds if k in PRETRAINED)
+    return (f"note: no converted weights in weights/: using the TINY defaults (random {nets_said}{untrained}). "
+            f"This checks the pipeline; it says nothing about faces. See weights/README.md.")
+
+
+def load_all(kinds, say=print, origin=None, **paths):
+    """({kind: params}, Origin): each kind by the default rule, the networks of PRETRAINED all from converted
+    files or all embedded defaults (real faces scored by random networks, or the reverse, would mean nothing),
+    the origin announced once (said when it comes from an embedded default, or from converted files). With
+    converted networks, mask networks and e4e must be converted too (no default fits them); masks must fit the
+    generator. origin: the Origin of networks loaded earlier, for kinds loaded later on (reenact.py's e4e, on
+    first use); it is not announced again."""
     for kind in kinds:
         if paths.get(kind) and not Path(paths[kind]).is_file():
             flag = "--mask" if kind == "masknet" else f"--{kind}"
             raise StyleMaskError(f"{_missing(paths[kind], kind)} ({flag})")
-    group = [k for k in kinds if k in PRETRAINED and k != "e4e"]  # e4e: like the generator, told by tiny
+    group = [k for k in kinds if k in PRETRAINED and k != "e4e"]  # e4e: like the generator, told by the origin
     found = {k: bool(paths.get(k)) or (DIR / KINDS[k].file).is_file() for k in group}
-    if tiny is not None:
-        found["the networks loaded before"] = not tiny
+    if origin is not None:
+        found["the networks loaded before"] = origin.name == "converted"
     if any(found.values()) and not all(found.values()):
         have = ", ".join(k for k, v in found.items() if v)
         lack = ", ".join(f"weights/{KINDS[k].file}" if k in KINDS else k for k, v in found.items() if not v)
         raise StyleMaskError(f"converted weights found for {have} but not {lack}: convert all of "
-                             f"{', '.join(group)} (see weights/README.md), or none for the tiny defaults")
-    tiny = not any(found.values())
-    quiet = (lambda *_: None) if tiny else say
+                             f"{', '.join(group)} (see weights/README.md), or none for the embedded defaults")
+    name = origin.name if origin is not None else "converted" if any(found.values()) else embedded()
+    converted = name == "converted"
+    quiet = say if converted else (lambda *_: None)
     nets, defaulted = {}, set()
     for kind in kinds:
         if kind in ("masknet", "e4e"):
             present = find(KINDS[kind].file, paths.get(kind))
-            if not tiny and not present:
+            if converted and not present:
                 how = "or pass --mask" if kind == "masknet" else f"or pass --{kind}"
-                raise StyleMaskError(f"{DIR / KINDS[kind].file} not found: the converted generator needs its own "
-                                     f"{KINDS[kind].what} ({convert_command(kind)}) {how}")
-            if tiny and present and kind == "e4e":
-                raise StyleMaskError(f"{present}: a converted e4e encoder, but the generator is the tiny default "
+                raise StyleMaskError(f"{DIR / KINDS[kind].file} not found: the converted generator needs "
+                                     f"{KINDS[kind].what} of its own ({convert_command(kind)}) {how}")
+            if not converted and present and kind == "e4e":
+                raise StyleMaskError(f"{present}: a converted e4e encoder, but the generator is the {name} default "
                                      f"({DIR / KINDS['generator'].file} not found): convert the generator too")
-        nets[kind], is_default = load(kind, paths.get(kind), say=say if kind == "inception" else quiet)
+        nets[kind], is_default = load(kind, paths.get(kind), say=say if kind == "inception" else quiet,
+                                      origin=None if converted else name)
         if is_default:
             defaulted.add(kind)
     if "masknet" in nets and "generator" in nets:
-        why = (f" (the generator is the tiny default: {DIR / KINDS['generator'].file} not found)"
+        why = (f" (the generator is the {name} default: {DIR / KINDS['generator'].file} not found)"
                if "generator" in defaulted else "")
         check_fits(nets["masknet"], "masknet", nets["generator"], paths.get("masknet") or DIR / KINDS["masknet"].file,
                    why)
-    if tiny and defaulted - {"inception"} and embedded() == "world":
-        say(f"note: no converted weights in weights/: using the synthetic head world ({WORLD}: a generator of "
-            f"rendered heads, its trained mask networks, ArcFace and DECA encoders; python -m world.build). It "
-            f"shows the method on a known toy world; real faces need the official weights (weights/README.md).")
-    elif tiny and defaulted - {"inception"}:
-        untrained = ", UNTRAINED mask networks" if "masknet" in defaulted else ""
-        nets_said = ", ".join(k for k in group + (["e4e"] if "e4e" in kinds else []))
-        say(f"note: no converted weights in weights/: using the TINY defaults (random {nets_said}{untrained}). "
-            f"This checks the pipeline; it says nothing about faces. See weights/README.md.")
-    return nets, defaulted
+    if origin is not None:
+        return nets, origin._replace(defaulted=origin.defaulted | defaulted)
+    origin = Origin(name, _announce(name, kinds, defaulted), run_defaults(name), frozenset(defaulted))
+    if converted or defaulted - {"inception"}:
+        say(origin.note)
+    return nets, origin

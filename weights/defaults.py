@@ -55,7 +55,7 @@ def tiny_mask(seed=0):
 
 # --- FLAME ---------------------------------------------------------------------------------------------
 
-def _face_layout_68():
+def face_layout_68():
     """iBUG-68 landmark positions on a unit face (x right, y up): jaw, brows, nose, eyes, lips."""
     pts = [(math.sin(a) * 1.0, -math.cos(a) * 0.9 + 0.1) for a in torch.linspace(-2.0, 2.0, 17).tolist()]  # 0–16 jaw
     pts += [(x, 0.55) for x in (-0.8, -0.65, -0.5, -0.35, -0.2)] + [(x, 0.55) for x in (0.2, 0.35, 0.5, 0.65, 0.8)]
@@ -102,7 +102,7 @@ def tiny_flame(seed=0):
             return 2 * (i * n_lon + j), torch.tensor([1 - s - t, s, t])
         return 2 * (i * n_lon + j) + 1, torch.tensor([1 - t, s + t - 1, 1 - s])
 
-    pts = _face_layout_68()
+    pts = face_layout_68()
     static = [on_face(x, y) for x, y in pts[17:]]
     rows = []
     for r in range(79):  # DECA's table: rows 0..39 for yaw 0..39°, rows 40..78 for yaw −1..−39°
@@ -167,7 +167,7 @@ def _calibration_images(size, seed):
     return torch.cat(imgs)
 
 
-def _random_params(shapes, gen):
+def random_params(shapes, gen):
     """Random weights for the shapes: He-normal convs and linears, PReLU 0.25, mildly random BatchNorms."""
     P = {}
     for k, shape in shapes.items():
@@ -191,7 +191,7 @@ def tiny_arcface(seed=0):
     The last BatchNorm1d gets the statistics of the features of 48 random images, so features are
     centred and different images get clearly different unit vectors (cosine well below 1).
     """
-    A = _random_params(arcface_shapes(ARCFACE_ARCHS["tiny"]), torch.Generator().manual_seed(seed))
+    A = random_params(arcface_shapes(ARCFACE_ARCHS["tiny"]), torch.Generator().manual_seed(seed))
     with torch.no_grad():
         x = bn(A, "output_layer.0", arcface_trunk(A, _calibration_images(ARCFACE_SIZE, seed + 1))).flatten(1)
         h = F.linear(x, A["output_layer.3.weight"], A["output_layer.3.bias"])  # (48, 512) before the BN1d
@@ -210,7 +210,7 @@ def tiny_deca(seed=0):
     sits at the centre of TINY_DECA_RANGES and spans its half-width; head pose thus stays well inside
     ±0.3 rad and shape/exp inside ±1 on typical inputs (checked on the tiny generator's images in the tests).
     """
-    P = _random_params(deca_shapes(DECA_ARCHS["tiny"]), torch.Generator().manual_seed(seed))
+    P = random_params(deca_shapes(DECA_ARCHS["tiny"]), torch.Generator().manual_seed(seed))
     with torch.no_grad():
         code = deca_encode(P, (_calibration_images(DECA_SIZE, seed + 1) + 1) / 2)  # (48, 236)
     centre, half = [], []
@@ -237,7 +237,7 @@ def tiny_e4e(seed=0, G=None):
     G = tiny_generator() if G is None else G
     arch = dict(E4E_ARCHS["tiny"], w_dim=sm.architecture(G)["w_dim"], n_styles=sm.n_ws(G))
     gen = torch.Generator().manual_seed(seed)
-    E = _random_params({k: v for k, v in e4e_shapes(arch).items() if k != "latent_avg"}, gen)
+    E = random_params({k: v for k, v in e4e_shapes(arch).items() if k != "latent_avg"}, gen)
     for i in range(arch["n_styles"]):  # EqualLinear's weights are N(0, 1), its scale is applied at run time
         E[f"styles.{i}.linear.weight"] = torch.randn(arch["w_dim"], arch["w_dim"], generator=gen)
     E["latent_avg"] = torch.zeros(arch["w_dim"])

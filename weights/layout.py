@@ -277,3 +277,9 @@ def check_inception(I):
     if "Conv2d_1a_3x3.conv.weight" not in I:
         raise StyleMaskError("not the FID Inception-v3: no Conv2d_1a_3x3.* tensors")
     check_exact(I, inception_shapes(), "FID Inception-v3")
+
+
+def check_fit(P):
+    """Raise StyleMaskError unless P is a network's tensors of a world.fit checkpoint: named, none empty."""
+    if not P:
+        raise StyleMaskError("a training checkpoint without parameters: it is damaged; delete it to retrain that stage")

@@ -12,8 +12,9 @@ the scripts' default is a world where everything is known. Its parts, in the ord
     encoders   a DECA E_flame and an ArcFace IR-SE network, trained on renders with exact labels
     fit        the resumable training loop they share
     quality    the quality gates: encoder, identity verification, generator fidelity
-    build      `python -m world.build`: all of it, then the mask networks with train.py's own loop,
-               installed into weights/world/ as every script's default
+
+A library below the scripts: `python build_world.py` (the top-level script) trains all of it, then the mask
+networks with train.py's own loop, and installs them into weights/world/ as every script's default.
 
 The world shows the method on rendered heads; it says nothing about real faces, which need the official
 weights (weights/README.md).

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import facenets as fn
 import stylemask as sm
-from weights.defaults import _random_params
+from weights.defaults import random_params
 from weights.layout import arcface_shapes, deca_shapes
 from world import fit, head, sample
 
@@ -32,7 +32,7 @@ N_ID = len(head.SHAPE) + len(head.APPEARANCE)
 def _init(shapes, seed):
     """Random He-initialised convs and linears; BatchNorms as torch initialises them (scale 1, shift 0,
     running mean 0, variance 1)."""
-    P = _random_params(shapes, torch.Generator().manual_seed(seed))
+    P = random_params(shapes, torch.Generator().manual_seed(seed))
     for k in P:
         if k.endswith("running_mean") or k.endswith(".bias") and k.replace(".bias", ".running_mean") in P:
             P[k] = torch.zeros_like(P[k])

@@ -4,19 +4,21 @@ in a worker process, a progress bar, and a checkpoint that a killed run resumes 
 A network is trained by `fit(...)` from a `Job`: its parameters, which of them train (and at which
 learning rate), a `batch(step)` function that draws the step's data from the seed and the step alone (so
 the data of a resumed run is the data the uninterrupted run would have seen), and a `loss(P, batch)`
-function. The checkpoint holds the parameters, Adam's moments and the step, in one safetensors file
-written atomically (write, then rename), so a run killed at any moment resumes from its last checkpoint
-and ends bit for bit where an uninterrupted run ends.
+function. The optimiser is torch.optim.Adam (one parameter group per trained tensor, for its own rate).
+The checkpoint holds the parameters, Adam's moments and the step, in one parameter file of kind "fit"
+(`weights.save`: written atomically, its kind in its header), so a run killed at any moment resumes from
+its last checkpoint and ends bit for bit where an uninterrupted run ends.
 """
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+
+import cli
+import weights
 
 
 @dataclass
@@ -53,37 +55,24 @@ def batches(batch, start, stop, workers=1):
                                             prefetch_factor=4, persistent_workers=False))
 
 
-def save(path, P, state, step):
-    """Write a checkpoint atomically: P's tensors, Adam's moments (m.*, v.*) and the step."""
-    tensors = {f"p.{k}": v.detach().contiguous() for k, v in P.items()}
-    tensors.update({k: v.contiguous() for k, v in state.items()})
-    tmp = Path(str(path) + ".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step)})
-    os.replace(tmp, path)
+def save(path, P, opt, trained, step):
+    """Write a checkpoint atomically: P's tensors, Adam's moments of the trained ones and the step."""
+    state = {**weights.adam_state(opt, trained), "train.step": torch.tensor(step)}
+    weights.save((P, state), path, "fit", step=step)
 
 
 def load(path):
-    """(P, state, step) of a checkpoint written by `save`."""
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        step = int(f.metadata()["step"])
-    t = load_file(str(path))
-    P = {k[2:]: v for k, v in t.items() if k.startswith("p.")}
-    state = {k: v for k, v in t.items() if not k.startswith("p.")}
-    return P, state, step
+    """(P, state, step) of a checkpoint written by `save` (state: `weights.adam_state`'s tensors)."""
+    P, state = weights.read(path, "fit")
+    return P, state, int(state["train.step"])
 
 
-def adam(P, grads, state, lr, step, betas, eps=1e-8):
-    """One Adam step (bias-corrected, no weight decay) on the tensors named in lr, in place."""
-    b1, b2 = betas
-    with torch.no_grad():
-        for k, rate in lr.items():
-            g = grads[k]
-            m, v = state[f"m.{k}"], state[f"v.{k}"]
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v / (1 - b2 ** (step + 1))).sqrt_().add_(eps)
-            P[k].addcdiv_(m, denom, value=-rate / (1 - b1 ** (step + 1)))
+def adam(P, job):
+    """torch.optim.Adam over the trained tensors of P, one parameter group per tensor at its own rate
+    (no weight decay); -> (optimiser, {name: tensor} of the trained tensors)."""
+    trained = {k: P[k] for k in job.lr}
+    opt = torch.optim.Adam([{"params": [P[k]], "lr": r} for k, r in job.lr.items()], betas=job.betas, eps=1e-8)
+    return opt, trained
 
 
 def fit(job, work, workers=1, say=print, position=None):
@@ -93,17 +82,14 @@ def fit(job, work, workers=1, say=print, position=None):
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     ckpt, log_path = work / f"{job.name}.ckpt.safetensors", work / f"{job.name}.log"
-    P = job.P
-    state = {f"{m}.{k}": torch.zeros_like(P[k]) for k in job.lr for m in ("m", "v")}
-    start = 0
+    P, start, state = job.P, 0, {}
     if ckpt.is_file():
         saved, state, start = load(ckpt)
         P.update(saved)
         say(f"{job.name}: resuming at step {start} from {ckpt}")
-    kept = []
-    if log_path.is_file():  # lines past the checkpoint belong to the lost part of an interrupted run
-        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] < start]
-    log_path.write_text("".join(line + "\n" for line in kept))
+    opt, trained = adam(P, job)
+    weights.restore_adam(opt, trained, state)
+    cli.trim_log(log_path, start - 1)  # lines past the checkpoint belong to the lost part of an interrupted run
     names = list(job.lr)
     bar = tqdm(range(start, job.steps), initial=start, total=job.steps, desc=job.name, unit="step",
                dynamic_ncols=True, position=position)
@@ -119,11 +105,15 @@ def fit(job, work, workers=1, say=print, position=None):
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{job.name}: the loss is {loss.item()} at step {step}")
             f = job.decay(step)
-            adam(P, dict(zip(names, grads)), state, {k: r * f for k, r in job.lr.items()}, step, job.betas)
+            for group, k, g in zip(opt.param_groups, names, grads):
+                group["lr"], P[k].grad = job.lr[k] * f, g
+            opt.step()
+            for k in names:
+                P[k].grad = None
             if step % 10 == 0:
                 log.write(json.dumps({"step": step, "loss": loss.item(), **logs}) + "\n")
                 log.flush()
                 bar.set_postfix({k: f"{v:.3g}" for k, v in [("loss", loss.item()), *logs.items()]})
             if (step + 1) % job.every == 0 or step + 1 == job.steps:
-                save(ckpt, P, state, step + 1)
+                save(ckpt, P, opt, trained, step + 1)
     return P

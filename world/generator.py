@@ -17,7 +17,7 @@ parameters. So, as in the real StyleGAN2 on faces (coarse layers hold pose, fine
 layer controls one kind of attribute; the mask networks must find which (ideal m: 1 on the pose and
 expression layers, 0 on the others), and the ToRGB layers, which StyleMask never mixes, carry identity.
 
-Runs as a stage of `python -m world.build`; the architecture is `ARCH`, the result a generator file in
+Runs as a stage of `python build_world.py`; the architecture is `ARCH`, the result a generator file in
 the official layout (rosinality's names), with the noise strengths 0.
 """
 import math

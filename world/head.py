@@ -211,7 +211,7 @@ def flame_head(dtype=torch.float32):
     (300 shape + 100 expression columns) and 68-landmark embedding with a yaw-dependent jaw contour of
     `weights.defaults.tiny_flame`, so `stylemask.flame` / `project` and the losses run on it unchanged."""
     X, faces, S, E, lat, lon = head_model()
-    pts = defaults._face_layout_68()
+    pts = defaults.face_layout_68()
     to_sphere = lambda x, y: (D(35) * y + D(5), D(50) * x)  # noqa: E731  unit-face coordinates -> (lat, lon)
     static = [_on_face(*to_sphere(x, y)) for x, y in pts[17:]]
     rows = []  # DECA's table: rows 0..39 for yaw 0..39°, rows 40..78 for yaw −1..−39°

@@ -1,9 +1,9 @@
 """Build the synthetic head world: train its generator, its 3DMM encoder and identity network on its renders,
 then StyleMask's mask networks with train.py's own loop, and install them as the repository's default.
 
-    python -m world.build                      # the whole build (about 1 h 40 min on 2 CPU cores), resumable
-    python -m world.build --stages report      # the quality gates of the installed world only
-    python -m world.build --quick --work /tmp/w --no-install    # a few steps of everything (tests)
+    python build_world.py                      # the whole build (about 1 h 40 min on 2 CPU cores), resumable
+    python build_world.py --stages report      # the quality gates of the installed world only
+    python build_world.py --quick --work /tmp/w --no-install    # a few steps of everything (tests)
 
 The generator and the encoders train at the same time (a process each), the generator then its expression
 phase (`generator.expression_job`, part of the generator stage); `adapt` then trains the encoders
@@ -13,9 +13,12 @@ and ends with the same networks as an uninterrupted one (the data of every step 
 the step). A work folder holding checkpoints of another build (other training flags, or a changed head,
 renderer or sampler: `world_fingerprint`) is refused rather than resumed: each stage's checkpoint is
 checked against the flags it depends on, so after changing only --mask-steps, deleting work/masks retrains
-the masks alone. `install` copies the trained networks (fp16) into weights/world/ with their SHA-256 in
-weights/world/manifest.json; `report` prints the quality gates (quality.py) and eval.py's reenactment gates,
-and stores them there too.
+the masks alone. `install` copies the trained networks (fp16) and the head's FLAME into weights/world/, with
+their SHA-256 and the run defaults the masks were trained with (so that a plain `python train.py` there
+repeats the build's mask training) in weights/world/manifest.json; `report` prints the quality gates
+(world/quality.py) and eval.py's reenactment gates, and stores them there too.
+
+A script, like train.py and eval.py (it runs both): the world itself (world/) is a library below them.
 """
 import dataclasses
 import hashlib
@@ -23,64 +26,69 @@ import json
 import multiprocessing
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import cli
+import eval as evaluation
+import train
 import weights
+from cli import flag
 from stylemask import StyleMaskError
 from world import encoders, fit, generator, head, quality, sample
 
-WORLD = Path(weights.__file__).resolve().parent / "world"   # the installed world: the default networks
+WORLD = weights.WORLD   # the installed world: the default networks
 STAGES = ("generator", "encoders", "adapt", "masks", "install", "report")
 FILES = {"generator": "generator.safetensors", "deca": "deca.safetensors", "arcface": "arcface.safetensors",
-         "masknet": "masknet.safetensors"}
+         "masknet": "masknet.safetensors", "flame": "flame.safetensors"}
 
 
 @dataclass
 class Config:
-    work: str = "runs/world"     # checkpoints and the built files, before they are installed
-    stages: str = ",".join(STAGES)
-    seed: int = 0
-    gen_steps: int = 12000       # generator: batches of 16
-    expr_steps: int = 8000       # generator's expression phase: batches of 8 pairs
-    enc_steps: int = 3000        # E_flame and ArcFace: batches of 32
-    adapt_steps: int = 800       # E_flame and ArcFace on renders and generated images: batches of 32
-    mask_steps: int = 0          # mask networks (train.py, batches of 6); 0: train.py's default on the world
-    mask_lr: float = 0.0         # 0: train.py's default on the world
-    quick: bool = False          # a few steps of every stage (tests): the result is not a usable world
-    install: bool = True         # write the result into weights/world/ (the default networks)
+    work: str = flag("runs/world", "folder for checkpoints and built files, before they are installed (resumed if "
+                                   "it holds this build)")
+    stages: str = flag(",".join(STAGES), f"comma-separated stages to run, of {', '.join(STAGES)}")
+    seed: int = flag(0, "seed of the whole build")
+    gen_steps: int = flag(12000, "generator training steps (batches of 16)")
+    expr_steps: int = flag(8000, "steps of the generator's expression phase, on pairs of heads differing in "
+                                 "expression alone (batches of 8 pairs; 0: none)")
+    enc_steps: int = flag(3000, "E_flame and ArcFace training steps on renders (batches of 32)")
+    adapt_steps: int = flag(800, "steps adapting the encoders to the generator's images (half renders, half "
+                                 "generated; batches of 32)")
+    # A mask step on the world takes about 3 s on 2 cores: 250 keep `python train.py` within 15 minutes, at the
+    # tiny defaults' lr for a short run. Installed as train.py's defaults on the world (manifest.json).
+    mask_steps: int = flag(250, "mask training steps (train.py, batches of 6)")
+    mask_lr: float = flag(1e-2, "mask learning rate")
+    quick: bool = flag(False, "a few steps of every stage, to check the build (the result is not a usable world)")
+    install: bool = flag(True, "install the built networks into weights/world/ (the defaults of every script)")
 
 
-HELP = dict(work="folder for checkpoints and built files (resumed if it holds a build)",
-            stages=f"comma-separated stages to run, of {', '.join(STAGES)}", seed="seed of the whole build",
-            gen_steps="generator training steps",
-            expr_steps="steps of the generator's expression phase, on pairs of heads differing in expression alone "
-                       "(0: none)",
-            enc_steps="encoder training steps",
-            adapt_steps="steps adapting the encoders to the generator's images (half renders, half generated)",
-            mask_steps="mask training steps (0: train.py's default on the world, so that python train.py reproduces "
-                       "the shipped masks)", mask_lr="mask learning rate (0: train.py's default on the world)",
-            quick="a few steps of every stage, to check the build (not a usable world)",
-            install="install the built networks into weights/world/ (the defaults of every script)")
+MASK_SAVE_EVERY, EVAL_PAIRS = 100, 64  # the masks' checkpoint interval; the pairs of the report's eval.py
 
 
 def parse_args(argv=None):
-    cfg = cli.parse_config(Config, HELP, argv, description=__doc__)
+    cfg = cli.parse_config(Config, argv, description=__doc__)
     cli.check_flags(cfg, seed=cli.at_least(0), gen_steps=cli.at_least(1), expr_steps=cli.at_least(0),
-                    enc_steps=cli.at_least(1), adapt_steps=cli.at_least(0), mask_steps=cli.at_least(0),
+                    enc_steps=cli.at_least(1), adapt_steps=cli.at_least(0), mask_steps=cli.at_least(1),
                     mask_lr=cli.finite(0))
     bad = [s for s in cfg.stages.split(",") if s not in STAGES]
     if bad:
         raise StyleMaskError(f"--stages: unknown stage {bad[0]!r}; stages are {', '.join(STAGES)}")
-    import train
-    cfg.mask_steps, cfg.mask_lr = cfg.mask_steps or train.WORLD_STEPS, cfg.mask_lr or train.WORLD_LR
     if cfg.quick:
         cfg.gen_steps, cfg.expr_steps, cfg.enc_steps, cfg.adapt_steps, cfg.mask_steps = min(cfg.gen_steps, 20), \
             min(cfg.expr_steps, 4), min(cfg.enc_steps, 10), min(cfg.adapt_steps, 4), min(cfg.mask_steps, 4)
     return cfg
+
+
+def run_defaults(cfg):
+    """train.py's and eval.py's defaults on this world (`weights.Origin`): the masks' training as this build ran
+    it, untruncated latents (the generator was trained on every latent, each naming a known head), the
+    report's pairs."""
+    return dict(truncation=1.0, train_steps=cfg.mask_steps, train_lr=cfg.mask_lr,
+                save_every=min(MASK_SAVE_EVERY, cfg.mask_steps), eval_pairs=EVAL_PAIRS, range_samples=64)
 
 
 def sha256(path):
@@ -144,7 +152,7 @@ def train_generator(cfg, work, position=None):
         torch.set_num_threads(1)
         G = fit.fit(generator.expression_job(G, cfg.expr_steps, cfg.seed), work, position=position)
     weights.save(_half(generator.finish(G, cfg.seed)), work / FILES["generator"], "generator",
-                 world=f"python -m world.build, {cfg.gen_steps} steps and {cfg.expr_steps} of expression pairs, "
+                 world=f"python build_world.py, {cfg.gen_steps} steps and {cfg.expr_steps} of expression pairs, "
                        f"seed {cfg.seed}")
 
 
@@ -157,7 +165,7 @@ def train_encoders(cfg, work, position=None):
 def save_encoders(cfg, work, P, what):
     D, A = encoders.split(P)
     for kind, P in (("deca", D), ("arcface", A)):
-        weights.save(_half(P), work / FILES[kind], kind, world=f"python -m world.build, {what}, seed {cfg.seed}")
+        weights.save(_half(P), work / FILES[kind], kind, world=f"python build_world.py, {what}, seed {cfg.seed}")
 
 
 def adapt_encoders(cfg, work):
@@ -189,37 +197,30 @@ def train_both(cfg, work):
 
 def train_masks(cfg, work):
     """train.py's own main, on one thread: `OMP_NUM_THREADS=1 python train.py` reproduces the masks bit for bit."""
-    import train
     torch.set_num_threads(1)
     runs = work / "masks"
     ckpt = runs / "checkpoint.safetensors"
     args = ["--resume", str(ckpt)] if ckpt.is_file() else [
         "--out", str(runs), "--generator", str(work / FILES["generator"]), "--deca", str(work / FILES["deca"]),
-        "--arcface", str(work / FILES["arcface"]), "--flame", str(work / "flame.safetensors"),
+        "--arcface", str(work / FILES["arcface"]), "--flame", str(work / FILES["flame"]),
         "--n-layers", str(generator.n_conv()), "--lr", str(cfg.mask_lr), "--seed", str(cfg.seed), "--truncation", "1",
-        "--save-every", str(max(1, min(100, cfg.mask_steps)))]
+        "--save-every", str(run_defaults(cfg)["save_every"])]
     done = ckpt.is_file() and int(weights.header(ckpt, "checkpoint").get("step", 0)) >= cfg.mask_steps
     if not done:
         rc = train.main(args + ["--steps", str(cfg.mask_steps)])
         if rc:
             raise StyleMaskError(f"train.py stopped (exit {rc}); run the build again to continue")
-    _copy(runs / "masknet.safetensors", work / FILES["masknet"])
+    cli.copy_file(runs / "masknet.safetensors", work / FILES["masknet"])
 
 
-def _copy(src, dst):
-    """Copy a file atomically (write beside, then rename)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_bytes(Path(src).read_bytes())
-    os.replace(tmp, dst)
-
-
-def install(work):
-    """Copy the built networks into weights/world/, with their hashes in manifest.json."""
+def install(cfg, work):
+    """Copy the built networks and FLAME into weights/world/, with their hashes and the run defaults of this
+    world (`run_defaults`) in manifest.json."""
     WORLD.mkdir(exist_ok=True)
     for kind, name in FILES.items():
         weights.read(work / name, kind)  # checked before it ships
-        _copy(work / name, WORLD / name)
-    write_manifest(sha256={name: sha256(WORLD / name) for name in FILES.values()})
+        cli.copy_file(work / name, WORLD / name)
+    write_manifest(sha256={name: sha256(WORLD / name) for name in FILES.values()}, defaults=run_defaults(cfg))
 
 
 def write_manifest(**entries):
@@ -227,7 +228,7 @@ def write_manifest(**entries):
     path = WORLD / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     manifest.update(entries)
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    cli.write_text(path, json.dumps(manifest, indent=2) + "\n")
 
 
 def report(folder):
@@ -261,18 +262,29 @@ def reenactment_gates(results):
                 identity_kept=(r["csim"] - tgt["csim"]) / (1 - tgt["csim"]))
 
 
-def run_eval(folder, out, pairs=64):
-    """eval.py on the world in folder, with eval's defaults for the world (truncation 1) -> its results. The
-    installed world runs as every user runs it (no paths: the embedded default); a work folder by its paths."""
-    import eval as evaluation
+@contextmanager
+def environment(**values):
+    """os.environ with values set while the block runs, as it was after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def run_eval(folder, out, pairs=EVAL_PAIRS):
+    """eval.py on the world in folder, at truncation 1 -> its results. The installed world runs as every user
+    runs it (no paths: the embedded default); a work folder by its paths."""
     args = ["--out", str(out), "--overwrite", "--truncation", "1", "--pairs", str(pairs), "--size", "128",
             "--grid-pairs", "6"]
-    if Path(folder).resolve() == WORLD.resolve():
-        os.environ["STYLEMASK_DEFAULT"] = "world"
-    else:
+    installed = Path(folder).resolve() == WORLD.resolve()
+    if not installed:
         args += [*[a for kind in ("generator", "arcface", "deca") for a in (f"--{kind}", str(folder / FILES[kind]))],
-                 "--mask", str(folder / FILES["masknet"]), "--flame", str(folder / "flame.safetensors")]
-    rc = evaluation.main(args)
+                 "--mask", str(folder / FILES["masknet"]), "--flame", str(folder / FILES["flame"])]
+    with environment(**({"STYLEMASK_DEFAULT": "world"} if installed else {})):
+        rc = evaluation.main(args)
     if rc:
         raise StyleMaskError(f"eval.py failed (exit {rc})")
     return json.loads((out / "results.json").read_text())["results"]
@@ -282,10 +294,9 @@ def main(argv=None):
     cfg = parse_args(argv)
     work = Path(cfg.work)
     stages = cfg.stages.split(",")
-    work.mkdir(parents=True, exist_ok=True)
-    with cli.lock(work, "another world.build"):
+    with cli.in_place(work, "build_world.py", continuing=True):  # a build resumes its own folder
         record = check_work(cfg, work)
-        (work / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), **record}, indent=2) + "\n")
+        cli.write_text(work / "config.json", json.dumps({**dataclasses.asdict(cfg), **record}, indent=2) + "\n")
         if "generator" in stages and "encoders" in stages:  # independent: both at once, a process each
             train_both(cfg, work)
         elif "generator" in stages:
@@ -295,22 +306,22 @@ def main(argv=None):
         if "adapt" in stages and cfg.adapt_steps:
             adapt_encoders(cfg, work)
         if "masks" in stages:
-            weights.save(head.flame_head(), work / "flame.safetensors", "flame")
+            weights.save(head.flame_head(), work / FILES["flame"], "flame")
             train_masks(cfg, work)
         if "install" in stages and cfg.install:
-            install(work)
+            install(cfg, work)
         if "report" in stages:
             folder = WORLD if cfg.install else work
             gates = report(folder)
             results = run_eval(folder, work / "eval")
             gates["reenactment"] = g = reenactment_gates(results)
-            print(f"eval.py, 64 pairs: StyleMask's Pose error {g['pose_ratio']:.2f}× the source row's (gate <= 0.4), "
+            print(f"eval.py, {EVAL_PAIRS} pairs: StyleMask's Pose error {g['pose_ratio']:.2f}× the source row's (gate <= 0.4), "
                   f"Expr. {g['expr_ratio']:.2f}× (gate <= 0.5), identity kept {g['identity_kept']:.2f} (gate >= 0.7)")
             check = run_eval(folder, work / "eval16", pairs=16)
-            (work / "report.json").write_text(json.dumps(gates, indent=2) + "\n")
+            cli.write_text(work / "report.json", json.dumps(gates, indent=2) + "\n")
             if cfg.install:  # the README's pictures: generated samples, and source | target | reenacted
                 write_manifest(gates=gates, eval16=check)
-                _copy(work / "eval" / "grid.png", WORLD / "reenactment.png")
+                cli.copy_file(work / "eval" / "grid.png", WORLD / "reenactment.png")
     return 0
 
 
