@@ -23,12 +23,13 @@ A script, like train.py and eval.py (it runs both): the world itself (world/) is
 import dataclasses
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -40,7 +41,6 @@ from cli import flag
 from stylemask import StyleMaskError
 from world import encoders, fit, generator, head, quality, sample
 
-WORLD = weights.WORLD   # the installed world: the default networks
 STAGES = ("generator", "encoders", "adapt", "masks", "install", "report")
 FILES = {"generator": "generator.safetensors", "deca": "deca.safetensors", "arcface": "arcface.safetensors",
          "masknet": "masknet.safetensors", "flame": "flame.safetensors"}
@@ -73,7 +73,7 @@ def parse_args(argv=None):
     cfg = cli.parse_config(Config, argv, description=__doc__)
     cli.check_flags(cfg, seed=cli.at_least(0), gen_steps=cli.at_least(1), expr_steps=cli.at_least(0),
                     enc_steps=cli.at_least(1), adapt_steps=cli.at_least(0), mask_steps=cli.at_least(1),
-                    mask_lr=cli.finite(0))
+                    mask_lr=((lambda v: math.isfinite(v) and v > 0), "a finite number > 0"))
     bad = [s for s in cfg.stages.split(",") if s not in STAGES]
     if bad:
         raise StyleMaskError(f"--stages: unknown stage {bad[0]!r}; stages are {', '.join(STAGES)}")
@@ -203,7 +203,8 @@ def train_masks(cfg, work):
     args = ["--resume", str(ckpt)] if ckpt.is_file() else [
         "--out", str(runs), "--generator", str(work / FILES["generator"]), "--deca", str(work / FILES["deca"]),
         "--arcface", str(work / FILES["arcface"]), "--flame", str(work / FILES["flame"]),
-        "--n-layers", str(generator.n_conv()), "--lr", str(cfg.mask_lr), "--seed", str(cfg.seed), "--truncation", "1",
+        "--n-layers", str(generator.n_conv()), "--lr", str(cfg.mask_lr), "--seed", str(cfg.seed),
+        "--truncation", str(run_defaults(cfg)["truncation"]),
         "--save-every", str(run_defaults(cfg)["save_every"])]
     done = ckpt.is_file() and int(weights.header(ckpt, "checkpoint").get("step", 0)) >= cfg.mask_steps
     if not done:
@@ -216,16 +217,16 @@ def train_masks(cfg, work):
 def install(cfg, work):
     """Copy the built networks and FLAME into weights/world/, with their hashes and the run defaults of this
     world (`run_defaults`) in manifest.json."""
-    WORLD.mkdir(exist_ok=True)
+    weights.WORLD.mkdir(exist_ok=True)
     for kind, name in FILES.items():
         weights.read(work / name, kind)  # checked before it ships
-        cli.copy_file(work / name, WORLD / name)
-    write_manifest(sha256={name: sha256(WORLD / name) for name in FILES.values()}, defaults=run_defaults(cfg))
+        cli.copy_file(work / name, weights.WORLD / name)
+    write_manifest(sha256={name: sha256(weights.WORLD / name) for name in FILES.values()}, defaults=run_defaults(cfg))
 
 
 def write_manifest(**entries):
     """Update weights/world/manifest.json with entries (the files' hashes, the build's measured gates)."""
-    path = WORLD / "manifest.json"
+    path = weights.WORLD / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     manifest.update(entries)
     cli.write_text(path, json.dumps(manifest, indent=2) + "\n")
@@ -262,28 +263,16 @@ def reenactment_gates(results):
                 identity_kept=(r["csim"] - tgt["csim"]) / (1 - tgt["csim"]))
 
 
-@contextmanager
-def environment(**values):
-    """os.environ with values set while the block runs, as it was after."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
-def run_eval(folder, out, pairs=EVAL_PAIRS):
-    """eval.py on the world in folder, at truncation 1 -> its results. The installed world runs as every user
-    runs it (no paths: the embedded default); a work folder by its paths."""
-    args = ["--out", str(out), "--overwrite", "--truncation", "1", "--pairs", str(pairs), "--size", "128",
-            "--grid-pairs", "6"]
-    installed = Path(folder).resolve() == WORLD.resolve()
+def run_eval(cfg, folder, out, pairs=EVAL_PAIRS):
+    """eval.py on the world in folder, at the world's truncation -> its results. The installed world runs as every
+    user runs it (no paths: the embedded default); a work folder by its paths."""
+    args = ["--out", str(out), "--overwrite", "--truncation", str(run_defaults(cfg)["truncation"]), "--pairs",
+            str(pairs), "--size", "128", "--grid-pairs", "6"]
+    installed = Path(folder).resolve() == weights.WORLD.resolve()
     if not installed:
         args += [*[a for kind in ("generator", "arcface", "deca") for a in (f"--{kind}", str(folder / FILES[kind]))],
                  "--mask", str(folder / FILES["masknet"]), "--flame", str(folder / FILES["flame"])]
-    with environment(**({"STYLEMASK_DEFAULT": "world"} if installed else {})):
+    with mock.patch.dict(os.environ, {"STYLEMASK_DEFAULT": "world"} if installed else {}):
         rc = evaluation.main(args)
     if rc:
         raise StyleMaskError(f"eval.py failed (exit {rc})")
@@ -294,7 +283,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     work = Path(cfg.work)
     stages = cfg.stages.split(",")
-    with cli.in_place(work, "build_world.py", continuing=True):  # a build resumes its own folder
+    with cli.in_place(work, "build_world.py", continuing=True, marked=False, flag="--work"):  # resumes its own folder
         record = check_work(cfg, work)
         cli.write_text(work / "config.json", json.dumps({**dataclasses.asdict(cfg), **record}, indent=2) + "\n")
         if "generator" in stages and "encoders" in stages:  # independent: both at once, a process each
@@ -311,17 +300,17 @@ def main(argv=None):
         if "install" in stages and cfg.install:
             install(cfg, work)
         if "report" in stages:
-            folder = WORLD if cfg.install else work
+            folder = weights.WORLD if cfg.install else work
             gates = report(folder)
-            results = run_eval(folder, work / "eval")
+            results = run_eval(cfg, folder, work / "eval")
             gates["reenactment"] = g = reenactment_gates(results)
             print(f"eval.py, {EVAL_PAIRS} pairs: StyleMask's Pose error {g['pose_ratio']:.2f}× the source row's (gate <= 0.4), "
                   f"Expr. {g['expr_ratio']:.2f}× (gate <= 0.5), identity kept {g['identity_kept']:.2f} (gate >= 0.7)")
-            check = run_eval(folder, work / "eval16", pairs=16)
+            check = run_eval(cfg, folder, work / "eval16", pairs=16)
             cli.write_text(work / "report.json", json.dumps(gates, indent=2) + "\n")
             if cfg.install:  # the README's pictures: generated samples, and source | target | reenacted
                 write_manifest(gates=gates, eval16=check)
-                cli.copy_file(work / "eval" / "grid.png", WORLD / "reenactment.png")
+                cli.copy_file(work / "eval" / "grid.png", weights.WORLD / "reenactment.png")
     return 0
 
 

@@ -1,6 +1,7 @@
 """What the scripts share: the error exit, flags and their checks, run folders, devices, images on disk.
 
-train.py, eval.py, reenact.py, build_world.py and weights/convert.py use these so that each rule is written once:
+The scripts (train.py, eval.py, reenact.py, build_world.py, weights/convert.py, bench/) and the modules that
+write files for them (weights, world.fit) use these so that each rule is written once:
 - a StyleMaskError ends a script with one `error:` line and exit code 2, Ctrl-C / SIGTERM with one line
   and exit code 130 / 143 (a training loop instead stops between steps and saves: `stop_between_steps`);
 - a config dataclass whose fields carry their help (`flag`) is the command line, and every flag is checked
@@ -8,7 +9,8 @@ train.py, eval.py, reenact.py, build_world.py and weights/convert.py use these s
 - one run-folder rule: a folder that holds a run's results is never modified unless the user says so
   (`--overwrite`, or train.py's `--resume`); results appear only after success, all at once (`staged`), or,
   for runs that write as they go (training, the world build), under a lock with the replaced results set
-  aside until the first checkpoint (`in_place`); every file is written atomically (`atomic`), readable by all;
+  aside until the first checkpoint (`in_place`); every finished file is written atomically (`atomic`),
+  readable by all (streams, an MP4 or an appended log, are written in place, inside a staged or locked folder);
 - parameters move to a device in one call; images are PNG (Pillow), GIF and MP4.
 
 Not here: model math (`stylemask.py` and the network modules), parameter files (`weights/`).
@@ -266,9 +268,10 @@ def _publish(tmp, out, overwrite):
 
 
 @contextmanager
-def lock(out, what):
+def lock(out, what, flag="--out"):
     """Hold out/.lock while a run writes into the folder in place (train.py): a second run into the same
-    folder is a one-line error, not two runs interleaving their checkpoints; a dead run's lock is taken over."""
+    folder is a one-line error, not two runs interleaving their checkpoints; a dead run's lock is taken over.
+    flag: the option that named the folder, for the messages."""
     path = Path(out) / ".lock"
     for _ in range(2):
         try:
@@ -280,11 +283,11 @@ def lock(out, what):
             except (OSError, ValueError):
                 pid = 0
             if pid and _alive(pid):
-                raise StyleMaskError(f"--out {out}: {what} (pid {pid}) is writing there now; wait for it, or "
-                                     f"choose another --out") from None
+                raise StyleMaskError(f"{flag} {out}: {what} (pid {pid}) is writing there now; wait for it, or "
+                                     f"choose another {flag}") from None
             path.unlink(missing_ok=True)  # left by a run that was killed
     else:
-        raise StyleMaskError(f"--out {out}: cannot take its lock file {path}; choose another --out")
+        raise StyleMaskError(f"{flag} {out}: cannot take its lock file {path}; choose another {flag}")
     try:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
@@ -316,23 +319,24 @@ def restore(aside, out):
 
 
 @contextmanager
-def in_place(out, script, overwrite=False, continuing=False, resume_hint=False):
+def in_place(out, script, overwrite=False, continuing=False, resume_hint=False, marked=True, flag="--out"):
     """A run that writes into out as it goes (train.py's checkpoints and logs, the world build's stages): out is
-    created, held under its lock and cleaned of killed runs' temp files. A new run (not continuing a run in its
-    own folder) needs out free (`check_out`) and marks it as script's; the earlier results that --overwrite
+    created, held under its lock, cleaned of killed runs' temp files and (marked) marked as script's. A new run
+    (not continuing a run in its own folder) needs out free (`check_out`); the earlier results that --overwrite
     replaces wait beside it until the run calls keep() (at its first checkpoint), and a run that fails before
-    puts them back. Yields keep."""
+    puts them back. flag: the option that named out, for the messages. Yields keep."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise StyleMaskError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
-    with lock(out, f"another {script}"):
+        raise StyleMaskError(f"{flag} {out}: cannot create it ({e.strerror}); choose another {flag}") from None
+    with lock(out, f"another {script}", flag):
         clean_stale(out)
         aside = None
         if not continuing:
             check_out(out, overwrite, script, resume_hint)  # again, under the lock: another run may have ended here
             aside = set_aside(out)
+        if marked:
             mark(out, script)
         try:
             yield lambda: aside and shutil.rmtree(aside, ignore_errors=True)

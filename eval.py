@@ -44,7 +44,8 @@ from cli import flag, pooled
 @dataclass
 class Config:
     pairs: int = flag(0, "number of random source/target pairs (0: by the networks' origin: 5000 on real weights, "
-                         "Table I, whose ablations use 2000; 64 on the synthetic head world; 32 tiny)")
+                         "Table I, whose ablations use 2000; the synthetic head world's, in "
+                         "weights/world/manifest.json; 32 tiny)")
     seed: int = flag(0, "random seed of the pairs")
     truncation: float = flag(-1.0, "truncation psi " + cli.TRUNCATION_HELP)
     batch: int = flag(0, "pairs per forward pass (0: 16 on a GPU, 8 on a CPU)")
@@ -61,7 +62,7 @@ class Config:
     ranges: str = flag("", "expression ranges JSON (empty: weights/expression_ranges.json with converted weights, "
                            "else computed from generated images and saved in --out)")
     range_samples: int = flag(0, "generated images for the expression ranges (0: by origin: 2000 real, as "
-                                 "extract_statistics.py; 64 on the embedded defaults)")
+                                 "extract_statistics.py; the world's, in manifest.json; 64 tiny)")
     grid_pairs: int = flag(4, "pairs shown in grid.png")
     size: int = flag(256, "grid cell size in pixels (the official code shows 256; 0: full resolution)")
     out: str = flag("out/eval", cli.OUT_HELP)
@@ -316,7 +317,7 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.seed)
     nets, origin = load_nets(cfg)
-    cfg.truncation = origin.defaults["truncation"] if cfg.truncation == -1 else cfg.truncation
+    cfg.truncation = origin.truncation(cfg.truncation)
     cfg.pairs = cfg.pairs or origin.defaults["eval_pairs"]
     truth = origin.name == "world" and cfg.truncation == 1  # every image's parameters are known: ground truth too
     cfg.batch = min(cfg.batch or (16 if device == "cuda" else 8), cfg.pairs)  # never more than there are pairs

@@ -243,7 +243,7 @@ def run(cfg, say=print):
             say(f"note: {flag} applies to {'a folder of sources' if flag == '--num-pairs' else 'a video or frame folder'}"
                 f" only: ignored here")
     nets, origin = weights.load_all(["generator", "masknet"], say=say, generator=cfg.generator, masknet=cfg.mask)
-    cfg.truncation = origin.defaults["truncation"] if cfg.truncation == -1 else cfg.truncation
+    cfg.truncation = origin.truncation(cfg.truncation)
     G, M = cli.to_device(nets["generator"], device), cli.to_device(nets["masknet"], device)
     invert = Inverter(cfg, G, origin, say)
     with cli.staged(out, cfg.overwrite, "reenact.py") as tmp:

@@ -37,9 +37,10 @@ class Config:
     steps: int = flag(0, "training iterations (0: by the networks' origin: 70000 on real weights, Sect. IV-A; "
                          "the synthetic head world's, in weights/world/manifest.json; 200 on the tiny defaults)")
     batch: int = flag(6, "pairs per step (Sect. IV-A; the official run_trainer.py default is 12)")
-    lr: float = flag(0.0, "Adam learning rate (0: by the networks' origin: the paper's 1e-4 on real weights, Sect. IV-A and "
-                       "run_trainer.py; 1e-2 on the synthetic head world and the tiny defaults, whose short runs must "
-                       "move the masks visibly: Adam moves each weight by about lr per step)")
+    lr: float = flag(0.0, "Adam learning rate (0: by the networks' origin: the paper's 1e-4 on real weights, Sect. IV-A "
+                          "and run_trainer.py; the synthetic head world's, in weights/world/manifest.json; 1e-2 on the "
+                          "tiny defaults, whose short runs must move the masks visibly: Adam moves each weight by about "
+                          "lr per step)")
     weight_decay: float = flag(5e-4, "Adam weight decay (the official trainer.py)")
     n_layers: int = flag(0, "controlled conv layers n (0: the paper's 12, Supp. A, or all of a generator with fewer)")
     truncation: float = flag(-1.0, "truncation psi of the sampled latents " + cli.TRUNCATION_HELP)
@@ -60,8 +61,9 @@ class Config:
                                    "--overwrite)")
     resume: str = flag("", "checkpoint to resume from: continues its run in its folder with its flags (--steps may grow)")
     overwrite: bool = flag(False, "replace the results of an earlier run in --out")
-    save_every: int = flag(0, "checkpoint every K steps (0: by the networks' origin: 1000 on real weights, run_trainer.py; 100 on the "
-                           "embedded defaults)")
+    save_every: int = flag(0, "checkpoint every K steps (0: by the networks' origin: 1000 on real weights, "
+                              "run_trainer.py; the synthetic head world's, in weights/world/manifest.json; 100 on the "
+                              "tiny defaults)")
     log_every: int = flag(10, "log line every K steps (run_trainer.py steps_per_log)")
     image_every: int = flag(0, "image grid of held-out pairs every K steps (0: with every checkpoint)")
     eval_pairs: int = flag(8, "held-out pairs for the evaluation loss and the grid")
@@ -184,7 +186,7 @@ def load_checkpoint(path, M, opt, gen):
                                     f"--mask, --n-layers and generator needed")
         with torch.no_grad():
             p.copy_(saved.params[name])
-    weights.restore_adam(opt, M.params, state)
+    weights.restore_adam(opt, M.params, state, path)
     gen.set_state(state["train.rng"])
     return int(state["train.step"])
 
@@ -208,7 +210,7 @@ def resolve(cfg, G, origin):
     """Fill in, in place, the flags whose default depends on the networks (0, or -1 for --truncation): the
     run defaults of their origin (`weights.Origin`: real weights, the synthetic head world or the tiny defaults)."""
     d = origin.defaults
-    cfg.truncation = d["truncation"] if cfg.truncation == -1 else cfg.truncation
+    cfg.truncation = origin.truncation(cfg.truncation)
     cfg.steps = cfg.steps or d["train_steps"]
     cfg.lr = cfg.lr or d["train_lr"]
     cfg.save_every = cfg.save_every or d["save_every"]
@@ -282,9 +284,9 @@ def loop(cfg, nets, M, opt, gen, held_out, step, out, stop, on_checkpoint=lambda
     running, t0 = {}, time.time()
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
     for step in bar:
-        z_s, z_t, *z_t2 = draw_latents(gen, 3 if cfg.cycle else 2, cfg.batch, z_dim, device)
-        src, tgt = sample(nets, cfg, z_s), sample(nets, cfg, z_t)
-        tgt2 = sample(nets, cfg, z_t2[0]) if cfg.cycle else None
+        z = draw_latents(gen, 3 if cfg.cycle else 2, cfg.batch, z_dim, device)  # source, target, second target
+        src, tgt = sample(nets, cfg, z[0]), sample(nets, cfg, z[1])
+        tgt2 = sample(nets, cfg, z[2]) if cfg.cycle else None
         loss, terms = pair_loss(nets, M, cfg, src, tgt, tgt2)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,7 +1,8 @@
 """StyleGAN2's heavy ops behind fixed signatures: `layer` (one whole synthesis layer: modconv and its
 epilogue, or ToRGB and the skip; kernels/layer.py), `modconv` and `upfirdn2d`.
 
-Each op lives in its own file in teaching order: `<op>_ref` (plain PyTorch, the specification),
+Each op lives in its own file (kernels/fir.py: the FIR after the up-sampling conv, with the layer's epilogue;
+kernels/buffers.py: the channels-last, zero-bordered activation buffers the Triton ops share) in teaching order: `<op>_ref` (plain PyTorch, the specification),
 `<op>_cpu` (the same math arranged for CPUs), `_<op>_kernel` (Triton), `_<op>_triton` (launcher), an
 autograd Function, and the public `<op>`, which dispatches (kernels/dispatch.py): Triton for CUDA
 tensors, the fast CPU variant for CPU tensors (STYLEMASK_FAST=0: the reference), STYLEMASK_BACKEND=

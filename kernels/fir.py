@@ -5,13 +5,15 @@ The 2× up-sampling modconv (kernels/modconv.py) writes its transposed conv into
 epilogue in the same pass: + noise, + bias, leaky ReLU · √2, clamp. Its backward is `fir_act` again with
 the filter flipped (kernels/layer.py).
 
-In teaching order: `fir_act_ref` (the specification: `upfirdn2d_ref`, then the epilogue), the kernel and its
+In teaching order: `epilogue_ref` and `fir_act_ref` (the specification: `upfirdn2d_ref`, then the epilogue;
+`layer_ref` uses the same epilogue), the kernel and its
 row helper, the separability check, and the launcher `fir_act`.
 """
 import math
 import weakref
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -20,17 +22,22 @@ from .dispatch import on_gpu
 from .upfirdn2d import upfirdn2d_ref
 
 
-def fir_act_ref(P, fir, noise=None, bias=None, act=False, clamp=None):
-    """P (B, C, PH, PW) -> FIR(P) (B, C, PH − kf + 1, PW − kf + 1), + noise (NB, 1, OH, OW), + bias (C,), leaky
-    ReLU (slope 0.2) · √2 if act, clamped to ±clamp if given: what `fir_act` computes, in plain PyTorch."""
-    y = upfirdn2d_ref(P, fir)
+def epilogue_ref(y, noise=None, bias=None, act=False, clamp=None):
+    """A conv layer's epilogue on its result y (B, C, H, W): + noise (NB, [1,] H, W), + bias (C,), leaky ReLU
+    (slope 0.2) · √2 if act, clamped to ±clamp if given (StyleGAN2's StyledConv after its conv)."""
     if noise is not None:
         y = y + noise.reshape(noise.shape[0], 1, *y.shape[2:])
     if bias is not None:
-        y = y + bias.reshape(1, -1, 1, 1)
+        y = y + bias[None, :, None, None]
     if act:
-        y = torch.where(y > 0, y, 0.2 * y) * math.sqrt(2.0)
+        y = F.leaky_relu(y, 0.2) * math.sqrt(2.0)
     return y if clamp is None else y.clamp(-clamp, clamp)
+
+
+def fir_act_ref(P, fir, noise=None, bias=None, act=False, clamp=None):
+    """P (B, C, PH, PW) -> FIR(P) (B, C, PH − kf + 1, PW − kf + 1), then the epilogue: what `fir_act` computes,
+    in plain PyTorch."""
+    return epilogue_ref(upfirdn2d_ref(P, fir), noise, bias, act, clamp)
 
 
 def fir_input_pad(fir):

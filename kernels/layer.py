@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .buffers import channels_last, halo_empty, pow2
 from .dispatch import fast_cpu, keep_freed_memory, on_gpu, resolve
-from .fir import fir_act, fir_input_pad
+from .fir import epilogue_ref, fir_act, fir_input_pad
 from .modconv import _modconv_triton, demodulation, modconv_cpu, modconv_ref, modulates_weights, up_conv
 from .upfirdn2d import upfirdn2d, upfirdn2d_cpu, upfirdn2d_ref
 
@@ -38,10 +38,7 @@ def layer_ref(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength=Non
     weight = weight * (1 / math.sqrt(weight[0].numel()))  # equalized-lr scale 1/sqrt(Cin·k·k)
     if not rgb:
         x = modconv_ref(x, weight, s, demodulate=True, up=up, fir=fir)  # (B, COUT, H·up, W·up)
-        if noise is not None:
-            x = x + noise_strength * noise
-        x = F.leaky_relu(x + bias[None, :, None, None], 0.2) * SQRT2
-        return x if clamp is None else x.clamp(-clamp, clamp)
+        return epilogue_ref(x, None if noise is None else noise_strength * noise, bias, act=True, clamp=clamp)
     y = modconv_ref(x, weight, s, demodulate=False) + bias[None, :, None, None]  # (B, 3, H, W)
     if clamp is not None:
         y = y.clamp(-clamp, clamp)

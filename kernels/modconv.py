@@ -13,7 +13,6 @@ sub-convolutions), its tile table and launcher; the autograd Function and the pu
 (kernels/fir.py). The fused synthesis layer built from them is kernels/layer.py; the buffers they share
 (channels-last, zero-bordered halos) are kernels/buffers.py.
 """
-import math
 
 import torch
 import torch.nn.functional as F
@@ -422,7 +421,7 @@ def _modconv_triton(x, weight, s, d=None, up=1, out=None, noise=None, bias=None,
         y, p0 = out
         off = p0 * y.stride(2) + p0 * y.stride(3)
     dummy = s
-    nz = noise.to(x.dtype) if noise is not None else None
+    nz = noise.to(x.dtype).contiguous() if noise is not None else None  # read densely: (NB, 1, H, W)
     prec = _precision(x.dtype)
     BM, BN, BK, warps, stages = modconv_config(QH * QW, CIN, COUT, x.dtype, on_gpu(x), up,
                                                exact=x.dtype == torch.float32 and prec == "ieee")

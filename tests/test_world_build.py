@@ -25,15 +25,13 @@ QUICK = ["--quick", "--stages", "generator,encoders,adapt,masks,install"]
 def quick_world(tmp_path_factory):
     """(work folder, installed world folder) of one quick build, installed into a scratch weights/world/."""
     root = tmp_path_factory.mktemp("quick")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(build, "WORLD", root / "world")
-    mp.setattr(weights, "WORLD", root / "world")
-    mp.setattr(weights, "DIR", root / "no-weights")
-    mp.setenv("STYLEMASK_DEFAULT", "world")
-    assert weights.embedded() == "tiny"  # nothing installed yet
-    assert build.main(QUICK + ["--work", str(root / "w")]) == 0
-    yield root / "w", root / "world"
-    mp.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(weights, "WORLD", root / "world")
+        mp.setattr(weights, "DIR", root / "no-weights")
+        mp.setenv("STYLEMASK_DEFAULT", "world")
+        assert weights.embedded() == "tiny"  # nothing installed yet
+        assert build.main(QUICK + ["--work", str(root / "w")]) == 0
+        yield root / "w", root / "world"
 
 
 @pytest.mark.slow
@@ -89,6 +87,8 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     assert cli.run_script(build.main, ["--stages", "generator,paint", "--work", str(tmp_path)]) == 2
     assert "unknown stage 'paint'" in capsys.readouterr().err
     assert cli.run_script(build.main, ["--gen-steps", "0", "--work", str(tmp_path)]) == 2
+    assert cli.run_script(build.main, ["--mask-lr", "0", "--work", str(tmp_path)]) == 2  # recorded as train.py's lr
+    assert "--mask-lr 0.0: must be a finite number > 0" in capsys.readouterr().err
 
 
 def test_a_work_folder_of_another_build_is_refused_not_resumed(tmp_path, capsys, monkeypatch):

@@ -1,5 +1,6 @@
 """world.fit: a run killed at a checkpoint resumes to exactly the parameters of an uninterrupted run (data drawn
 from the step, torch.optim.Adam's moments and the step restored from a checkpoint written through weights)."""
+import pytest
 import torch
 
 import weights
@@ -38,3 +39,19 @@ def test_workers_draw_the_same_batches(tmp_path):
     a = fit.fit(_job(5), tmp_path / "a", workers=0, say=lambda *_: None)
     b = fit.fit(_job(5), tmp_path / "b", workers=1, say=lambda *_: None)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_of_an_earlier_build_and_damaged_ones_are_one_line_errors(tmp_path):
+    from safetensors.torch import save_file
+    old = tmp_path / "old.ckpt.safetensors"  # the format before checkpoints had a kind: no header kind
+    save_file({"p.w": torch.zeros(3), "m.w": torch.zeros(3), "v.w": torch.zeros(3)}, str(old), metadata={"step": "4"})
+    with pytest.raises(weights.StyleMaskError, match="a checkpoint of an earlier build .* delete it to retrain"):
+        fit.load(old)
+    with pytest.raises(weights.StyleMaskError, match=r"no such file \(a training checkpoint"):
+        fit.load(tmp_path / "absent.ckpt.safetensors")
+    fit.fit(_job(2), tmp_path / "a", workers=0, say=lambda *_: None)
+    P, state, step = fit.load(tmp_path / "a" / "toy.ckpt.safetensors")
+    del state["train.adam.b.exp_avg_sq"]
+    weights.save((P, state), tmp_path / "a" / "toy.ckpt.safetensors", "fit", step=step)
+    with pytest.raises(weights.StyleMaskError, match="Adam's state of b is missing: the checkpoint is damaged"):
+        fit.fit(_job(4), tmp_path / "a", workers=0, say=lambda *_: None)

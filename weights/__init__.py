@@ -1,10 +1,10 @@
 """The one home of parameters: every parameter file is read, checked and written here, by one rule.
 
-    load(kind, path=None, say=print) -> (params, is_default)
+    load(kind, path=None, say=print, embedded_name=None) -> (params, is_default)
         The default rule, the same for every network and script: an explicit path (it must exist),
         else weights/<kind>.safetensors, else the embedded default (the synthetic head world in
         weights/world/, or the tiny stand-ins of `weights.defaults`), said out loud.
-    load_all(kinds, say=print, **paths) -> (nets, Origin)
+    load_all(kinds, say=print, origin=None, **paths) -> (nets, Origin)
         Several kinds by that rule, all converted files or all embedded defaults, never a silent mix, and
         the run's origin: converted | world | tiny, its one-line announcement and its run defaults.
     read(path, kind) / save(params, path, kind, **meta) / header(path, kind)
@@ -67,7 +67,8 @@ def path_flag(kind):
     """A script Config's field for the path of a network of this kind (--generator, --mask, ...), its help
     written once, here: the default rule it follows."""
     k = KINDS[kind]
-    return cli.flag("", f"{k.what} .safetensors (empty: weights/{k.file}, else the embedded default)")
+    return cli.flag("", f"{k.what} .safetensors (empty: weights/{k.file}, else the embedded default; "
+                        f"python -m weights.convert makes it from {k.source.split()[0]})")
 
 
 def convert_command(kind, path=None):
@@ -109,6 +110,8 @@ def _missing(path, kind):
         return StyleMaskError(f"{path}: is a folder, not a file; pass the .safetensors file in it")
     if kind == "checkpoint":
         return StyleMaskError(f"{path}: no such file; train.py writes checkpoint.safetensors into its --out folder")
+    if KINDS[kind].source is None:
+        return StyleMaskError(f"{path}: no such file ({KINDS[kind].what})")
     if kind == "masknet":
         return StyleMaskError(f"{path}: no such file; train.py writes masknet.safetensors into its --out folder, or "
                               f"convert StyleMask's: {convert_command(kind, path)}")
@@ -221,13 +224,18 @@ def adam_state(opt, params):
     return {f"train.adam.{name}.{k}": v for name, p in params.items() for k, v in opt.state.get(p, {}).items()}
 
 
-def restore_adam(opt, params, state):
-    """Put the moments of `adam_state` back into opt, for the named tensors params (the ones it optimises)."""
+def restore_adam(opt, params, state, path=None):
+    """Put the moments of `adam_state` back into opt, for the named tensors params (the ones it optimises); a
+    checkpoint (path) with the moments of some but not all of them is damaged: a one-line error."""
+    keys = ("step", "exp_avg", "exp_avg_sq")
+    found = {name: all(f"train.adam.{name}.{k}" in state for k in keys) for name in params}
+    if any(found.values()) and not all(found.values()):
+        missing = next(name for name, ok in found.items() if not ok)
+        raise StyleMaskError(f"{path}: Adam's state of {missing} is missing: the checkpoint is damaged")
     for name, p in params.items():
-        moments = {k: state[f"train.adam.{name}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")
-                   if f"train.adam.{name}.{k}" in state}
-        if moments:
-            opt.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in moments.items()}
+        if found[name]:
+            opt.state[p] = {k: state[f"train.adam.{name}.{k}"] if k == "step" else
+                            state[f"train.adam.{name}.{k}"].to(p.device) for k in keys}
 
 
 # --- The default rule -----------------------------------------------------------------------------------
@@ -251,12 +259,17 @@ def find(name, path=None, hint=""):
 WORLD = DIR / "world"  # the built world (python build_world.py): its networks, FLAME and manifest.json
 WORLD_KINDS = ("generator", "masknet", "arcface", "deca", "flame")  # its e4e is the tiny one, sized for its generator
 
-Origin = namedtuple("Origin", "name note defaults defaulted")
-Origin.__doc__ = """Where a run's networks come from, the one place that says so. name: 'converted' (official
-weights converted into weights/, or files given by flag), 'world' (the synthetic head world, weights/world/)
-or 'tiny' (seeded random stand-ins, `weights.defaults`: a pipeline check); note: the one line that announces
-it; defaults: the run defaults that depend on it (`run_defaults`); defaulted: the kinds taken from an
-embedded default (the rest came from files)."""
+class Origin(namedtuple("Origin", "name note defaults defaulted")):
+    """Where a run's networks come from, the one place that says so. name: 'converted' (official weights
+    converted into weights/, or files given by flag), 'world' (the synthetic head world, weights/world/) or
+    'tiny' (seeded random stand-ins, `weights.defaults`: a pipeline check); note: the one line that announces
+    it; defaults: the run defaults that depend on it (`run_defaults`); defaulted: the kinds taken from an
+    embedded default (the rest came from files)."""
+    __slots__ = ()
+
+    def truncation(self, psi):
+        """A --truncation flag's psi: its own, or for -1 this origin's default."""
+        return self.defaults["truncation"] if psi == -1 else psi
 
 # The run defaults by origin. Real weights: the paper's and the official scripts'. The tiny stand-ins: short
 # runs that still move the masks visibly (Adam moves each weight by about lr per step). The world's are data
@@ -309,9 +322,9 @@ def default(kind, name):
     return KINDS[kind].default()
 
 
-def load(kind, path=None, say=print, origin=None):
+def load(kind, path=None, say=print, embedded_name=None):
     """(params, is_default): the file at path; with no path weights/<kind>.safetensors; else the embedded
-    default of origin ('world' or 'tiny'; None: `embedded()`), said out loud. Kinds without a default
+    default named embedded_name ('world' or 'tiny'; None: `embedded()`), said out loud. Kinds without a default
     (inception) give (None, True) with a note."""
     k = KINDS[kind]
     if path:  # asked for by name: it must be there
@@ -325,20 +338,20 @@ def load(kind, path=None, say=print, origin=None):
         say(f"note: {p} not found: {k.what} has no embedded default (random weights would give meaningless "
             f"numbers), so {k.needed_for} is not computed. To compute it: {convert_command(kind)}")
         return None, True
-    origin = origin or embedded()
-    if origin == "world":
+    name = embedded_name or embedded()
+    if name == "world":
         say(f"note: {p} not found: using the synthetic head world's {k.what} ({WORLD}; not faces). "
             f"For real weights: {convert_command(kind)}")
     else:
         say(f"note: {p} not found: using the TINY random default (a pipeline check, not a face model). "
             f"For real weights: {convert_command(kind)}")
-    return default(kind, origin), True
+    return default(kind, name), True
 
 
 def _announce(name, kinds, defaulted):
     """The one line that says where a run's networks come from."""
     if name == "converted":
-        return f"networks: converted weights ({DIR}, or the files given)"
+        return f"networks: from files (converted weights in {DIR}, or the files given by flag)"
     if name == "world":
         return (f"note: no converted weights in weights/: using the synthetic head world ({WORLD}: a generator of "
                 f"rendered heads, its trained mask networks, ArcFace and DECA encoders; python build_world.py). It "
@@ -384,7 +397,7 @@ def load_all(kinds, say=print, origin=None, **paths):
                 raise StyleMaskError(f"{present}: a converted e4e encoder, but the generator is the {name} default "
                                      f"({DIR / KINDS['generator'].file} not found): convert the generator too")
         nets[kind], is_default = load(kind, paths.get(kind), say=say if kind == "inception" else quiet,
-                                      origin=None if converted else name)
+                                      embedded_name=None if converted else name)
         if is_default:
             defaulted.add(kind)
     if "masknet" in nets and "generator" in nets:

@@ -280,6 +280,7 @@ def check_inception(I):
 
 
 def check_fit(P):
-    """Raise StyleMaskError unless P is a network's tensors of a world.fit checkpoint: named, none empty."""
+    """Raise StyleMaskError unless P, the network's tensors of a world.fit checkpoint, holds any (the network's
+    own check runs on the file it ships as)."""
     if not P:
         raise StyleMaskError("a training checkpoint without parameters: it is damaged; delete it to retrain that stage")

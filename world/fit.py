@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import cli
 import weights
+from stylemask import StyleMaskError
 
 
 @dataclass
@@ -63,6 +64,15 @@ def save(path, P, opt, trained, step):
 
 def load(path):
     """(P, state, step) of a checkpoint written by `save` (state: `weights.adam_state`'s tensors)."""
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # damaged: weights.read names the problem below
+        meta = {}
+    if "step" in meta and "stylemask" not in meta:
+        raise StyleMaskError(f"{path}: a checkpoint of an earlier build (before checkpoints had a kind and "
+                             f"torch.optim.Adam's state): delete it to retrain that stage, or use a new --work")
     P, state = weights.read(path, "fit")
     return P, state, int(state["train.step"])
 
@@ -88,7 +98,7 @@ def fit(job, work, workers=1, say=print, position=None):
         P.update(saved)
         say(f"{job.name}: resuming at step {start} from {ckpt}")
     opt, trained = adam(P, job)
-    weights.restore_adam(opt, trained, state)
+    weights.restore_adam(opt, trained, state, ckpt)
     cli.trim_log(log_path, start - 1)  # lines past the checkpoint belong to the lost part of an interrupted run
     names = list(job.lr)
     bar = tqdm(range(start, job.steps), initial=start, total=job.steps, desc=job.name, unit="step",
