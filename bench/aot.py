@@ -9,8 +9,10 @@ Run from the repository root (`python -m` then finds this package and the model'
 1. Capture. `stylemask.synthesis` of the ffhq-1024 config-f generator runs on *meta* tensors (no memory,
    no maths), forward and backward (`s.grad`, as train.py needs), for fp32 / fp16 / bf16 at batch 1 and 16,
    on the CUDA code path (`gpu_code_path`). `JITFunction.run` is replaced at class level, so every
-   @triton.jit launch is recorded (kernel, grid, arguments, options) instead of run. Each launch is tagged
-   with the synthesis layer whose op (`kernels.modconv` / `kernels.upfirdn2d`) made it and fwd / bwd.
+   @triton.jit launch is recorded (kernel, grid, arguments, options) instead of run, and a TorchDispatchMode
+   (`counting`) records every PyTorch op between them that moves memory or computes (its bytes and FLOPs).
+   Each is tagged with the synthesis layer whose op (`kernels.layer`) made it and fwd / bwd. The reference
+   path (STYLEMASK_BACKEND=torch: plain PyTorch, no launch) is captured the same way.
 2. Specialise. Each launch is specialised by Triton's own binder with the CUDA backend, as the JIT does:
    ints equal to 1 become constexpr; ints and pointers divisible by 16 get tt.divisibility=16 (a tensor's
    address is taken as 256-B aligned, as the CUDA caching allocator guarantees, plus its storage offset).
@@ -21,10 +23,12 @@ Run from the repository root (`python -m` then finds this package and the model'
    H100/H200 232448 B: Triton raises OutOfResources at launch above it), num_warps / num_stages,
    tensor-core opcodes in the SASS (HMMA, HGMMA = wgmma, IMMA, ...), and SASS instructions per MMA
    instruction in the main loop (the largest backward-branch interval).
-4. Model. A lower bound on an H200 per launch, LB = max(MMA time, SASS issue time, HBM time), with
+4. Model. An optimistic bound on an H200 per launch, max(MMA time, SASS issue time, HBM time), with
    CTAs per SM from registers and shared memory and wave quantisation, from the sm_90a binaries and the
-   per-kernel knowledge in `MODELS`; summed over the synthesis (forward; forward + backward), beside an
-   ideal cuDNN roofline of the same convolutions and the bound of the reference path (`modconv_ref`).
+   per-kernel knowledge in `MODELS`; per PyTorch op max(FLOPs at peak, bytes at HBM bandwidth); plus a
+   launch gap (`LAUNCH_S`) per kernel of either kind. Summed over the synthesis, forward and forward +
+   backward, for the Triton path and the reference path alike, beside an ideal cuDNN roofline of the same
+   convolutions. Peak rates everywhere: a bound that no real run beats, not a prediction of one.
    Kernels without a `MODELS` entry are compiled and reported, and listed as "not modelled".
 
 Output: the variant table, the whole-synthesis table per (dtype, batch) and, with --layers, the per-launch
@@ -34,9 +38,14 @@ table. --json PATH writes
     null without a loop or MMA), error (null or the compiler's message); and kernel_instr_per_mma (the whole
     kernel's SASS per MMA: the measure for kernels whose short loop was unrolled), num_warps, num_stages,
     spill_stores, spill_loads, mma_count, n_instr, loop_instr, loop_mma, launches, specialisation, used_by.
-  configs: one row per (dtype, batch), whole synthesis, µs: lb_us, cudnn_us, ref_us, exec_over_useful,
-    mma_us, issue_us, hbm_us (forward); lb_fwd_bwd_us, triton_bwd_us, torch_bwd_us, cudnn_fwd_bwd_us,
-    ref_fwd_bwd_us (forward + backward); launches_fwd, launches_bwd, not_modelled.
+  configs: one row per (dtype, batch), whole synthesis, µs: lb_us and lb_fwdbwd_us (the Triton path: its
+    launches and PyTorch ops), ref_us and ref_fwdbwd_us (the reference path's ops), cudnn_us and
+    cudnn_fwdbwd_us (ideal conv roofline); the Triton forward's parts: triton_us (its launches alone;
+    mma_us, issue_us, hbm_us), conv_us and conv_over_cudnn, fir_us, torgb_us, torch_us (its PyTorch ops,
+    their launch gaps included);
+    triton_bwd_us, torch_bwd_us, launch_overhead_us; bytes of PyTorch ops: torch_bytes, torch_bytes_bwd
+    (and torch_bytes_bwd_by_op, the 8 largest), ref_bytes, ref_bytes_bwd; exec_over_useful; launches_fwd,
+    launches_bwd, torch_ops_fwd, torch_ops_bwd, ref_ops_fwd, ref_ops_bwd, not_modelled.
   launches (with --layers): one row per launch: layer, op, phase, variant, grid and the model's figures.
 A new kernel gets its model by an entry in `MODELS` (see there); without one it is still checked.
 
@@ -88,6 +97,10 @@ L2 = 50 * 2**20           # bytes of L2
 REGS_SM, WARPS_SM, CTAS_SM = 65536, 64, 32           # per SM
 SMEM_SM, SMEM_CTA_RESERVED = 228 * 1024, 1024        # shared memory per SM, and reserved per CTA
 ISSUE_PER_SM = 4 * CLK    # warp-instructions/s per SM: 4 schedulers, 1 warp-instruction per clock each
+# Per kernel launch, Triton's or PyTorch's: the GPU-side gap between back-to-back kernels of a stream (launch
+# latency plus the tail of a small grid), ~3 µs on Hopper as commonly measured with empty kernels; an
+# estimate, not a measurement here. CUDA graphs would remove most of it.
+LAUNCH_S = 3e-6
 
 TARGETS = {"sm_80": 80, "sm_90a": 90}
 SMEM_LIMIT = {"sm_80": 166912, "sm_90a": 232448}     # opt-in shared memory per block, bytes
@@ -155,6 +168,102 @@ def recording(log):
         JITFunction.run = real
 
 
+class TorchOp:
+    """One PyTorch (aten) op that launches GPU work, recorded on the meta run: its HBM bytes (every tensor it
+    reads and writes, broadcast dimensions counted once), its FLOPs (convolutions and matrix products) and the
+    peak those FLOPs run at, tagged like a launch."""
+    __slots__ = ("name", "bytes", "flops", "peak", "layer", "op", "phase", "dtype", "batch")
+
+    def __init__(self, name, bytes_, flops, peak):
+        self.name, self.bytes, self.flops, self.peak = name, bytes_, flops, peak
+        self.layer, self.op, self.phase, self.dtype, self.batch = "", "", "fwd", "", 0
+
+    @property
+    def seconds(self):
+        """Its optimistic time on an H200: max(FLOPs at peak, bytes at HBM bandwidth) plus one launch gap."""
+        return max(self.flops / self.peak if self.flops else 0.0, self.bytes / HBM) + LAUNCH_S
+
+
+aten = torch.ops.aten
+ALLOCATING = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.new_empty.default,
+              aten.new_empty_strided.default, aten.scalar_tensor.default, aten.lift_fresh.default}  # no traffic
+WRITE_ONLY = {aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default}  # self not read
+
+
+def _touched(t):
+    """Bytes of tensor t that a kernel touches: every element once, broadcast (stride-0) dimensions once."""
+    return math.prod(n for n, st in zip(t.shape, t.stride()) if st != 0) * t.element_size()
+
+
+def _is_view(func):
+    """True for ops whose outputs alias an input without writing it (views, reshapes, detach): no traffic."""
+    rets = func._schema.returns
+    return bool(rets) and all(r.alias_info is not None and not r.alias_info.is_write for r in rets)
+
+
+def _dense_peak(dtype):
+    """FLOP/s of a dense convolution or matrix product in dtype: tensor cores, TF32 for fp32 unless PyTorch's
+    switch turns TF32 off (--exact), then FFMA."""
+    if dtype != torch.float32:
+        return PEAK_TC
+    return PEAK_TF32 if torch.backends.cudnn.allow_tf32 else PEAK_FFMA
+
+
+def _flops(func, args, out):
+    """(FLOPs, peak FLOP/s) of convolutions and matrix products; (0, 0) for everything else."""
+    if func in (aten.convolution.default, aten.convolution_backward.default):
+        x, w = (args[0], args[1]) if func is aten.convolution.default else (args[1], args[2])
+        transposed, groups = (args[6], args[8]) if func is aten.convolution.default else (args[7], args[9])
+        side = x if transposed else (out if func is aten.convolution.default else args[0])
+        flops = 2 * side.numel() * w.shape[1] * math.prod(w.shape[2:])
+        if func is aten.convolution_backward.default:
+            flops *= sum(bool(m) for m in args[10][:2])  # input and weight gradients, as asked
+        peak = _dense_peak(x.dtype) if groups == 1 else PEAK_FFMA
+        return flops, peak
+    if func in (aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default):
+        a, b = (args[1], args[2]) if func in (aten.addmm.default, aten.baddbmm.default) else (args[0], args[1])
+        return 2 * a.numel() * b.shape[-1], _dense_peak(a.dtype)
+    return 0, 0
+
+
+class counting(torch.utils._python_dispatch.TorchDispatchMode):
+    """Within: every aten op that moves memory or computes (not views, not allocations) appends a TorchOp to log."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in ALLOCATING or _is_view(func):
+            return out
+        flat = lambda tree: [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]  # noqa: E731
+        reads = flat([a for i, a in enumerate(args) if not (i == 0 and func in WRITE_ONLY)])
+        reads += flat({k: v for k, v in kwargs.items() if k != "out"})
+        writes = flat(out)
+        bytes_ = sum(_touched(t) for t in reads + writes)
+        flops, peak = _flops(func, args, out)
+        if bytes_ or flops:
+            self.log.append(TorchOp(str(func.overloadpacket.__name__), bytes_, flops, peak))
+        return out
+
+
+@contextmanager
+def reference_code_path():
+    """Within: the kernels take their reference (plain PyTorch) path on meta tensors: what runs on a GPU with
+    STYLEMASK_BACKEND=torch, the path the Triton kernels are measured against."""
+    backend = os.environ.get("STYLEMASK_BACKEND")
+    os.environ["STYLEMASK_BACKEND"] = "torch"
+    try:
+        yield
+    finally:
+        if backend is None:
+            os.environ.pop("STYLEMASK_BACKEND")
+        else:
+            os.environ["STYLEMASK_BACKEND"] = backend
+
+
 @contextmanager
 def gpu_code_path():
     """Within: the kernels take their CUDA code path on meta tensors: `resolve` answers "triton" in every
@@ -181,17 +290,19 @@ def gpu_code_path():
 
 
 @contextmanager
-def tagging(log, layout):
-    """Within: launches made inside an op of `OPS` are tagged with its layer; in the backward, with the
-    layer of the op whose output gradient autograd reached last (a hook on each op's output)."""
+def tagging(logs, layout):
+    """Within: records (launches, PyTorch ops) appended to any of logs inside an op of `OPS` are tagged with its
+    layer; in the backward, with the layer of the op whose output gradient autograd reached last (a hook on each
+    op's output). Records outside any op keep the layer "" (the synthesis' own ops, e.g. slicing s)."""
     names = iter([L.name for L in layout])
-    state = dict(layer="", op="", phase="fwd", seen=0)
+    state = dict(layer="", op="", phase="fwd", seen=[0] * len(logs))
     real = {op: getattr(kernels, op) for op in OPS}
 
     def tag_new():
-        for r in log[state["seen"]:]:
-            r.layer, r.op, r.phase = state["layer"], state["op"], state["phase"]
-        state["seen"] = len(log)
+        for i, log in enumerate(logs):
+            for r in log[state["seen"][i]:]:
+                r.layer, r.op, r.phase = state["layer"], state["op"], state["phase"]
+            state["seen"][i] = len(log)
 
     def wrap(op):
         def call(*args, **kwargs):
@@ -231,21 +342,29 @@ def generator():
     return _GENERATOR["G"]
 
 
-def capture(dtype, batch):
-    """Every Triton launch of synthesis(G, s) and of its backward w.r.t. s, at batch `batch`, on meta tensors."""
+def capture(dtype, batch, path="triton"):
+    """(Triton launches, PyTorch ops) of synthesis(G, s) and of its backward w.r.t. s, at batch `batch`, on meta
+    tensors, on the Triton code path (`gpu_code_path`) or the reference path ("ref": no launch, PyTorch ops only).
+    The loss's own ops (img.sum() and its gradient) are not counted."""
     G = {k: v.to("meta", DTYPES[dtype]) for k, v in generator().items()}
     layout = sm.style_layout(G)
     s = torch.empty(batch, layout[-1].offset + layout[-1].dim, device="meta", dtype=DTYPES[dtype],
                     requires_grad=True)  # (B, D)
-    log = []
-    with gpu_code_path(), recording(log), tagging(log, layout) as tag_new:
-        img = sm.synthesis(G, s)  # (B, 3, 1024, 1024)
+    log, ops = [], []
+    code_path = gpu_code_path() if path == "triton" else reference_code_path()
+    with code_path, recording(log), tagging([log, ops], layout) as tag_new:
+        with counting(ops):
+            img = sm.synthesis(G, s)  # (B, 3, 1024, 1024)
         tag_new()
-        img.sum().backward()
+        forward, dimg = len(ops), torch.ones_like(img)  # ∂L/∂img of some loss
+        with counting(ops):
+            img.backward(dimg)
         tag_new()
-    for r in log:
+    for r in ops[forward:]:  # (the output's own backward runs before any layer's hook says "bwd")
+        r.phase = "bwd"
+    for r in log + ops:
         r.dtype, r.batch = dtype, batch
-    return log
+    return log, ops
 
 
 # --- 2. Specialise like the JIT -----------------------------------------------------------------------------
@@ -485,22 +604,16 @@ ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 def conv_bounds(B, Cin, Cout, H, W, k, up, demod, dtype):
-    """The same convolution on PyTorch: (ideal cuDNN roofline, reference-path bound) in seconds, and its FLOPs.
-
-    cuDNN: max(FLOPs at the tensor-core peak, x + y + weight once through HBM); fp32 at TF32, PyTorch's
-    default for convolutions. Reference path (`modconv_ref`): the same FLOPs, and every pass it makes over
-    memory: x·s (read x, write), the convolution, y·d when demodulating, and for up=2 the FIR's pad and
-    depthwise convolution over the (2H+1)² transposed output.
-    """
+    """The ideal cuDNN roofline of the same convolution, in seconds, and its FLOPs: max(FLOPs at the
+    tensor-core peak, x + y + weight once through HBM); fp32 at TF32, PyTorch's default for convolutions (FFMA
+    with --exact).
+    (The reference path is not modelled here: its own ops are counted, `counting`.)"""
     e = ELEMENT[dtype]
     flops = 2 * B * Cout * Cin * k * k * H * W
     x, w = B * Cin * H * W * e, Cout * Cin * k * k * e
     y = B * Cout * (H * up + (k - 1 if up == 2 else 0)) * (W * up + (k - 1 if up == 2 else 0)) * e
-    peak = PEAK_TF32 if dtype == "fp32" else PEAK_TC
-    passes = 2 * x + (x + y + w) + (2 * y if demod else 0)
-    if up == 2:
-        passes += 3 * y + B * Cout * H * up * W * up * e
-    return dict(cudnn_s=max(flops / peak, (x + y + w) / HBM), ref_s=max(flops / peak, passes / HBM), flops=flops)
+    peak = _dense_peak(DTYPES[dtype])
+    return dict(cudnn_s=max(flops / peak, (x + y + w) / HBM), flops=flops)
 
 
 def _model_modconv(r):
@@ -620,33 +733,57 @@ def model_launch(r, variants):
                 t_mma=t_mma, t_issue=t_issue, t_hbm=t_hbm, lb=lb, bound=bound)
 
 
-def summarise(launches, models, dtype, batch):
-    """Whole-synthesis figures for one (dtype, batch): forward, and forward + backward, in microseconds.
+def bytes_by_op(ops, n=8):
+    """{aten op name: HBM bytes} of the n ops that move the most, summed over their calls."""
+    total = Counter()
+    for o in ops:
+        total[o.name] += o.bytes
+    return dict(total.most_common(n))
 
-    Layers whose backward launches no Triton kernel run it in PyTorch; they are charged 2× the reference
-    path's bound (autograd through the reference: its forward recomputed, then its gradient). cuDNN and the
-    reference path, forward + backward: 2× their forward (the input-gradient convolution has the forward's
-    FLOPs and bytes).
+
+def summarise(launches, models, ops, ref_ops, dtype, batch):
+    """Whole-synthesis figures for one (dtype, batch), microseconds: optimistic bounds of every op of a path.
+
+    Triton path (`lb_*`): each Triton launch's bound (`model_launch`) plus each PyTorch op it runs between them
+    (`TorchOp.seconds`), every launch plus `LAUNCH_S`. Reference path (`ref_*`): its own PyTorch ops, counted the
+    same way. Forward, and forward + backward (the gradient w.r.t. s that training needs). cuDNN: the ideal
+    roofline of the forward's convolutions (2× for forward + backward: the input gradient's convolution has
+    the forward's FLOPs and bytes). The conv, FIR, ToRGB and PyTorch-op parts of the Triton forward beside.
     """
     rows = [(r, m) for r, m in zip(launches, models) if r.dtype == dtype and r.batch == batch]
-    fwd = [(r, m) for r, m in rows if r.phase == "fwd"]
+    fwd, bwd = [(r, m) for r, m in rows if r.phase == "fwd"], [(r, m) for r, m in rows if r.phase == "bwd"]
+    mine = [o for o in ops if o.dtype == dtype and o.batch == batch]
+    ref = [o for o in ref_ops if o.dtype == dtype and o.batch == batch]
+    t_fwd, t_bwd = [o for o in mine if o.phase == "fwd"], [o for o in mine if o.phase == "bwd"]
+    r_fwd, r_bwd = [o for o in ref if o.phase == "fwd"], [o for o in ref if o.phase == "bwd"]
     convs = [m for _, m in fwd if m and m["is_conv"]]
     us = lambda seq: sum(seq) * 1e6  # noqa: E731
-    bwd_ops = {(r.layer, r.op) for r, _ in rows if r.phase == "bwd"}
-    torch_bwd = [m["conv"]["ref_s"] * 2 for r, m in fwd if m and m["is_conv"] and (r.layer, r.op) not in bwd_ops]
+    launched = lambda part: us(m["lb"] + LAUNCH_S for _, m in part if m)  # noqa: E731
+    kernel_us = lambda part, names: us(m["lb"] for r, m in part if m and r.kernel in names)  # noqa: E731
     useful = sum(m["useful_flops"] for m in convs)
-    lb_fwd = us(m["lb"] for _, m in fwd if m)
-    triton_bwd = us(m["lb"] for r, m in rows if m and r.phase == "bwd")
-    cudnn, ref = us(m["conv"]["cudnn_s"] for m in convs), us(m["conv"]["ref_s"] for m in convs)
-    return dict(dtype=dtype, batch=batch, launches_fwd=len(fwd), launches_bwd=len(rows) - len(fwd),
-                lb_us=lb_fwd, cudnn_us=cudnn, ref_us=ref,
+    triton_fwd = us(m["lb"] for _, m in fwd if m)
+    lb_fwd = launched(fwd) + us(o.seconds for o in t_fwd)
+    lb_bwd = launched(bwd) + us(o.seconds for o in t_bwd)
+    ref_fwd, ref_bwd = us(o.seconds for o in r_fwd), us(o.seconds for o in r_bwd)
+    cudnn = us(m["conv"]["cudnn_s"] for m in convs)
+    conv_us = kernel_us(fwd, ("_modconv_kernel", "_torgb_kernel"))
+    return dict(dtype=dtype, batch=batch, launches_fwd=len(fwd), launches_bwd=len(bwd),
+                torch_ops_fwd=len(t_fwd), torch_ops_bwd=len(t_bwd), ref_ops_fwd=len(r_fwd), ref_ops_bwd=len(r_bwd),
+                lb_us=lb_fwd, lb_fwdbwd_us=lb_fwd + lb_bwd, ref_us=ref_fwd, ref_fwdbwd_us=ref_fwd + ref_bwd,
+                cudnn_us=cudnn, cudnn_fwdbwd_us=2 * cudnn,
+                triton_us=triton_fwd, triton_bwd_us=us(m["lb"] for _, m in bwd if m),
+                conv_us=conv_us, conv_over_cudnn=conv_us / cudnn if cudnn else None,
+                fir_us=kernel_us(fwd, ("_fir_act_kernel", "_upfirdn2d_kernel")),
+                torgb_us=kernel_us(fwd, ("_torgb_kernel",)),
+                torch_us=us(o.seconds for o in t_fwd), torch_bwd_us=us(o.seconds for o in t_bwd),
+                launch_overhead_us=us([LAUNCH_S] * (len(fwd) + len(bwd) + len(mine))),
+                torch_bytes=sum(o.bytes for o in t_fwd), torch_bytes_bwd=sum(o.bytes for o in t_bwd),
+                ref_bytes=sum(o.bytes for o in r_fwd), ref_bytes_bwd=sum(o.bytes for o in r_bwd),
+                torch_bytes_bwd_by_op=bytes_by_op(t_bwd),
                 exec_over_useful=sum(m["exec_flops"] * m["programs"] for m in convs) / useful if useful else None,
                 mma_us=us(m["t_mma"] for _, m in fwd if m), issue_us=us(m["t_issue"] for _, m in fwd if m),
                 hbm_us=us(m["t_hbm"] for _, m in fwd if m),
-                useful_tflops_at_lb=useful / lb_fwd / 1e6 if lb_fwd else None,
-                lb_fwd_bwd_us=lb_fwd + triton_bwd + us(torch_bwd), triton_bwd_us=triton_bwd,
-                torch_bwd_us=us(torch_bwd), torch_bwd_layers=len(torch_bwd),
-                cudnn_fwd_bwd_us=2 * cudnn, ref_fwd_bwd_us=2 * ref,
+                useful_tflops_at_lb=useful / triton_fwd / 1e6 if triton_fwd else None,
                 not_modelled=sorted({r.kernel for r, m in rows if m is None}))
 
 
@@ -693,30 +830,31 @@ def print_layers(launches, models):
         conv = m.get("conv")
         print(f"{r.phase:<3} {r.layer:<11} {r.op:<9} {r.variant:<12} {m['shape']:<30} {m['programs']:>6} "
               f"{m['ctas']:>3} {m['waves']:>5} {f(m['t_mma']):>8} {f(m['t_issue']):>8} {f(m['t_hbm']):>7} "
-              f"{f(m['lb']):>8} {m['bound']:<5} {f(conv['cudnn_s']) if conv else '-':>7} "
-              f"{f(conv['ref_s']) if conv else '-':>7}")
+              f"{f(m['lb']):>8} {m['bound']:<5} {f(conv['cudnn_s']) if conv else '-':>7}")
 
 
 def print_summary(configs):
     """The per-(dtype, batch) table of whole-synthesis figures."""
-    print("\nH200 model, whole synthesis (µs): forward | forward + backward")
-    print(f"{'dtype':<5} {'B':>3} {'launches':>8} {'LB':>9} {'MMA':>8} {'issue':>8} {'HBM':>7} {'cuDNN':>7} "
-          f"{'ref':>7} {'LB/cuDNN':>8} {'exec/use':>8} | {'LB':>9} {'cuDNN':>7} {'ref':>7}")
+    print("\nH200 model, whole synthesis, optimistic bounds (µs; every op of each path, launch gaps included)")
+    print(f"{'dtype':<5} {'B':>3} {'ops':>10} {'Triton':>8} {'ref':>8} {'T/ref':>5} {'conv':>7} {'/cuDNN':>6} "
+          f"{'FIR':>6} {'ToRGB':>6} {'torch':>6} | {'Triton':>8} {'ref':>8} {'T/ref':>5} {'torch GB':>8}")
     for c in configs:
-        print(f"{c['dtype']:<5} {c['batch']:>3} {c['launches_fwd']:>4}+{c['launches_bwd']:<3} {c['lb_us']:>9.0f} "
-              f"{c['mma_us']:>8.0f} {c['issue_us']:>8.0f} {c['hbm_us']:>7.0f} {c['cudnn_us']:>7.0f} "
-              f"{c['ref_us']:>7.0f} "
-              f"{c['lb_us'] / c['cudnn_us'] if c['cudnn_us'] else math.nan:>8.1f} "
-              f"{c['exec_over_useful'] or math.nan:>8.2f} | {c['lb_fwd_bwd_us']:>9.0f} {c['cudnn_fwd_bwd_us']:>7.0f} "
-              f"{c['ref_fwd_bwd_us']:>7.0f}")
+        ops = f"{c['launches_fwd'] + c['torch_ops_fwd']}+{c['launches_bwd'] + c['torch_ops_bwd']}"
+        print(f"{c['dtype']:<5} {c['batch']:>3} {ops:>10} {c['lb_us']:>8.0f} {c['ref_us']:>8.0f} "
+              f"{c['lb_us'] / c['ref_us']:>5.2f} {c['conv_us']:>7.0f} {c['conv_over_cudnn'] or math.nan:>6.2f} "
+              f"{c['fir_us']:>6.0f} {c['torgb_us']:>6.0f} {c['torch_us']:>6.0f} | {c['lb_fwdbwd_us']:>8.0f} "
+              f"{c['ref_fwdbwd_us']:>8.0f} {c['lb_fwdbwd_us'] / c['ref_fwdbwd_us']:>5.2f} "
+              f"{c['torch_bytes_bwd'] / 1e9:>8.1f}")
         if c["not_modelled"]:
             print(f"      not modelled (no MODELS entry, or no {MODEL_TARGET} binary): {', '.join(c['not_modelled'])}")
-    print("(Estimates from the compiled code; the compile facts above are not. LB: per launch max(MMA time of the "
-          "executed tiles (FFMA time where the SASS has no MMA), SASS issue at 1 warp-instruction/clock/scheduler, "
-          "HBM bytes / 4.8 TB/s), CTAs/SM from regs + smem, wave-quantised, summed; no launch overhead. cuDNN: "
-          "ideal roofline of the same convs (fp32 at TF32). ref: modconv_ref's memory passes. exec/use: executed "
-          "over useful conv FLOPs. Forward + backward: Triton launches of both, plus 2× the ref bound for layers "
-          "whose backward runs in PyTorch; cuDNN and ref at 2× forward.)")
+    print(f"(Estimates from the compiled code; the compile facts above are not. Left: forward; right: forward + "
+          f"backward w.r.t. s. Triton: the Triton path, each launch max(MMA time of the executed tiles (FFMA where "
+          f"the SASS has no MMA), SASS issue at 1 warp-instruction/clock/scheduler, HBM bytes / 4.8 TB/s) with CTAs/SM "
+          f"from regs + smem, wave-quantised, plus every PyTorch op it runs at max(FLOPs at peak, bytes / 4.8 TB/s); "
+          f"ref: the reference path's own PyTorch ops, the same way; both plus {LAUNCH_S * 1e6:.0f} µs per launch "
+          f"(an estimate). conv: the Triton conv and ToRGB launches; /cuDNN: over the ideal roofline of the same "
+          f"convs (fp32 at TF32). FIR, ToRGB, torch: the forward's FIR launches, ToRGB launches and PyTorch ops. "
+          f"torch GB: the backward's PyTorch-op bytes. Bounds assume peak rates: no real time is predicted.)")
 
 
 def variant_rows(variants, targets):
@@ -790,7 +928,13 @@ def main(argv=None):
     targets = ["sm_90a"] if a.quick else list(TARGETS)
     t0 = time.time()
 
-    launches = [r for dt in dtypes for B in batches for r in capture(dt, B)]
+    launches, ops, ref_ops = [], [], []
+    for dt in dtypes:
+        for B in batches:
+            log, torch_ops = capture(dt, B)
+            launches += log
+            ops += torch_ops
+            ref_ops += capture(dt, B, path="ref")[1]
     variants = variants_of(launches)
     per = Counter((r.dtype, r.batch, r.phase) for r in launches)
     print(f"triton {triton.__version__}; {ARCH} synthesis on meta tensors: {len(launches)} launches ("
@@ -803,7 +947,7 @@ def main(argv=None):
     models = [model_launch(r, variants) for r in launches]
     if a.layers:
         print_layers(launches, models)
-    configs = [summarise(launches, models, dt, B) for dt in dtypes for B in batches]
+    configs = [summarise(launches, models, ops, ref_ops, dt, B) for dt in dtypes for B in batches]
     print_summary(configs)
     bad = failures(variants, targets)
     if a.json:

