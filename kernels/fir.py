@@ -34,10 +34,10 @@ def epilogue_ref(y, noise=None, bias=None, act=False, clamp=None):
     return y if clamp is None else y.clamp(-clamp, clamp)
 
 
-def fir_act_ref(P, fir, noise=None, bias=None, act=False, clamp=None):
-    """P (B, C, PH, PW) -> FIR(P) (B, C, PH − kf + 1, PW − kf + 1), then the epilogue: what `fir_act` computes,
-    in plain PyTorch."""
-    return epilogue_ref(upfirdn2d_ref(P, fir), noise, bias, act, clamp)
+def fir_act_ref(P, fir, noise=None, bias=None, act=False, clamp=None, flip=False):
+    """P (B, C, PH, PW) -> FIR(P) (B, C, PH − kf + 1, PW − kf + 1) (with fir flipped if flip), then the
+    epilogue: what `fir_act` computes, in plain PyTorch."""
+    return epilogue_ref(upfirdn2d_ref(P, fir.flip([0, 1]) if flip else fir), noise, bias, act, clamp)
 
 
 def fir_input_pad(fir):
@@ -97,7 +97,8 @@ def _fir_row(src, spw, h0, h1, h2, h3, ok, KF: tl.constexpr):
 @triton.jit
 def _fir_act_kernel(
     p_ptr,                   # FIR input P (B, PH, PW, C), channels-last, zero-bordered
-    f_ptr,                   # filter (KF, KF), fp32, contiguous; a true convolution (used flipped)
+    f_ptr,                   # filter (KF, KF), fp32, contiguous; a true convolution (used flipped; FLIP: a
+                             # correlation, the convolution with the flipped filter: the FIR's adjoint)
     fv_ptr, fh_ptr,          # (KF,) fp32: its factors, f = fv ⊗ fh (read only if SEPARABLE)
     n_ptr,                   # noise (NB, OH, OW), times its strength (read only if NOISE)
     bias_ptr,                # (C,) bias (read only if BIAS)
@@ -108,7 +109,7 @@ def _fir_act_kernel(
     snb,                     # batch stride of the noise (0: shared)
     clamp,
     KF: tl.constexpr, SEPARABLE: tl.constexpr, NOISE: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr,
-    CLAMP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    CLAMP: tl.constexpr, FLIP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Grid (B · cdiv(OH, 4) · cdiv(OW, BLOCK_W), cdiv(C, BLOCK_C)): program (b, row block, column block, tc)
     # writes 4 output rows × BLOCK_W pixels × BLOCK_C channels. C must be a multiple of BLOCK_C (the launcher
@@ -126,14 +127,14 @@ def _fir_act_kernel(
     yy = oy0 + tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.int32)  # (row tests as tensors: the interpreter
     yw = oy0 + tl.zeros((BLOCK_W,), dtype=tl.int32)           #  cannot mask with tensor & scalar)
     if SEPARABLE:  # flipped factors: the convolution meets tap i with f[KF − 1 − i]
-        h0 = tl.load(fh_ptr + KF - 1)
-        h1 = tl.load(fh_ptr + KF - 2)
-        h2 = tl.load(fh_ptr + (KF - 3 if KF > 2 else 0))
-        h3 = tl.load(fh_ptr + (KF - 4 if KF > 3 else 0))
-        v0 = tl.load(fv_ptr + KF - 1)
-        v1 = tl.load(fv_ptr + KF - 2)
-        v2 = tl.load(fv_ptr + (KF - 3 if KF > 2 else 0))
-        v3 = tl.load(fv_ptr + (KF - 4 if KF > 3 else 0))
+        h0 = tl.load(fh_ptr + (0 if FLIP else KF - 1))
+        h1 = tl.load(fh_ptr + (1 if FLIP else KF - 2))
+        h2 = tl.load(fh_ptr + ((2 if FLIP else KF - 3) if KF > 2 else 0))
+        h3 = tl.load(fh_ptr + ((3 if FLIP else KF - 4) if KF > 3 else 0))
+        v0 = tl.load(fv_ptr + (0 if FLIP else KF - 1))
+        v1 = tl.load(fv_ptr + (1 if FLIP else KF - 2))
+        v2 = tl.load(fv_ptr + ((2 if FLIP else KF - 3) if KF > 2 else 0))
+        v3 = tl.load(fv_ptr + ((3 if FLIP else KF - 4) if KF > 3 else 0))
         # input row oy0 + k feeds output row oy0 + r with vertical tap k − r (0 ≤ k − r < KF)
         r = _fir_row(src, spw, h0, h1, h2, h3, ld & (yy < OH + KF - 1), KF)
         a0 = r * v0
@@ -173,7 +174,7 @@ def _fir_act_kernel(
         a3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         for i in tl.static_range(KF):
             for j in tl.static_range(KF):
-                tap = tl.load(f_ptr + (KF - 1 - i) * KF + (KF - 1 - j))
+                tap = tl.load(f_ptr + ((i * KF + j) if FLIP else ((KF - 1 - i) * KF + (KF - 1 - j))))
                 a0 += tl.load(src + i * sph + j * spw, mask=ld & (yy < OH), other=0.0).to(tl.float32) * tap
                 a1 += tl.load(src + (i + 1) * sph + j * spw, mask=ld & (yy + 1 < OH), other=0.0).to(tl.float32) * tap
                 a2 += tl.load(src + (i + 2) * sph + j * spw, mask=ld & (yy + 2 < OH), other=0.0).to(tl.float32) * tap
@@ -210,9 +211,10 @@ def separable(fir):
     return out
 
 
-def fir_act(P, fir, noise=None, bias=None, act=False, clamp=None, halo_out=False):
+def fir_act(P, fir, noise=None, bias=None, act=False, clamp=None, halo_out=False, flip=False):
     """P (B, C, PH, PW) channels-last -> FIR(P) (B, C, PH − kf + 1, PW − kf + 1) (+ noise, bias, act, clamp);
-    halo_out: the result is a `halo_empty` view."""
+    halo_out: the result is a `halo_empty` view; flip: filter with fir flipped (the FIR's adjoint), reading the
+    same filter tensor, so its separability is checked once, not once per backward."""
     B, C, PH, PW = P.shape
     KF = fir.shape[0]
     OH, OW = PH - KF + 1, PW - KF + 1
@@ -229,5 +231,6 @@ def fir_act(P, fir, noise=None, bias=None, act=False, clamp=None, halo_out=False
                           P.stride(0), P.stride(2), P.stride(3), y.stride(0), y.stride(2), y.stride(3),
                           nz.stride(0) if nz is not None and nz.shape[0] > 1 else 0, float(clamp or 0.0),
                           KF=KF, SEPARABLE=sep is not None, NOISE=nz is not None, BIAS=bias is not None,
-                          ACT=bool(act), CLAMP=clamp is not None, BLOCK_W=BW, BLOCK_C=BC, num_warps=4)
+                          ACT=bool(act), CLAMP=clamp is not None, FLIP=bool(flip), BLOCK_W=BW, BLOCK_C=BC,
+                          num_warps=4)
     return y

@@ -210,7 +210,7 @@ def _conv_layer_backward(x, weight, s, bias, nz, y, up, fir, clamp, dy):
         KF = fir.shape[0]
         t = KF - 1 - fir_input_pad(fir)  # the FIR's adjoint: correlate g, padded by t and KF − t, with fir
         gp = channels_last(F.pad(g, [t, KF - t, t, KF - t]))
-        dT = fir_act(gp, fir.flip([0, 1]))                        # (B, COUT, 2H + 1, 2W + 1)
+        dT = fir_act(gp, fir, flip=True)                         # (B, COUT, 2H + 1, 2W + 1)
         G = _modconv_triton(dT, weight.transpose(0, 1), d, stride=2)  # (B, CIN, H, W)
     ds_ = (x.float() * G.float()).sum((2, 3)) - s_.float() * ((A * d.pow(3)) @ weight.float().square().sum([2, 3]))
     return (G * s_[:, :, None, None].to(G.dtype)), (ds_ * c).to(s.dtype)

@@ -139,9 +139,11 @@ def test_torgb_layer_triton_matches_reference(seed, B, cin, H, skip, clamp):
 
 
 @given(seed=st.integers(0, 2**16), B=st.integers(1, 2), C=st.sampled_from([1, 3, 8, 24]), H=st.integers(1, 9),
-       W=st.integers(1, 9), kf=st.integers(2, 4), rank_one=st.booleans(), epilogue=st.booleans())
-@example(seed=0, B=2, C=8, H=9, W=7, kf=4, rank_one=True, epilogue=True)  # an up-sampling layer: blur + epilogue
-def test_fir_act_matches_its_reference(seed, B, C, H, W, kf, rank_one, epilogue):
+       W=st.integers(1, 9), kf=st.integers(2, 4), rank_one=st.booleans(), epilogue=st.booleans(),
+       flip=st.booleans())
+@example(seed=0, B=2, C=8, H=9, W=7, kf=4, rank_one=True, epilogue=True, flip=False)  # up-sampling layer's blur
+@example(seed=1, B=2, C=8, H=9, W=7, kf=4, rank_one=True, epilogue=False, flip=True)  # its adjoint, in backward
+def test_fir_act_matches_its_reference(seed, B, C, H, W, kf, rank_one, epilogue, flip):
     """The up-sampling layer's FIR kernel, separable (rows then columns) and direct, with and without the fused
     epilogue (noise, bias, leaky ReLU · √2, clamp), against fir_act_ref (upfirdn2d_ref, then the epilogue)."""
     fir = sys.modules["kernels.fir"]
@@ -149,9 +151,9 @@ def test_fir_act_matches_its_reference(seed, B, C, H, W, kf, rank_one, epilogue)
     f = torch.outer(_rand(g, kf), _rand(g, kf)).abs() if rank_one else _rand(g, kf, kf)
     P = _rand(g, B, C, H + kf - 1, W + kf - 1).contiguous(memory_format=torch.channels_last)
     kw = dict(noise=_rand(g, B, H, W), bias=_rand(g, C), act=True, clamp=0.5) if epilogue else {}
-    assert_close(fir.fir_act(P, f, **kw), fir.fir_act_ref(P, f, **kw), rtol=1e-4, atol=1e-4)
-    if not epilogue:
-        assert_close(fir.fir_act_ref(P, f), upfirdn2d_ref(P, f), rtol=0, atol=0)
+    assert_close(fir.fir_act(P, f, **kw, flip=flip), fir.fir_act_ref(P, f, **kw, flip=flip), rtol=1e-4, atol=1e-4)
+    if not epilogue:  # the reference's FIR is upfirdn2d_ref itself (scipy-checked in test_kernels.py)
+        assert_close(fir.fir_act_ref(P, f, flip=flip), upfirdn2d_ref(P, f.flip([0, 1]) if flip else f), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cin, mid, up", [(8, 8, 1), (8, 16, 2), (5, 4, 2), (16, 4, 1)])
