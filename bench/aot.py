@@ -678,6 +678,29 @@ def _model_upfirdn2d(r):
                 shape=f"{a['N']} planes {a['H']}²→{a['OH']}² up{a['UP']} down{a['DOWN']}")
 
 
+def _model_act_grad(r):
+    """_act_grad_kernel: pointwise on the layer's output: reads dy and y (and the noise plane), writes g and a
+    (B, NP, C) fp32 partial sum; straight-line code, no MMA."""
+    a = r.args
+    B, C, H, W = a["y_ptr"].shape
+    e = ELEMENT[r.dtype]
+    return dict(iters=0, exec_flops=0, useful_flops=6 * B * C * H * W,
+                bytes=3 * B * C * H * W * e + (a["n_ptr"].numel() * e if a["NOISE"] else 0) + B * a["NP"] * C * 4,
+                is_conv=False, shape=f"act grad {C} ch {H}²")
+
+
+def _model_style_grad(r):
+    """_style_grad_kernel: pointwise on the layer's input: reads x and G (ToRGB: the 3-colour dy), writes dx and a
+    (B, NP, C) fp32 partial sum; straight-line code, no MMA."""
+    a = r.args
+    B, C, H, W = a["x_ptr"].shape
+    e = ELEMENT[r.dtype]
+    g = 3 * B * H * W if a["RGB"] else B * C * H * W
+    return dict(iters=0, exec_flops=0, useful_flops=(8 if a["RGB"] else 3) * B * C * H * W,
+                bytes=(2 * B * C * H * W + g) * e + B * a["NP"] * C * 4, is_conv=False,
+                shape=f"style grad {C} ch {H}²" + (" (ToRGB)" if a["RGB"] else ""))
+
+
 # kernel name -> model(launch) -> dict with
 #   iters        trip count of the main loop per program (0: straight-line code)
 #   exec_flops   tensor-core (or FFMA-dot) FLOPs one program executes, padding included
@@ -691,6 +714,8 @@ MODELS = {
     "_fir_act_kernel": _model_fir_act,
     "_torgb_kernel": _model_torgb,
     "_upfirdn2d_kernel": _model_upfirdn2d,
+    "_act_grad_kernel": _model_act_grad,
+    "_style_grad_kernel": _model_style_grad,
 }
 
 

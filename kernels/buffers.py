@@ -25,12 +25,19 @@ def channels_last(x):
 _HALOS = weakref.WeakValueDictionary()  # id(buffer) -> buffer
 
 
+def bordered_empty(B, C, H, W, lo, hi, like):
+    """(B, C, H, W) channels-last activations inside a zeroed border, lo pixels before and hi after in each
+    spatial dimension: the interior view of a (B, C, H + lo + hi, W + lo + hi) buffer (its `_base`)."""
+    base = torch.empty(B, C, H + lo + hi, W + lo + hi, device=like.device, dtype=like.dtype, memory_format=NHWC)
+    base[:, :, :lo], base[:, :, lo + H:], base[:, :, :, :lo], base[:, :, :, lo + W:] = 0, 0, 0, 0
+    return base[:, :, lo:lo + H, lo:lo + W]
+
+
 def halo_empty(B, C, H, W, like):
     """(B, C, H, W) channels-last activations with a zeroed 1-pixel border around them (the view's parent)."""
-    base = torch.empty(B, C, H + 2, W + 2, device=like.device, dtype=like.dtype, memory_format=NHWC)
-    base[:, :, 0], base[:, :, H + 1], base[:, :, :, 0], base[:, :, :, W + 1] = 0, 0, 0, 0
-    _HALOS[id(base)] = base
-    return base[:, :, 1:H + 1, 1:W + 1]
+    x = bordered_empty(B, C, H, W, 1, 1, like)
+    _HALOS[id(x._base)] = x._base
+    return x
 
 
 def has_halo(x):

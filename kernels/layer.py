@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .buffers import channels_last, halo_empty, pow2
+from .buffers import NHWC, bordered_empty, channels_last, halo_empty, pow2
 from .dispatch import fast_cpu, keep_freed_memory, on_gpu, resolve
 from .fir import epilogue_ref, fir_act, fir_input_pad
 from .modconv import _modconv_triton, demodulation, modconv_cpu, modconv_ref, modulates_weights, up_conv
@@ -82,7 +82,7 @@ def runs_per_sample(x, weight, s, impl="auto"):
 
 @triton.jit
 def _torgb_kernel(
-    x_ptr,                   # activations (B, H, W, CIN), channels-last
+    x_ptr,                   # activations (B, H, W, CIN): channels contiguous, pixels at strides sxh, sxw
     w_ptr,                   # weight (3, CIN), fp32, contiguous, equalized-lr scale applied
     s_ptr,                   # (B, CIN) styles, contiguous
     bias_ptr,                # (3,) bias, fp32
@@ -149,7 +149,8 @@ def _torgb_kernel(
 def _torgb_triton(x, weight, s, bias, img, img_fir, clamp):
     """Check, allocate, launch `_torgb_kernel`: (B, CIN, H, W) -> the image (B, 3, H, W), contiguous."""
     B, CIN, H, W = x.shape
-    x = channels_last(x)
+    if x.stride(1) != 1:  # the kernel reads channels as vectors; pixel strides it takes as they are (a halo view)
+        x = channels_last(x)
     w = (weight.reshape(weight.shape[0], CIN) * (1 / math.sqrt(CIN))).float().contiguous()  # (3, CIN)
     y = torch.empty(B, 3, H, W, device=x.device, dtype=x.dtype)
     if img is not None:
@@ -183,51 +184,175 @@ def _layer_triton(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength
     return up_conv(x, weight, s, d, fir, noise=nz, bias=bias, act=True, clamp=clamp, halo_out=True)
 
 
+# --- Triton: the layer's backward ---------------------------------------------------------------------
+# Training needs ∂L/∂x and ∂L/∂s of every layer (the generator is frozen). Besides the input-gradient convolution
+# (`_modconv_kernel` again), a layer's backward is pointwise work and per-channel reductions over its
+# activations; two kernels do all of it in one pass each, in the activation dtype with fp32 arithmetic, and write
+# per-program partial sums that a small sum finishes (deterministic: no atomics):
+#   `_act_grad_kernel`   g = ∂L/∂pre from dy and y (the leaky ReLU's slope; nothing through a clamp), and
+#                        Σ_p g·(pre − bias − noise) per (sample, channel), the demodulation's share;
+#   `_style_grad_kernel` dx = s'·G and Σ_p x·G per (sample, input channel), the style's gradient; for ToRGB it
+#                        first forms G = wᵀ·dy from the 3 colour gradients (a 1×1 conv to CIN channels).
+
+@triton.jit
+def _act_grad_kernel(
+    dy_ptr, y_ptr,           # ∂L/∂y and the layer's output y (B, C, H, W), any strides
+    n_ptr,                   # noise · strength (NB, H, W), contiguous (read only if NOISE)
+    bias_ptr,                # (C,) bias
+    g_ptr,                   # out: g = ∂L/∂pre (B, C, H, W), any strides (the input of the gradient conv)
+    a_ptr,                   # out: (B, NP, C) fp32, Σ over each program's pixels of g · (pre − bias − noise)
+    HW, W, C, NP,
+    sdb, sdc, sdh, sdw,      # strides of dy
+    syb, syc, syh, syw,      # strides of y
+    sgb, sgc, sgh, sgw,      # strides of g
+    snb,                     # batch stride of the noise (0: shared)
+    clamp,
+    NOISE: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Grid (B · NP, cdiv(C, BLOCK_C)): program (b, pixel block pb, channel block) reads BLOCK_P pixels × BLOCK_C
+    # channels of dy and y once. y > 0 ⇔ pre > 0, and pre = y / slope: no forward value is stored but y.
+    b = tl.program_id(0) // NP
+    pb = tl.program_id(0) % NP
+    q = pb * BLOCK_P + tl.arange(0, BLOCK_P)                  # (BLOCK_P,) pixels
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)    # (BLOCK_C,) channels
+    q_ok, c_ok = q < HW, c < C
+    ok = q_ok[:, None] & c_ok[None, :]
+    oy, ox = q // W, q % W
+    bb = b.to(tl.int64)
+    dy = tl.load(dy_ptr + bb * sdb + (oy * sdh + ox * sdw)[:, None] + (c * sdc)[None, :], mask=ok, other=0.0)
+    y = tl.load(y_ptr + bb * syb + (oy * syh + ox * syw)[:, None] + (c * syc)[None, :], mask=ok, other=0.0)
+    dy, y = dy.to(tl.float32), y.to(tl.float32)
+    slope = tl.where(y > 0, 1.4142135623730951, 0.28284271247461906)  # leaky ReLU (0.2) times its gain √2
+    g = dy * slope
+    if CLAMP:
+        g = tl.where(tl.abs(y) < clamp, g, 0.0)
+    tl.store(g_ptr + bb * sgb + (oy * sgh + ox * sgw)[:, None] + (c * sgc)[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=ok)
+    lin = y / slope - tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]  # d·Z: pre − bias
+    if NOISE:
+        lin -= tl.load(n_ptr + b * snb + q, mask=q_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(a_ptr + (b * NP + pb) * C + c, tl.sum(tl.where(ok, g * lin, 0.0), axis=0), mask=c_ok)
+
+
+@triton.jit
+def _style_grad_kernel(
+    x_ptr,                   # the layer's input x (B, C, H, W), any strides
+    g_ptr,                   # G = ∂L/∂(x·s') (B, C, H, W), any strides; RGB: the colour gradient dy (B, 3, H, W)
+    w_ptr,                   # RGB: the ToRGB weight (3, C), fp32, contiguous, equalized-lr scale applied
+    s_ptr,                   # (B, C) s', fp32, contiguous
+    dx_ptr,                  # out: dx = s'·G (B, C, H, W), any strides
+    ds_ptr,                  # out: (B, NP, C) fp32, Σ over each program's pixels of x · G
+    HW, W, C, NP,
+    sxb, sxc, sxh, sxw,      # strides of x
+    sgb, sgc, sgh, sgw,      # strides of G (RGB: of dy)
+    sob, soc, soh, sow,      # strides of dx
+    RGB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Grid (B · NP, cdiv(C, BLOCK_C)): program (b, pixel block pb, channel block) reads BLOCK_P pixels × BLOCK_C
+    # channels of x and G (RGB: 3 colours of dy) once and writes dx once.
+    b = tl.program_id(0) // NP
+    pb = tl.program_id(0) % NP
+    q = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    q_ok, c_ok = q < HW, c < C
+    ok = q_ok[:, None] & c_ok[None, :]
+    oy, ox = q // W, q % W
+    bb = b.to(tl.int64)
+    if RGB:  # G[p, c] = Σ_k dy[k, p] · w[k, c]
+        dy_p = g_ptr + bb * sgb + oy * sgh + ox * sgw
+        G = tl.load(dy_p, mask=q_ok, other=0.0).to(tl.float32)[:, None] * \
+            tl.load(w_ptr + c, mask=c_ok, other=0.0)[None, :]
+        G += tl.load(dy_p + sgc, mask=q_ok, other=0.0).to(tl.float32)[:, None] * \
+            tl.load(w_ptr + C + c, mask=c_ok, other=0.0)[None, :]
+        G += tl.load(dy_p + 2 * sgc, mask=q_ok, other=0.0).to(tl.float32)[:, None] * \
+            tl.load(w_ptr + 2 * C + c, mask=c_ok, other=0.0)[None, :]
+    else:
+        G = tl.load(g_ptr + bb * sgb + (oy * sgh + ox * sgw)[:, None] + (c * sgc)[None, :], mask=ok,
+                    other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + bb * sxb + (oy * sxh + ox * sxw)[:, None] + (c * sxc)[None, :], mask=ok,
+                other=0.0).to(tl.float32)
+    sv = tl.load(s_ptr + b * C + c, mask=c_ok, other=0.0)
+    tl.store(dx_ptr + bb * sob + (oy * soh + ox * sow)[:, None] + (c * soc)[None, :],
+             (G * sv[None, :]).to(dx_ptr.dtype.element_ty), mask=ok)
+    tl.store(ds_ptr + (b * NP + pb) * C + c, tl.sum(tl.where(ok, x * G, 0.0), axis=0), mask=c_ok)
+
+
+def _reduction_tiles(HW, C, like):
+    """(BLOCK_P, BLOCK_C, NP) of the backward's pointwise-and-reduce kernels: 64 × 64 tiles on the GPU (16-byte
+    channel vectors, few registers), few large programs under the interpreter."""
+    BP, BC = (64, pow2(C, 16, 64)) if on_gpu(like) else (pow2(HW, 16, 1024), pow2(C, 16, 64))
+    return BP, BC, triton.cdiv(HW, BP)
+
+
+def act_grad(dy, y, bias, nz, clamp, out):
+    """g = ∂L/∂pre of a conv layer into out (B, C, H, W) (any strides: a zero-bordered buffer's interior), and
+    A' = Σ_p g·(pre − bias − noise) (B, C) fp32: the gradient w.r.t. the demodulation times d."""
+    B, C, H, W = y.shape
+    BP, BC, NP = _reduction_tiles(H * W, C, y)
+    part = torch.empty(B, NP, C, device=y.device, dtype=torch.float32)
+    n = nz.reshape(nz.shape[0], H * W).contiguous() if nz is not None else part
+    _act_grad_kernel[(B * NP, triton.cdiv(C, BC))](
+        dy, y, n, bias, out, part, H * W, W, C, NP, *dy.stride(), *y.stride(), *out.stride(),
+        n.stride(0) if nz is not None and nz.shape[0] > 1 else 0, float(clamp or 0.0),
+        NOISE=nz is not None, CLAMP=clamp is not None, BLOCK_P=BP, BLOCK_C=BC, num_warps=4)
+    return part.sum(1)
+
+
+def style_grad(x, G, s_, w=None):
+    """(dx = s'·G (B, C, H, W) channels-last, Σ_p x·G (B, C) fp32) from G = ∂L/∂(x·s'); w (3, C): ToRGB, where
+    G is the colour gradient dy (B, 3, H, W) and the kernel forms wᵀ·dy itself."""
+    B, C, H, W = x.shape
+    BP, BC, NP = _reduction_tiles(H * W, C, x)
+    part = torch.empty(B, NP, C, device=x.device, dtype=torch.float32)
+    dx = torch.empty(B, C, H, W, device=x.device, dtype=x.dtype, memory_format=NHWC)
+    _style_grad_kernel[(B * NP, triton.cdiv(C, BC))](
+        x, G, w if w is not None else part, s_.float().contiguous(), dx, part, H * W, W, C, NP,
+        *x.stride(), *G.stride(), *dx.stride(), RGB=w is not None, BLOCK_P=BP, BLOCK_C=BC, num_warps=4)
+    return dx, part.sum(1)
+
+
 def _conv_layer_backward(x, weight, s, bias, nz, y, up, fir, clamp, dy):
     """(dx, ds) of a conv layer from its output y, on the Triton kernels: what training needs (frozen generator).
 
     With s' = c·s (c the equalized-lr scale), Z = conv(x·s', w) (for up=2: FIR of the transposed conv T),
     d = demodulation(w, s') and pre = d·Z + noise + bias, y = clamp(lrelu(pre)·√2):
-      g = ∂L/∂pre               from y alone (y > 0 ⇔ pre > 0; clamped outputs pass nothing);
+      g = ∂L/∂pre               from y alone (y > 0 ⇔ pre > 0; clamped outputs pass nothing): `act_grad`;
       G = ∂L/∂(x·s')            the conv's input gradient of g·d: `_modconv_kernel` with the weight flipped and
                                 transposed and d as the modulation (up=2: the FIR's adjoint, then a stride-2 conv);
-      dx = s'·G;  ∂L/∂s' = Σ_p x·G − s'·((A·d³) @ Σ_k w²),  A = ∂L/∂d = Σ_p g·Z  (StyleGAN2 Eq. 3's chain rule).
+      dx = s'·G;  ∂L/∂s' = Σ_p x·G − s'·((A·d³) @ Σ_k w²),  A = ∂L/∂d = Σ_p g·Z  (StyleGAN2 Eq. 3's chain rule):
+                                `style_grad`, then the (B, CIN) correction.
     """
     c = 1 / math.sqrt(weight[0].numel())
     s_ = s * c                                                    # (B, CIN)
     d = demodulation(weight, s_)                                  # (B, COUT), fp32
-    slope = torch.where(y > 0, SQRT2, 0.2 * SQRT2).to(y.dtype)    # (B, COUT, H', W')
-    g = torch.mul(dy, slope, out=halo_empty(*y.shape, y)) if up == 1 else dy * slope  # (the up=1 conv reads it)
-    if clamp is not None:
-        g.mul_(y.abs() < clamp)
-    lin = y / slope - bias[None, :, None, None].to(y.dtype)      # d·Z (+ noise)
-    if nz is not None:
-        lin = lin - nz
-    A = (g.float() * lin.float()).sum((2, 3)) / d                 # (B, COUT): ∂L/∂d
+    B, COUT, OH, OW = y.shape
+    if up == 1:  # g is the input of a stride-1 3×3 conv: inside a 1-pixel zero border, no spatial masks
+        g = halo_empty(B, COUT, OH, OW, y)
+    else:  # the FIR's adjoint correlates g padded by t before and KF − t after: write g inside that border
+        KF = fir.shape[0]
+        t = KF - 1 - fir_input_pad(fir)
+        g = bordered_empty(B, COUT, OH, OW, t, KF - t, y)
+    A = act_grad(dy, y, bias, nz, clamp, out=g) / d               # (B, COUT): ∂L/∂d
     if up == 1:
         G = _modconv_triton(g, weight.transpose(0, 1).flip([2, 3]), d)  # (B, CIN, H, W)
     else:
-        KF = fir.shape[0]
-        t = KF - 1 - fir_input_pad(fir)  # the FIR's adjoint: correlate g, padded by t and KF − t, with fir
-        gp = channels_last(F.pad(g, [t, KF - t, t, KF - t]))
-        dT = fir_act(gp, fir, flip=True)                         # (B, COUT, 2H + 1, 2W + 1)
+        dT = fir_act(g._base, fir, flip=True)                     # (B, COUT, 2H + 1, 2W + 1)
         G = _modconv_triton(dT, weight.transpose(0, 1), d, stride=2)  # (B, CIN, H, W)
-    ds_ = (x.float() * G.float()).sum((2, 3)) - s_.float() * ((A * d.pow(3)) @ weight.float().square().sum([2, 3]))
-    return (G * s_[:, :, None, None].to(G.dtype)), (ds_ * c).to(s.dtype)
+    dx, xG = style_grad(x, G, s_)
+    ds_ = xG - s_.float() * ((A * d.pow(3)) @ weight.float().square().sum([2, 3]))
+    return dx, (ds_ * c).to(s.dtype)
 
 
 def _torgb_backward(x, weight, s, img, img_fir, dy):
-    """(dx, ds, dimg) of ToRGB without clamp: a 1×1 conv to 3 channels (memory-bound: PyTorch ops) and the
-    skip's adjoint, upfirdn2d again (2× down, flipped filter)."""
+    """(dx, ds, dimg) of ToRGB without clamp: a 1×1 conv to 3 channels, its input gradient formed, scaled and
+    reduced in one pass (`style_grad`), and the skip's adjoint, upfirdn2d again (2× down, flipped filter)."""
     c = 1 / math.sqrt(weight[0].numel())
-    w = weight.reshape(3, -1).to(dy.dtype)                        # (3, CIN)
-    G = torch.einsum("ci,bchw->bihw", w, dy)                      # ∂L/∂(x·s'): (B, CIN, H, W)
-    dx = G * (s * c)[:, :, None, None].to(G.dtype)
-    ds = (x.float() * G.float()).sum((2, 3)) * c
+    w = (weight.reshape(3, -1) * c).float().contiguous()          # (3, CIN), the scale folded in
+    dx, xG = style_grad(x, dy, s.float(), w)                     # G = wᵀ·dy is ∂L/∂(x·s) here
     dimg = None
     if img is not None:  # adjoint of upfirdn2d(img, f, up=2, pad=(2, 1, 2, 1)) for a 4-tap filter
         dimg = upfirdn2d(dy, img_fir, up=1, down=2, pad=(1, 1, 1, 1), flip_filter=True)
-    return dx, ds.to(s.dtype), dimg
+    return dx, xG.to(s.dtype), dimg
 
 
 class _Layer(torch.autograd.Function):

@@ -192,3 +192,53 @@ def test_narrow_layers_modulate_the_weight_tile(cin, cout, H, up):
     dy = torch.randn(y.shape, generator=g).to(DEVICE)
     for got, want in zip(torch.autograd.grad(y, (x, s), dy), torch.autograd.grad(y_ref, (x, s), dy)):
         assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def _strided(x, how):
+    """x laid out as the layers meet it: NCHW, channels-last, or the interior of a zero-bordered buffer."""
+    if how == "nchw":
+        return x.contiguous()
+    if how == "nhwc":
+        return x.contiguous(memory_format=torch.channels_last)
+    y = sys.modules["kernels.buffers"].halo_empty(*x.shape, x)
+    y.copy_(x)
+    return y
+
+
+@given(seed=st.integers(0, 2**16), B=st.integers(1, 2), C=st.integers(1, 40), H=st.integers(1, 9),
+       noise=st.sampled_from([None, 1, "B"]), clamp=st.sampled_from([None, 0.5]),
+       layout=st.sampled_from(["nchw", "nhwc", "halo"]))
+@example(seed=0, B=2, C=33, H=9, noise="B", clamp=0.5, layout="halo")  # odd widths, several pixel blocks
+def test_act_grad_against_torch(seed, B, C, H, noise, clamp, layout):
+    """The conv layer's pointwise backward: g = dy · lrelu'(pre)·√2 (nothing through a clamp) and its
+    Σ_p g·(pre − bias − noise), against the same formulas in PyTorch on y = clamp(lrelu(pre)·√2)."""
+    layer = sys.modules["kernels.layer"]
+    g = torch.Generator().manual_seed(seed)
+    pre, dy, bias = _rand(g, B, C, H, H), _rand(g, B, C, H, H), _rand(g, C)
+    nz = None if noise is None else _rand(g, B if noise == "B" else 1, 1, H, H)
+    y = torch.nn.functional.leaky_relu(pre, 0.2) * 2 ** 0.5
+    y = y if clamp is None else y.clamp(-clamp, clamp)
+    slope = torch.where(pre > 0, 2 ** 0.5, 0.2 * 2 ** 0.5)
+    want_g = dy * slope * ((y.abs() < clamp) if clamp is not None else 1)
+    want_a = (want_g * (pre - bias[None, :, None, None] - (nz if nz is not None else 0))).sum((2, 3))
+    out = _strided(torch.empty(B, C, H, H, device=DEVICE), layout)
+    got_a = layer.act_grad(_strided(dy, layout), _strided(y, layout), bias, nz, clamp, out)
+    assert_close(out, want_g, rtol=1e-5, atol=1e-5)
+    assert_close(got_a, want_a, rtol=1e-4, atol=1e-4)
+
+
+@given(seed=st.integers(0, 2**16), B=st.integers(1, 2), C=st.integers(1, 40), H=st.integers(1, 9),
+       rgb=st.booleans(), layout=st.sampled_from(["nchw", "nhwc", "halo"]))
+@example(seed=0, B=2, C=33, H=9, rgb=True, layout="halo")  # ToRGB of a halo activation, odd channel count
+def test_style_grad_against_torch(seed, B, C, H, rgb, layout):
+    """The style's backward: dx = s'·G and Σ_p x·G (for ToRGB with G = wᵀ·dy formed in the kernel), against
+    PyTorch."""
+    layer = sys.modules["kernels.layer"]
+    g = torch.Generator().manual_seed(seed)
+    x, s_ = _rand(g, B, C, H, H), _rand(g, B, C)
+    w = _rand(g, 3, C) if rgb else None
+    G = _rand(g, B, 3, H, H) if rgb else _rand(g, B, C, H, H)
+    full = torch.einsum("kc,bkhw->bchw", w, G) if rgb else G
+    dx, xG = layer.style_grad(_strided(x, layout), G if rgb else _strided(G, layout), s_, w)
+    assert_close(dx, full * s_[:, :, None, None], rtol=1e-5, atol=1e-5)
+    assert_close(xG, (x * full).sum((2, 3)), rtol=1e-4, atol=1e-4)
