@@ -55,8 +55,10 @@ def upfirdn2d_inputs(seed, B, C, H, W, up, kh, kw, pad, rand=rand):
     return g, rand(g, B, C, H, W), rand(g, kh, kw)
 
 
-def modconv_per_sample(x, weight, s, demodulate, up, fir):
-    """The official formulation: explicit per-sample weights w'' = demod(weight · s), one conv each."""
+def modconv_per_sample(x, weight, s, demodulate, up, fir, differentiable=False):
+    """The official formulation: explicit per-sample weights w'' = demod(weight · s), one conv each.
+    differentiable: the blur as a depthwise F.conv2d of the flipped filter (a true convolution, by definition)
+    instead of the numpy loop, so that autograd gives the gradients of this formulation."""
     outs = []
     for b in range(x.shape[0]):
         w = weight * s[b][None, :, None, None]  # (Cout, Cin, k, k)
@@ -66,7 +68,11 @@ def modconv_per_sample(x, weight, s, demodulate, up, fir):
             y = F.conv2d(x[b:b + 1], w, padding=w.shape[-1] // 2)
         else:  # transposed stride-2 conv, then the blur with rosinality's padding (1, 1) for k = 3
             y = F.conv_transpose2d(x[b:b + 1], w.transpose(0, 1), stride=2)
-            y = torch.from_numpy(upfirdn_loop(y, fir, 1, 1, (1, 1, 1, 1)))
+            if differentiable:
+                taps = fir.flip([0, 1])[None, None].expand(y.shape[1], 1, *fir.shape).to(y)
+                y = F.conv2d(F.pad(y, (1, 1, 1, 1)), taps, groups=y.shape[1])
+            else:
+                y = torch.from_numpy(upfirdn_loop(y, fir, 1, 1, (1, 1, 1, 1)))
         outs.append(y)
     return torch.cat(outs)
 

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 import kernels
 import stylemask as sm
 from weights import defaults
-from helpers import upfirdn2d_inputs
+from helpers import modconv_per_sample, upfirdn2d_inputs
 from kernels.modconv import modconv_ref
 from kernels.upfirdn2d import upfirdn2d_ref
 
@@ -62,8 +62,12 @@ def test_modconv_triton_matches_reference(seed, B, cin, cout, H, W, k, demod, up
     y_ref = modconv_ref(x, weight, s, demodulate=demod, up=up, fir=fir)
     assert y.shape == (B, cout, H * up, W * up)
     assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    # the gradients against an independent formulation (per-sample explicit weights), not modconv_ref, whose
+    # autograd _ModConv.backward is
+    y_oracle = modconv_per_sample(x, weight, s, demod, up, fir, differentiable=True)
+    assert_close(y_oracle, y_ref, rtol=1e-4, atol=1e-4)
     dy = torch.randn(y.shape, generator=g).to(DEVICE)
-    for got, want in zip(torch.autograd.grad(y, (x, weight, s), dy), torch.autograd.grad(y_ref, (x, weight, s), dy)):
+    for got, want in zip(torch.autograd.grad(y, (x, weight, s), dy), torch.autograd.grad(y_oracle, (x, weight, s), dy)):
         assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 
@@ -85,6 +89,7 @@ def test_tiny_generator_through_triton_equals_reference(monkeypatch):
     z = torch.randn(1, 32, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     s = sm.styles(G, sm.mapping(G, z, truncation=0.7))
     images, grads = {}, {}
+    monkeypatch.setenv("STYLEMASK_FAST", "0")  # "torch" is then the reference path, not the fast CPU one
     for backend in ("torch", "triton"):
         monkeypatch.setenv("STYLEMASK_BACKEND", backend)
         s_in = s.detach().requires_grad_()
