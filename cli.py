@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import kernels
 import stylemask as sm
 from stylemask import StyleMaskError
 
@@ -51,7 +52,7 @@ def run_script(main, argv=None):
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         return main(argv)
-    except StyleMaskError as e:
+    except (StyleMaskError, kernels.KernelCheckError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (MemoryError, torch.OutOfMemoryError) as e:

@@ -230,17 +230,17 @@ def run(cfg, say=print):
     cli.check_out(out, cfg.overwrite, "reenact.py")
     device = cli.device(cfg.device)
     source, target = (Path(p) if p else None for p in (cfg.source, cfg.target))
-    for p, flag, what in ((source, "--source", "file"), (target, "--target", "file or folder")):
+    for p, option, what in ((source, "--source", "file"), (target, "--target", "file or folder")):
         if p is not None and not p.exists():
-            raise StyleMaskError(f"{p}: no such {what} ({flag})")
+            raise StyleMaskError(f"{p}: no such {what} ({option})")
     batch = source is not None and source.is_dir()
     if batch and (target is None or (target.is_file() and target.suffix.lower() in VIDEO_SUFFIXES)):
         raise StyleMaskError(f"{source}: a folder of sources (batch mode) needs --target: a photo, a latent file or "
                              f"a folder of them (to reenact a video, pass one --source at a time)")
     sequence = not batch and target is not None and is_sequence(target)
-    for flag, used in (("--num-pairs", not cfg.num_pairs or batch), ("--paste-back", not cfg.paste_back or sequence)):
+    for option, used in (("--num-pairs", not cfg.num_pairs or batch), ("--paste-back", not cfg.paste_back or sequence)):
         if not used:
-            say(f"note: {flag} applies to {'a folder of sources' if flag == '--num-pairs' else 'a video or frame folder'}"
+            say(f"note: {option} applies to {'a folder of sources' if option == '--num-pairs' else 'a video or frame folder'}"
                 f" only: ignored here")
     nets, origin = weights.load_all(["generator", "masknet"], say=say, generator=cfg.generator, masknet=cfg.mask)
     cfg.truncation = origin.truncation(cfg.truncation)

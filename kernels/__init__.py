@@ -12,10 +12,10 @@ Not here: anything of the model (`stylemask`, the networks, `weights`, the scrip
 torch and triton, so they can be tested and benchmarked (bench/) alone.
 """
 from .dispatch import BACKENDS, fast_cpu, keep_freed_memory, resolve
-from .layer import layer, layer_cpu, layer_ref, runs_per_sample
+from .layer import KernelCheckError, layer, layer_cpu, layer_ref, runs_per_sample
 from .modconv import modconv, modconv_cpu, modconv_ref, modulates_weights
 from .upfirdn2d import upfirdn2d, upfirdn2d_cpu, upfirdn2d_ref
 
-__all__ = ["BACKENDS", "fast_cpu", "keep_freed_memory", "resolve", "layer", "layer_cpu", "layer_ref",
+__all__ = ["BACKENDS", "KernelCheckError", "fast_cpu", "keep_freed_memory", "resolve", "layer", "layer_cpu", "layer_ref",
            "runs_per_sample", "modconv", "modconv_cpu", "modconv_ref",
            "modulates_weights", "upfirdn2d", "upfirdn2d_cpu", "upfirdn2d_ref"]

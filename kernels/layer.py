@@ -16,6 +16,8 @@ Arguments shared by all three (shapes as in kernels/modconv.py):
     rgb=True for ToRGB, with img (B, 3, H/2, W/2) the running image or None and img_fir its 2× up filter.
 """
 import math
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -358,11 +360,13 @@ def _torgb_backward(x, weight, s, img, img_fir, dy):
 class _Layer(torch.autograd.Function):
     """layer on Triton. The backward computes the gradients for x, s (and the running image) on the Triton
     kernels (`_conv_layer_backward`, `_torgb_backward`); when a generator tensor asks for a gradient too (or
-    ToRGB clamps), it recomputes layer_ref and differentiates that."""
+    ToRGB clamps), it recomputes layer_ref and differentiates that. variant: the safety net's key (`checked`):
+    the first backward of each variant is checked on its first sample, and falls back to layer_ref's gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, s, bias, noise_strength, img, up, fir, noise, clamp, rgb, img_fir):
+    def forward(ctx, x, weight, s, bias, noise_strength, img, up, fir, noise, clamp, rgb, img_fir, variant=None):
         ctx.args = dict(up=up, fir=fir, noise=noise, clamp=clamp, rgb=rgb, img_fir=img_fir)
+        ctx.variant = variant
         y = _layer_triton(x, weight, s, bias, up, fir, noise, noise_strength, clamp, rgb, img, img_fir)
         ctx.save_for_backward(x, weight, s, bias, noise_strength, img, y)
         return y
@@ -371,33 +375,166 @@ class _Layer(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, s, bias, strength, img, y = ctx.saved_tensors
         need = ctx.needs_input_grad
-        a = ctx.args
+        a, inputs = ctx.args, (x, weight, s, bias, strength, img)
         if not any(need[i] for i in (1, 3, 4)) and not (a["rgb"] and a["clamp"] is not None):
-            if a["rgb"]:
-                dx, ds, dimg = _torgb_backward(x, weight, s, img, a["img_fir"], dy)
-            else:
-                nz = None if a["noise"] is None else (strength * a["noise"]).to(y.dtype)
-                (dx, ds), dimg = _conv_layer_backward(x, weight, s, bias, nz, y, a["up"], a["fir"], a["clamp"], dy), None
-            return (dx if need[0] else None, None, ds if need[2] else None, None, None,
-                    dimg if need[5] else None) + (None,) * 6
-        inputs = [t if t is None else t.detach().requires_grad_(n) for t, n in zip((x, weight, s, bias, strength, img),
-                                                                                   need[:6])]
-        with torch.enable_grad():
-            out = layer_ref(inputs[0], inputs[1], inputs[2], inputs[3], noise_strength=inputs[4], img=inputs[5], **a)
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, dy) if wanted else [])
-        return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None,) * 6
+            try:
+                if a["rgb"]:
+                    dx, ds, dimg = _torgb_backward(x, weight, s, img, a["img_fir"], dy)
+                else:
+                    nz = None if a["noise"] is None else (strength * a["noise"]).to(y.dtype)
+                    (dx, ds), dimg = _conv_layer_backward(x, weight, s, bias, nz, y, a["up"], a["fir"], a["clamp"],
+                                                          dy), None
+                grads = (dx, ds, dimg)
+                why = None if ctx.variant is None else _gradient_check(ctx.variant, inputs, a, dy, grads)
+            except Exception as e:  # a compile, resource or launch error of a backward kernel
+                if ctx.variant is None:
+                    raise
+                why = f"its backward failed ({_one_line(e)})"
+            if why is None:
+                return (dx if need[0] else None, None, ds if need[2] else None, None, None,
+                        dimg if need[5] else None) + (None,) * 7
+            _fall_back(ctx.variant, why)
+        return _ref_grads(inputs, need, a, dy) + (None,) * 7
+
+
+def _ref_grads(inputs, need, args, dy):
+    """The gradients of layer_ref at inputs (x, weight, s, bias, noise_strength, img) for the ones asked (need)."""
+    inputs = [t if t is None else t.detach().requires_grad_(n) for t, n in zip(inputs, need[:6])]
+    with torch.enable_grad():
+        out = layer_ref(inputs[0], inputs[1], inputs[2], inputs[3], noise_strength=inputs[4], img=inputs[5], **args)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, dy) if wanted else [])
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
+
+
+# --- The safety net: each Triton layer variant is checked once per process against layer_ref --------------
+# A kernel that fails to compile or launch on a user's GPU (CompilationError, OutOfResources), or that computes
+# a wrong tile, must not end a run in a traceback or a silently wrong image. So the first call of each variant
+# (device, dtype, Triton version, shapes, epilogue options) compares its first sample with layer_ref's, forward
+# and, on its first backward, the gradients; a failure or a mismatch prints one line naming the variant and the
+# measured error, and the variant runs on layer_ref for the rest of the process. STYLEMASK_BACKEND=triton (or
+# impl="triton") makes it a KernelCheckError instead: benchmarks and the GPU check must not fall back. The cost:
+# layer_ref on one sample of each variant, forward and backward, once (~ the reference synthesis at batch 1:
+# bench.aot models it at 2.2 ms forward, 4.9 ms forward + backward for ffhq-1024 fp16 on an H200).
+
+CHECKED = {}          # variant -> None (checked, it matched) or why it now runs on layer_ref
+GRADIENT_CHECKED = set()
+STRICT = {}           # variant -> whether a failure raises (STYLEMASK_BACKEND=triton) rather than falls back
+
+
+class KernelCheckError(RuntimeError):
+    """A Triton layer variant failed its check while the Triton backend was asked for explicitly."""
+
+
+def _variant(x, weight, up, noise, clamp, rgb, img):
+    """What the safety net checks once: the layer class a set of compiled kernels serves."""
+    return (str(x.device), str(x.dtype), triton.__version__, bool(torch.backends.cudnn.allow_tf32), tuple(x.shape[1:]),
+            tuple(weight.shape), up, rgb, None if noise is None else noise.shape[0] > 1, clamp is not None,
+            img is not None)
+
+
+def describe(variant):
+    device, dtype, version, tf32, (C, H, W), w, up, rgb, noise, clamp, img = variant
+    what = "ToRGB" if rgb else f"conv{' up' if up == 2 else ''} {w[1]}→{w[0]}"
+    return f"{what} {H}×{W} {dtype.replace('torch.', '')}{' TF32' if tf32 and dtype == 'torch.float32' else ''} on " \
+           f"{device} (triton {version})"
+
+
+def tolerance(dtype):
+    """The largest max |Δ| / max |reference| a variant may show: float rounding, not a wrong tile (which is O(1))."""
+    if dtype == torch.float32:
+        return 2e-2 if torch.backends.cudnn.allow_tf32 else 1e-4  # TF32 rounds operands to 10 mantissa bits
+    return 3e-2 if dtype == torch.float16 else 6e-2
+
+
+def _error(got, want):
+    """max |got − want| / max |want| (inf for a NaN)."""
+    got, want = got.detach().float(), want.detach().float()
+    e = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    return e if e == e else math.inf
+
+
+def _one_line(e):
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__
+
+
+def _fall_back(variant, why):
+    """Record that variant runs on layer_ref from now on, and say so in one line; strict: raise instead."""
+    line = f"Triton layer {describe(variant)}: {why}"
+    if STRICT.get(variant):
+        raise KernelCheckError(f"{line} (STYLEMASK_BACKEND=triton: no fallback)")
+    CHECKED[variant] = why
+    print(f"warning: {line}; it runs on the reference path (layer_ref) for the rest of this process",
+          file=sys.stderr)
+
+
+def _first(t):
+    """Sample 0 of a batched tensor (batch-1 and None as they are): the check's slice."""
+    return t if t is None or t.shape[0] == 1 else t[:1]
+
+
+def _gradient_check(variant, inputs, args, dy, grads):
+    """None if the Triton gradients (dx, ds, dimg) of the first sample match layer_ref's (checked once per
+    variant), else why not."""
+    if variant in GRADIENT_CHECKED or dy.device.type == "meta":
+        return None
+    GRADIENT_CHECKED.add(variant)
+    x, weight, s, bias, strength, img = inputs
+    first = (_first(x), weight, _first(s), bias, strength, _first(img))
+    need = (True, False, True, False, False, img is not None)
+    want = _ref_grads(first, need, dict(args, noise=_first(args["noise"])), _first(dy))
+    # ∂s sums x·G over the pixels: a ∂s that vanishes at that scale (a one-channel demodulated conv is invariant
+    # to its style) is float noise on both sides, and is not compared
+    ds_scale = float(first[0].detach().abs().max() * _first(dy).abs().max()) * dy[0, 0].numel()
+    for name, got, ref in (("dx", grads[0], want[0]), ("ds", grads[1], want[2]), ("dimg", grads[2], want[5])):
+        if got is not None and ref is not None and not (name == "ds" and float(ref.abs().max()) < 1e-6 * ds_scale):
+            err = _error(_first(got), ref)
+            if not err <= tolerance(x.dtype):
+                return f"its gradient {name} differs from layer_ref's by {err:.2g} (max |Δ| / max |ref|, " \
+                       f"tolerance {tolerance(x.dtype):g})"
+    return None
+
+
+def checked(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength=None, clamp=None, rgb=False, img=None,
+            img_fir=None, strict=False):
+    """The Triton layer behind the safety net (above): layer_ref for a variant that failed its check."""
+    args = dict(up=up, fir=fir, noise=noise, noise_strength=noise_strength, clamp=clamp, rgb=rgb, img=img,
+                img_fir=img_fir)
+    variant = _variant(x, weight, up, noise, clamp, rgb, img)
+    STRICT[variant] = strict
+    if CHECKED.get(variant) is not None:
+        return layer_ref(x, weight, s, bias, **args)
+    strength = noise_strength if noise is not None else None
+    try:
+        y = _Layer.apply(x, weight, s, bias, strength, img, up, fir, noise, clamp, rgb, img_fir, variant)
+    except KernelCheckError:
+        raise
+    except Exception as e:  # CompilationError, OutOfResources, a launch failure: the variant cannot run here
+        _fall_back(variant, f"failed ({_one_line(e)})")
+        return layer_ref(x, weight, s, bias, **args)
+    if variant not in CHECKED and x.device.type != "meta":
+        with torch.no_grad():
+            want = layer_ref(_first(x), weight, _first(s), bias, **dict(args, noise=_first(noise), img=_first(img)))
+        err = _error(_first(y), want)
+        if not err <= tolerance(x.dtype):
+            _fall_back(variant, f"differs from layer_ref by {err:.2g} (max |Δ| / max |ref| on its first sample, "
+                                f"tolerance {tolerance(x.dtype):g})")
+            return layer_ref(x, weight, s, bias, **args)
+        CHECKED[variant] = None
+    return y
 
 
 def layer(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength=None, clamp=None, rgb=False, img=None,
           img_fir=None, impl="auto"):
-    """One synthesis layer (module docstring); dispatch: Triton on CUDA, the fast CPU op on CPU tensors."""
+    """One synthesis layer (module docstring); dispatch: Triton on CUDA (behind the safety net, `checked`), the
+    fast CPU op on CPU tensors."""
     backend = resolve(x, impl)
     args = dict(up=up, fir=fir, noise=noise, noise_strength=noise_strength, clamp=clamp, rgb=rgb, img=img,
                 img_fir=img_fir)
     if backend == "triton":
-        return _Layer.apply(x, weight, s, bias, noise_strength if noise is not None else None, img, up, fir, noise,
-                            clamp, rgb, img_fir)
+        strict = impl == "triton" or os.environ.get("STYLEMASK_BACKEND") == "triton"
+        return checked(x, weight, s, bias, **args, strict=strict)
     if fast_cpu(x, impl):
         keep_freed_memory()  # large activations reuse the heap instead of fresh zero-filled pages (once per process)
         return layer_cpu(x, weight, s, bias, **args)

@@ -247,3 +247,70 @@ def test_style_grad_against_torch(seed, B, C, H, rgb, layout):
     dx, xG = layer.style_grad(_strided(x, layout), G if rgb else _strided(G, layout), s_, w)
     assert_close(dx, full * s_[:, :, None, None], rtol=1e-5, atol=1e-5)
     assert_close(xG, (x * full).sum((2, 3)), rtol=1e-4, atol=1e-4)
+
+
+# --- The safety net: a failing or wrong kernel falls back to layer_ref, with one line --------------------------
+
+@pytest.fixture
+def net(monkeypatch):
+    """kernels.layer with no variant checked yet."""
+    layer = sys.modules["kernels.layer"]
+    monkeypatch.setattr(layer, "CHECKED", {})
+    monkeypatch.setattr(layer, "GRADIENT_CHECKED", set())
+    monkeypatch.setattr(layer, "STRICT", {})
+    return layer
+
+
+def _conv_case(seed=0, B=2, cin=8, cout=8, H=4, up=1):
+    g = torch.Generator().manual_seed(seed)
+    x, s = _rand(g, B, cin, H, H).requires_grad_(), _rand(g, B, cin).requires_grad_()
+    args = dict(up=up, fir=BLUR.to(DEVICE), noise=_rand(g, B, 1, H * up, H * up), noise_strength=_rand(g, 1))
+    return x, _rand(g, cout, cin, 3, 3), s, _rand(g, cout), args
+
+
+def test_a_wrong_tile_falls_back_to_the_reference_with_one_line(net, monkeypatch, capsys):
+    real = net._layer_triton
+
+    def wrong_tile(*args, **kwargs):
+        y = real(*args, **kwargs)
+        y[:, :, :2, :2] += 1.0  # one 2×2 tile of every channel off by one
+        return y
+    monkeypatch.setattr(net, "_layer_triton", wrong_tile)
+    x, weight, s, bias, args = _conv_case()
+    capsys.readouterr()
+    y = net.checked(x, weight, s, bias, **args)
+    assert_close(y, net.layer_ref(x, weight, s, bias, **args), rtol=0, atol=0)  # the reference's image, not the wrong one
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "conv 8→8 4×4 float32" in err and "differs from layer_ref by" in err
+    net.checked(x, weight, s, bias, **args)  # decided once: the reference path, no second line
+    assert capsys.readouterr().err == ""
+    with pytest.raises(kernels.KernelCheckError, match="STYLEMASK_BACKEND=triton: no fallback"):
+        monkeypatch.setattr(net, "CHECKED", {})
+        net.checked(x, weight, s, bias, **args, strict=True)
+
+
+def test_a_kernel_that_raises_falls_back(net, monkeypatch, capsys):
+    def out_of_resources(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+    monkeypatch.setattr(net, "_layer_triton", out_of_resources)
+    x, weight, s, bias, args = _conv_case(up=2)
+    capsys.readouterr()
+    y = net.checked(x, weight, s, bias, **args)
+    assert_close(y, net.layer_ref(x, weight, s, bias, **args), rtol=0, atol=0)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "conv up 8→8" in err and "failed (RuntimeError: out of resource" in err
+
+
+def test_a_wrong_gradient_falls_back_to_the_references_gradient(net, monkeypatch, capsys):
+    real = net._conv_layer_backward
+    monkeypatch.setattr(net, "_conv_layer_backward", lambda *a: (lambda dx, ds: (2 * dx, ds))(*real(*a)))
+    x, weight, s, bias, args = _conv_case(seed=3)
+    y = net.checked(x, weight, s, bias, **args)  # the forward is right
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    capsys.readouterr()
+    got = torch.autograd.grad(y, (x, s), dy)
+    want = torch.autograd.grad(net.layer_ref(x, weight, s, bias, **args), (x, s), dy)
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=1e-4, atol=1e-4)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "its gradient dx differs from layer_ref's" in err
