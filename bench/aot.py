@@ -390,8 +390,9 @@ def specialise(fn, args, kwargs):
     """
     addr = lambda a: _Address(a) if isinstance(a, torch.Tensor) else a  # noqa: E731
     kwargs = dict({k: addr(v) for k, v in kwargs.items()}, debug=kwargs.get("debug", fn.debug) or
-                  triton.knobs.runtime.debug, instrumentation_mode=triton.knobs.compilation.instrumentation_mode,
-                  fpsan_homomorphic_casts=triton.knobs.compilation.fpsan_homomorphic_casts)  # as JITFunction.run
+                  triton.knobs.runtime.debug, instrumentation_mode=triton.knobs.compilation.instrumentation_mode)
+    if hasattr(triton.knobs.compilation, "fpsan_homomorphic_casts"):  # as JITFunction.run (Triton 3.9; 3.7 has none)
+        kwargs["fpsan_homomorphic_casts"] = triton.knobs.compilation.fpsan_homomorphic_casts
     bound, specialisation, options = binder(fn)(*map(addr, args), **kwargs)
     key = (fn.__module__, fn.__qualname__, repr(specialisation), repr(sorted(options.items())))
     return key, kwargs, bound, specialisation, options

@@ -280,23 +280,26 @@ def _style_grad_kernel(
 
 
 def _reduction_tiles(HW, C, like):
-    """(BLOCK_P, BLOCK_C, NP) of the backward's pointwise-and-reduce kernels: 64 × 64 tiles on the GPU (16-byte
-    channel vectors, few registers), few large programs under the interpreter."""
-    BP, BC = (64, pow2(C, 16, 64)) if on_gpu(like) else (pow2(HW, 16, 1024), pow2(C, 16, 64))
-    return BP, BC, triton.cdiv(HW, BP)
+    """(BLOCK_P, BLOCK_C, NP, num_warps) of the backward's pointwise-and-reduce kernels: 64 × 64 tiles on 8 warps
+    on the GPU (16 values of each tensor per thread: no spills on Triton 3.7 or 3.9, bench.aot), few large
+    programs under the interpreter."""
+    if on_gpu(like):
+        return 64, pow2(C, 16, 64), triton.cdiv(HW, 64), 8
+    BP = pow2(HW, 16, 1024)
+    return BP, pow2(C, 16, 64), triton.cdiv(HW, BP), 4
 
 
 def act_grad(dy, y, bias, nz, clamp, out):
     """g = ∂L/∂pre of a conv layer into out (B, C, H, W) (any strides: a zero-bordered buffer's interior), and
     A' = Σ_p g·(pre − bias − noise) (B, C) fp32: the gradient w.r.t. the demodulation times d."""
     B, C, H, W = y.shape
-    BP, BC, NP = _reduction_tiles(H * W, C, y)
+    BP, BC, NP, warps = _reduction_tiles(H * W, C, y)
     part = torch.empty(B, NP, C, device=y.device, dtype=torch.float32)
     n = nz.reshape(nz.shape[0], H * W).contiguous() if nz is not None else part
     _act_grad_kernel[(B * NP, triton.cdiv(C, BC))](
         dy, y, n, bias, out, part, H * W, W, C, NP, *dy.stride(), *y.stride(), *out.stride(),
         n.stride(0) if nz is not None and nz.shape[0] > 1 else 0, float(clamp or 0.0),
-        NOISE=nz is not None, CLAMP=clamp is not None, BLOCK_P=BP, BLOCK_C=BC, num_warps=4)
+        NOISE=nz is not None, CLAMP=clamp is not None, BLOCK_P=BP, BLOCK_C=BC, num_warps=warps)
     return part.sum(1)
 
 
@@ -304,12 +307,12 @@ def style_grad(x, G, s_, w=None):
     """(dx = s'·G (B, C, H, W) channels-last, Σ_p x·G (B, C) fp32) from G = ∂L/∂(x·s'); w (3, C): ToRGB, where
     G is the colour gradient dy (B, 3, H, W) and the kernel forms wᵀ·dy itself."""
     B, C, H, W = x.shape
-    BP, BC, NP = _reduction_tiles(H * W, C, x)
+    BP, BC, NP, warps = _reduction_tiles(H * W, C, x)
     part = torch.empty(B, NP, C, device=x.device, dtype=torch.float32)
     dx = torch.empty(B, C, H, W, device=x.device, dtype=x.dtype, memory_format=NHWC)
     _style_grad_kernel[(B * NP, triton.cdiv(C, BC))](
         x, G, w if w is not None else part, s_.float().contiguous(), dx, part, H * W, W, C, NP,
-        *x.stride(), *G.stride(), *dx.stride(), RGB=w is not None, BLOCK_P=BP, BLOCK_C=BC, num_warps=4)
+        *x.stride(), *G.stride(), *dx.stride(), RGB=w is not None, BLOCK_P=BP, BLOCK_C=BC, num_warps=warps)
     return dx, part.sum(1)
 
 
