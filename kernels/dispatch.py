@@ -28,10 +28,13 @@ def resolve(x, impl="auto"):
     return impl
 
 
+GPU_TILES = False  # tests only: launchers pick their GPU tiles for CPU tensors too (the interpreter runs them)
+
+
 def on_gpu(x):
     """True for CUDA tensors and for meta tensors: bench/aot.py plans the GPU launches on meta tensors, so
-    launchers pick their GPU tiles for both."""
-    return x.is_cuda or x.device.type == "meta"
+    launchers pick their GPU tiles for both (and, with GPU_TILES, the interpreter tests for CPU tensors)."""
+    return x.is_cuda or x.device.type == "meta" or GPU_TILES
 
 
 def fast_cpu(x, impl="auto"):

@@ -314,3 +314,50 @@ def test_a_wrong_gradient_falls_back_to_the_references_gradient(net, monkeypatch
         assert_close(a, b, rtol=1e-4, atol=1e-4)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "its gradient dx differs from layer_ref's" in err
+
+
+# --- The GPU tile table under the interpreter --------------------------------------------------------------
+# On a CPU the launchers pick interpreter tiles; with kernels.dispatch.GPU_TILES they pick the tiles a GPU runs,
+# so each kernel class of the GPU table runs here too, on shapes with more than one N tile and K block.
+
+GPU_CASES = [  # (what, B, cin, cout, H, up, rgb, dtype)
+    ("256-pixel two-warpgroup conv, 2 N tiles, 2 K blocks", 2, 40, 40, 16, 1, False, torch.float32),
+    ("up-sampling phases and the FIR epilogue", 2, 40, 40, 8, 2, False, torch.float32),
+    ("narrow weight-modulating tiles (MOD_W)", 2, 40, 16, 16, 1, False, torch.float32),
+    ("4×4 mma.sync tiles", 2, 40, 40, 4, 1, False, torch.float32),
+    ("ToRGB with the skip", 2, 40, 3, 16, 1, True, torch.float32),
+    ("fp16 conv", 2, 40, 40, 16, 1, False, torch.float16),
+    ("fp16 up-sampling", 2, 40, 40, 8, 2, False, torch.float16),
+]
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the tests above run these tiles")
+@pytest.mark.parametrize("what, B, cin, cout, H, up, rgb, dtype", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_gpu_tiles_under_the_interpreter(monkeypatch, what, B, cin, cout, H, up, rgb, dtype):
+    """Each kernel class of the GPU tile table, forward and the gradients for x and s (the fused backward
+    kernels included) against layer_ref, in fp32 and fp16 (the reference in fp32)."""
+    monkeypatch.setattr(sys.modules["kernels.dispatch"], "GPU_TILES", True)
+    g = torch.Generator().manual_seed(cin + cout + H + up)
+    x, s = _rand(g, B, cin, H, H), _rand(g, B, cin)
+    weight, bias = _rand(g, cout, cin, 1 if rgb else 3, 1 if rgb else 3), _rand(g, cout)
+    if rgb:
+        args = dict(rgb=True, img=_rand(g, B, 3, H // 2, H // 2), img_fir=BLUR.to(DEVICE))
+    else:
+        args = dict(up=up, fir=BLUR.to(DEVICE), noise=_rand(g, B, 1, H * up, H * up), noise_strength=_rand(g, 1))
+    # the reference sees the same (rounded) inputs in fp32: what differs is the kernels' own precision
+    rounded = lambda t: t.to(dtype).float()  # noqa: E731
+    x, s, weight, bias = map(rounded, (x, s, weight, bias))
+    args = {k: rounded(v) if isinstance(v, torch.Tensor) and k not in ("fir", "img_fir") else v for k, v in args.items()}
+    half = {k: v.to(dtype) if isinstance(v, torch.Tensor) and k not in ("fir", "img_fir") else v
+            for k, v in args.items()}
+    xt, st_ = x.to(dtype).requires_grad_(), s.to(dtype).requires_grad_()
+    xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
+    y = kernels.layer(xt, weight.to(dtype), st_, bias.to(dtype), **half, impl="triton")
+    y_ref = kernels.layer_ref(xr, weight, sr, bias, **args)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert_close(y.float(), y_ref, **tol)
+    dy = rounded(torch.randn(y.shape, generator=g).to(DEVICE))
+    for got, want in zip(torch.autograd.grad(y, (xt, st_), dy.to(dtype)), torch.autograd.grad(y_ref, (xr, sr), dy)):
+        err = float((got.float() - want).abs().max() / want.abs().max())
+        assert err <= (1e-3 if dtype == torch.float32 else 3e-2), (what, err)
