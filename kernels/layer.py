@@ -473,8 +473,20 @@ def _fall_back(variant, why):
 
 
 def _first(t):
-    """Sample 0 of a batched tensor (batch-1 and None as they are): the check's slice."""
-    return t if t is None or t.shape[0] == 1 else t[:1]
+    """Sample 0 of a batched tensor (batch-1 and None as they are), in fp32: the check's slice, for a reference
+    that computes the exact math (a half-precision reference would add its own rounding to the error measured)."""
+    return t if t is None else (t if t.shape[0] == 1 else t[:1]).float()
+
+
+def _fp32(t):
+    return t if t is None else t.float()
+
+
+def _reference_args(args):
+    """A layer's keyword arguments for the check's reference: the first sample of the batched ones (noise, img),
+    every tensor in fp32."""
+    return {k: _first(v) if k in ("noise", "img") else _fp32(v) if isinstance(v, torch.Tensor) else v
+            for k, v in args.items()}
 
 
 def _gradient_check(variant, inputs, args, dy, grads):
@@ -484,9 +496,9 @@ def _gradient_check(variant, inputs, args, dy, grads):
         return None
     GRADIENT_CHECKED.add(variant)
     x, weight, s, bias, strength, img = inputs
-    first = (_first(x), weight, _first(s), bias, strength, _first(img))
+    first = (_first(x), _fp32(weight), _first(s), _fp32(bias), _fp32(strength), _first(img))
     need = (True, False, True, False, False, img is not None)
-    want = _ref_grads(first, need, dict(args, noise=_first(args["noise"])), _first(dy))
+    want = _ref_grads(first, need, _reference_args(args), _first(dy))
     # ∂s sums x·G over the pixels: a ∂s that vanishes at that scale (a one-channel demodulated conv is invariant
     # to its style) is float noise on both sides, and is not compared
     ds_scale = float(first[0].detach().abs().max() * _first(dy).abs().max()) * dy[0, 0].numel()
@@ -518,7 +530,7 @@ def checked(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength=None,
         return layer_ref(x, weight, s, bias, **args)
     if variant not in CHECKED and x.device.type != "meta":
         with torch.no_grad():
-            want = layer_ref(_first(x), weight, _first(s), bias, **dict(args, noise=_first(noise), img=_first(img)))
+            want = layer_ref(_first(x), _fp32(weight), _first(s), _fp32(bias), **_reference_args(args))
         err = _error(_first(y), want)
         if not err <= tolerance(x.dtype):
             _fall_back(variant, f"differs from layer_ref by {err:.2g} (max |Δ| / max |ref| on its first sample, "

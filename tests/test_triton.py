@@ -320,14 +320,16 @@ def test_a_wrong_gradient_falls_back_to_the_references_gradient(net, monkeypatch
 # On a CPU the launchers pick interpreter tiles; with kernels.dispatch.GPU_TILES they pick the tiles a GPU runs,
 # so each kernel class of the GPU table runs here too, on shapes with more than one N tile and K block.
 
-GPU_CASES = [  # (what, B, cin, cout, H, up, rgb, dtype)
-    ("256-pixel two-warpgroup conv, 2 N tiles, 2 K blocks", 2, 40, 40, 16, 1, False, torch.float32),
-    ("up-sampling phases and the FIR epilogue", 2, 40, 40, 8, 2, False, torch.float32),
-    ("narrow weight-modulating tiles (MOD_W)", 2, 40, 16, 16, 1, False, torch.float32),
+GPU_CASES = [  # (what, B, cin, cout, H, up, rgb, dtype): the tiles modconv_config picks for them on a GPU
+    ("256-pixel two-warpgroup conv, weight-modulating (MOD_W), 2 N tiles, 2 K blocks", 2, 40, 40, 16, 1, False,
+     torch.float32),
+    ("up-sampling phases on 256-pixel tiles, the FIR epilogue", 2, 40, 40, 16, 2, False, torch.float32),
+    ("up-sampling phases on small tiles", 2, 40, 40, 8, 2, False, torch.float32),
+    ("narrow weight-modulating tiles (MOD_W), 16 channels", 2, 40, 16, 16, 1, False, torch.float32),
     ("4×4 mma.sync tiles", 2, 40, 40, 4, 1, False, torch.float32),
     ("ToRGB with the skip", 2, 40, 3, 16, 1, True, torch.float32),
-    ("fp16 conv", 2, 40, 40, 16, 1, False, torch.float16),
-    ("fp16 up-sampling", 2, 40, 40, 8, 2, False, torch.float16),
+    ("fp16 256-pixel conv, x-modulating, 2 N tiles, 2 K blocks", 2, 72, 72, 16, 1, False, torch.float16),
+    ("fp16 up-sampling phases", 2, 40, 40, 8, 2, False, torch.float16),
 ]
 
 
