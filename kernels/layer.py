@@ -450,6 +450,20 @@ def tolerance(dtype):
     return 3e-2 if dtype == torch.float16 else 6e-2
 
 
+def gradient_tolerance(dtype):
+    """The largest ‖Δ‖ / ‖reference‖ a variant's gradient may show. Normwise, because the leaky ReLU's and the
+    clamp's kinks make a few pixels' gradients differ by design: where the two computations round pre (or y)
+    to opposite sides of 0 (of the clamp), the slope differs 5×. A wrong 64×64 tile of a 1024² layer is 0.06."""
+    return max(tolerance(dtype), 1e-2)
+
+
+def _norm_error(got, want):
+    """‖got − want‖ / ‖want‖ (inf for a NaN)."""
+    got, want = got.detach().float(), want.detach().float()
+    e = float((got - want).norm() / want.norm().clamp_min(1e-30))
+    return e if e == e else math.inf
+
+
 def _error(got, want):
     """max |got − want| / max |want| (inf for a NaN)."""
     got, want = got.detach().float(), want.detach().float()
@@ -504,10 +518,10 @@ def _gradient_check(variant, inputs, args, dy, grads):
     ds_scale = float(first[0].detach().abs().max() * _first(dy).abs().max()) * dy[0, 0].numel()
     for name, got, ref in (("dx", grads[0], want[0]), ("ds", grads[1], want[2]), ("dimg", grads[2], want[5])):
         if got is not None and ref is not None and not (name == "ds" and float(ref.abs().max()) < 1e-6 * ds_scale):
-            err = _error(_first(got), ref)
-            if not err <= tolerance(x.dtype):
-                return f"its gradient {name} differs from layer_ref's by {err:.2g} (max |Δ| / max |ref|, " \
-                       f"tolerance {tolerance(x.dtype):g})"
+            err = _norm_error(_first(got), ref)
+            if not err <= gradient_tolerance(x.dtype):
+                return f"its gradient {name} differs from layer_ref's by {err:.2g} (‖Δ‖ / ‖ref‖, " \
+                       f"tolerance {gradient_tolerance(x.dtype):g})"
     return None
 
 
