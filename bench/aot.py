@@ -222,7 +222,8 @@ def _flops(func, args, out):
         return flops, peak
     if func in (aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default):
         a, b = (args[1], args[2]) if func in (aten.addmm.default, aten.baddbmm.default) else (args[0], args[1])
-        return 2 * a.numel() * b.shape[-1], _dense_peak(a.dtype)
+        tf32 = a.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32  # matmuls: their own switch
+        return 2 * a.numel() * b.shape[-1], _dense_peak(a.dtype) if tf32 else PEAK_FFMA
     return 0, 0
 
 
@@ -345,7 +346,7 @@ def generator():
 def capture(dtype, batch, path="triton"):
     """(Triton launches, PyTorch ops) of synthesis(G, s) and of its backward w.r.t. s, at batch `batch`, on meta
     tensors, on the Triton code path (`gpu_code_path`) or the reference path ("ref": no launch, PyTorch ops only).
-    The loss's own ops (img.sum() and its gradient) are not counted."""
+    The loss's own ops are not counted: the backward starts from a given ∂L/∂img."""
     G = {k: v.to("meta", DTYPES[dtype]) for k, v in generator().items()}
     layout = sm.style_layout(G)
     s = torch.empty(batch, layout[-1].offset + layout[-1].dim, device="meta", dtype=DTYPES[dtype],
@@ -784,7 +785,7 @@ def summarise(launches, models, ops, ref_ops, dtype, batch):
     r_fwd, r_bwd = [o for o in ref if o.phase == "fwd"], [o for o in ref if o.phase == "bwd"]
     convs = [m for _, m in fwd if m and m["is_conv"]]
     us = lambda seq: sum(seq) * 1e6  # noqa: E731
-    launched = lambda part: us(m["lb"] + LAUNCH_S for _, m in part if m)  # noqa: E731
+    launched = lambda part: us((m["lb"] if m else 0.0) + LAUNCH_S for _, m in part)  # noqa: E731
     kernel_us = lambda part, names: us(m["lb"] for r, m in part if m and r.kernel in names)  # noqa: E731
     useful = sum(m["useful_flops"] for m in convs)
     triton_fwd = us(m["lb"] for _, m in fwd if m)
@@ -848,8 +849,7 @@ def print_layers(launches, models):
             key = (r.dtype, r.batch)
             print(f"\n{r.dtype}, batch {r.batch} (H200 model, µs)")
             print(f"{'ph':<3} {'layer':<11} {'op':<9} {'variant':<12} {'shape':<30} {'progs':>6} {'cta':>3} "
-                  f"{'waves':>5} {'t_mma':>8} {'t_issue':>8} {'t_hbm':>7} {'LB':>8} {'bound':<5} {'cuDNN':>7} "
-                  f"{'ref':>7}")
+                  f"{'waves':>5} {'t_mma':>8} {'t_issue':>8} {'t_hbm':>7} {'LB':>8} {'bound':<5} {'cuDNN':>7}")
         if m is None:
             print(f"{r.phase:<3} {r.layer:<11} {r.op:<9} {r.variant:<12} not modelled")
             continue

@@ -6,7 +6,8 @@ architecture of config-f). Three implementations compute the same function behin
 `layer_ref` (the plain-PyTorch specification: the official loop body), `layer_cpu` (the same math
 arranged for a CPU), and `_layer_triton` (the GPU: `_modconv_kernel` with the whole epilogue fused,
 the up-sampling layer's FIR with the epilogue fused, and ToRGB with the skip add fused), wrapped in an
-autograd Function; the public `layer` dispatches (kernels/dispatch.py).
+autograd Function; the public `layer` dispatches (kernels/dispatch.py), the Triton path behind a safety net
+(`checked`: each variant checked once against layer_ref, falling back to it).
 
 Arguments shared by all three (shapes as in kernels/modconv.py):
     x (B, CIN, H, W) activations; weight (COUT, CIN, k, k) as stored in the checkpoint (the
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .buffers import NHWC, bordered_empty, channels_last, halo_empty, pow2
+from .buffers import NHWC, bordered_empty, channels_last, halo_empty, has_halo, pow2
 from .dispatch import fast_cpu, keep_freed_memory, on_gpu, resolve
 from .fir import epilogue_ref, fir_act, fir_input_pad
 from .modconv import _modconv_triton, demodulation, modconv_cpu, modconv_ref, modulates_weights, up_conv
@@ -369,7 +370,7 @@ class _Layer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, s, bias, noise_strength, img, up, fir, noise, clamp, rgb, img_fir, variant=None):
         ctx.args = dict(up=up, fir=fir, noise=noise, clamp=clamp, rgb=rgb, img_fir=img_fir)
-        ctx.variant = variant
+        ctx.variant, ctx.strict = variant, STRICT.get(variant, False)
         y = _layer_triton(x, weight, s, bias, up, fir, noise, noise_strength, clamp, rgb, img, img_fir)
         ctx.save_for_backward(x, weight, s, bias, noise_strength, img, y)
         return y
@@ -389,14 +390,19 @@ class _Layer(torch.autograd.Function):
                                                           dy), None
                 grads = (dx, ds, dimg)
                 why = None if ctx.variant is None else _gradient_check(ctx.variant, inputs, a, dy, grads)
+            except _NOT_KERNEL_FAULTS:
+                raise
             except Exception as e:  # a compile, resource or launch error of a backward kernel
                 if ctx.variant is None:
                     raise
                 why = f"its backward failed ({_one_line(e)})"
+            if why is None and ctx.variant is not None and CHECKED.get(ctx.variant) is not None:
+                why = CHECKED[ctx.variant]  # another node of this variant failed its check: no Triton gradient
             if why is None:
                 return (dx if need[0] else None, None, ds if need[2] else None, None, None,
                         dimg if need[5] else None) + (None,) * 7
-            _fall_back(ctx.variant, why)
+            if CHECKED.get(ctx.variant) is None or ctx.strict:  # (said once per variant)
+                _fall_back(ctx.variant, why, ctx.strict)
         return _ref_grads(inputs, need, a, dy) + (None,) * 7
 
 
@@ -417,8 +423,8 @@ def _ref_grads(inputs, need, args, dy):
 # and, on its first backward, the gradients; a failure or a mismatch prints one line naming the variant and the
 # measured error, and the variant runs on layer_ref for the rest of the process. STYLEMASK_BACKEND=triton (or
 # impl="triton") makes it a KernelCheckError instead: benchmarks and the GPU check must not fall back. The cost:
-# layer_ref on one sample of each variant, forward and backward, once (~ the reference synthesis at batch 1:
-# bench.aot models it at 2.2 ms forward, 4.9 ms forward + backward for ffhq-1024 fp16 on an H200).
+# layer_ref in fp32 on one sample of each variant, its forward, then forward + backward, once: about the fp32
+# reference synthesis at batch 1 twice (bench.aot's model, ffhq-1024 on an H200: ~3.3 + 7.4 ms).
 
 CHECKED = {}          # variant -> None (checked, it matched) or why it now runs on layer_ref
 GRADIENT_CHECKED = set()
@@ -429,15 +435,21 @@ class KernelCheckError(RuntimeError):
     """A Triton layer variant failed its check while the Triton backend was asked for explicitly."""
 
 
+# Not a fault of the kernels on this GPU: re-raised as they are (layer_ref would need more memory, not less; a bad
+# argument is the caller's)
+_NOT_KERNEL_FAULTS = (torch.OutOfMemoryError, ValueError, TypeError)
+
+
 def _variant(x, weight, up, noise, clamp, rgb, img):
     """What the safety net checks once: the layer class a set of compiled kernels serves."""
-    return (str(x.device), str(x.dtype), triton.__version__, bool(torch.backends.cudnn.allow_tf32), tuple(x.shape[1:]),
+    return (str(x.device), str(x.dtype), triton.__version__, bool(torch.backends.cudnn.allow_tf32), has_halo(x),
+            tuple(x.shape[1:]),
             tuple(weight.shape), up, rgb, None if noise is None else noise.shape[0] > 1, clamp is not None,
             img is not None)
 
 
 def describe(variant):
-    device, dtype, version, tf32, (C, H, W), w, up, rgb, noise, clamp, img = variant
+    device, dtype, version, tf32, _, (C, H, W), w, up, rgb, noise, clamp, img = variant
     what = "ToRGB" if rgb else f"conv{' up' if up == 2 else ''} {w[1]}→{w[0]}"
     return f"{what} {H}×{W} {dtype.replace('torch.', '')}{' TF32' if tf32 and dtype == 'torch.float32' else ''} on " \
            f"{device} (triton {version})"
@@ -476,10 +488,10 @@ def _one_line(e):
     return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__
 
 
-def _fall_back(variant, why):
+def _fall_back(variant, why, strict):
     """Record that variant runs on layer_ref from now on, and say so in one line; strict: raise instead."""
     line = f"Triton layer {describe(variant)}: {why}"
-    if STRICT.get(variant):
+    if strict:
         raise KernelCheckError(f"{line} (STYLEMASK_BACKEND=triton: no fallback)")
     CHECKED[variant] = why
     print(f"warning: {line}; it runs on the reference path (layer_ref) for the rest of this process",
@@ -506,8 +518,8 @@ def _reference_args(args):
 def _gradient_check(variant, inputs, args, dy, grads):
     """None if the Triton gradients (dx, ds, dimg) of the first sample match layer_ref's (checked once per
     variant), else why not."""
-    if variant in GRADIENT_CHECKED or dy.device.type == "meta":
-        return None
+    if variant in GRADIENT_CHECKED or dy.device.type == "meta" or not bool(_first(dy).any()):
+        return None  # (a zero ∂L/∂y on the first sample checks nothing: the next backward is checked)
     GRADIENT_CHECKED.add(variant)
     x, weight, s, bias, strength, img = inputs
     first = (_first(x), _fp32(weight), _first(s), _fp32(bias), _fp32(strength), _first(img))
@@ -533,14 +545,16 @@ def checked(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength=None,
     variant = _variant(x, weight, up, noise, clamp, rgb, img)
     STRICT[variant] = strict
     if CHECKED.get(variant) is not None:
+        if strict:
+            _fall_back(variant, CHECKED[variant], strict)
         return layer_ref(x, weight, s, bias, **args)
     strength = noise_strength if noise is not None else None
     try:
         y = _Layer.apply(x, weight, s, bias, strength, img, up, fir, noise, clamp, rgb, img_fir, variant)
-    except KernelCheckError:
+    except (KernelCheckError, *_NOT_KERNEL_FAULTS):
         raise
     except Exception as e:  # CompilationError, OutOfResources, a launch failure: the variant cannot run here
-        _fall_back(variant, f"failed ({_one_line(e)})")
+        _fall_back(variant, f"failed ({_one_line(e)})", strict)
         return layer_ref(x, weight, s, bias, **args)
     if variant not in CHECKED and x.device.type != "meta":
         with torch.no_grad():
@@ -548,7 +562,7 @@ def checked(x, weight, s, bias, up=1, fir=None, noise=None, noise_strength=None,
         err = _error(_first(y), want)
         if not err <= tolerance(x.dtype):
             _fall_back(variant, f"differs from layer_ref by {err:.2g} (max |Δ| / max |ref| on its first sample, "
-                                f"tolerance {tolerance(x.dtype):g})")
+                                f"tolerance {tolerance(x.dtype):g})", strict)
             return layer_ref(x, weight, s, bias, **args)
         CHECKED[variant] = None
     return y

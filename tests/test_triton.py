@@ -363,3 +363,24 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, what, B, cin, cout, H, up,
     for got, want in zip(torch.autograd.grad(y, (xt, st_), dy.to(dtype)), torch.autograd.grad(y_ref, (xr, sr), dy)):
         err = float((got.float() - want).abs().max() / want.abs().max())
         assert err <= (1e-3 if dtype == torch.float32 else 3e-2), (what, err)
+
+
+def test_the_safety_net_holds_for_every_node_and_every_call(net, monkeypatch, capsys):
+    """A wrong backward found in one graph node is not returned by the other nodes of its variant; a first ∂L/∂y
+    that is zero on sample 0 checks nothing (the next backward is checked); a strict call after a fallback raises."""
+    real = net._conv_layer_backward
+    monkeypatch.setattr(net, "_conv_layer_backward", lambda *a: (lambda dx, ds: (2 * dx, ds))(*real(*a)))
+    x, weight, s, bias, args = _conv_case(seed=5)
+    y = net.checked(x, weight, s, bias, **args)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    dy[0] = 0
+    torch.autograd.grad(y, (x, s), dy)  # nothing to compare on sample 0: not a check
+    assert not net.GRADIENT_CHECKED and capsys.readouterr().err == ""
+    y1, y2 = net.checked(x, weight, s, bias, **args), net.checked(x, weight, s, bias, **args)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    (gx,) = torch.autograd.grad((y1 * dy).sum() + (y2 * dy).sum(), (x,))
+    (want,) = torch.autograd.grad(2 * (net.layer_ref(x, weight, s, bias, **args) * dy).sum(), (x,))
+    assert_close(gx, want, rtol=1e-4, atol=1e-4)  # both nodes: the reference's gradient
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(kernels.KernelCheckError, match="no fallback"):
+        net.checked(x, weight, s, bias, **args, strict=True)
